@@ -1,0 +1,12 @@
+"""normlab: batch normalization done right, fast, and measured.
+
+import normlab as nl
+bn = nl.nn.BatchNorm2d(64, activation="relu")      # drop-in for torch.nn.BatchNorm2d
+y = nl.functional.batch_norm(x, rm, rv, training=True)
+"""
+
+from normlab import functional, nn
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "functional", "nn"]

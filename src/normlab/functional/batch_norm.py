@@ -1,0 +1,191 @@
+"""Functional batch normalization with torch's semantics, on normlab's engine."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from normlab.functional import _checks
+from normlab.functional.ema import cumulative_factor, ema_update_
+from normlab.functional.engine import normalize_batch, normalize_with_stats
+from normlab.functional.stats import reduce_count
+
+
+class NonFiniteStatisticsWarning(RuntimeWarning):
+    """A training batch had NaN/Inf statistics; the running statistics were not updated."""
+
+
+def _param_shape(ndim: int, channel_dim: int, num_channels: int) -> list[int]:
+    shape = [1] * ndim
+    shape[channel_dim] = num_channels
+    return shape
+
+
+def _batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    *,
+    channel_dim: int = 1,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    nonfinite: str = "propagate",
+    num_batches_tracked: torch.Tensor | None = None,
+    where: str = "batch_norm",
+) -> tuple[torch.Tensor, bool]:
+    """:func:`batch_norm`, also returning whether a non-finite batch was skipped."""
+    _checks.check_floating(input, "input", where)
+    _checks.check_eps(eps, where)
+    _checks.check_momentum(momentum, where)
+    _checks.check_nonfinite(nonfinite, where)
+    if input.dim() < 2:
+        raise ValueError(
+            f"{where}: input must have a batch dimension and a channel dimension, got shape "
+            f"{tuple(input.shape)}; for a single sample of C features use input.unsqueeze(0) "
+            f"(and eval mode)."
+        )
+    c = _checks.canonical_dim(channel_dim, input.dim(), "channel_dim", where)
+    num_channels = input.shape[c]
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        _checks.check_param(t, name, num_channels, where, f" (channel_dim={channel_dim})")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            f"{where}: running_mean and running_var must both be tensors or both be None"
+        )
+    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(
+            f"{where}: momentum=None (cumulative average) needs num_batches_tracked, a 0-d int64 "
+            f"tensor counting the batches seen; or pass a float momentum such as 0.1."
+        )
+    dims = tuple(d for d in range(input.dim()) if d != c)
+    shape = _param_shape(input.dim(), c, num_channels)
+    w = None if weight is None else weight.view(shape)
+    b = None if bias is None else bias.view(shape)
+
+    if not training:
+        if running_mean is None:
+            raise ValueError(
+                f"{where}: training=False normalises with running statistics, but "
+                f"running_mean/running_var are None. Pass them, or training=True to use the "
+                f"batch's own statistics."
+            )
+        y = normalize_with_stats(
+            input,
+            running_mean.view(shape),
+            running_var.view(shape),
+            w,
+            b,
+            eps=eps,
+            activation=activation,
+            negative_slope=negative_slope,
+        )
+        return y, False
+
+    n = reduce_count(input.shape, dims)
+    if n == 1:
+        raise _checks.one_value_per_channel_error(tuple(input.shape), where)
+    y, mean, var = normalize_batch(
+        input, dims, w, b, eps=eps, activation=activation, negative_slope=negative_slope
+    )
+    if running_mean is None or n == 0:
+        return y, False  # nothing to track, or an empty batch: statistics untouched
+    mean, var = mean.view(num_channels), var.view(num_channels)
+    if nonfinite != "propagate":
+        finite = bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())
+        if not finite:
+            if nonfinite == "raise":
+                raise FloatingPointError(
+                    f"{where}: the batch statistics are not finite (the input holds NaN or Inf, "
+                    f"or overflows); running statistics were left unchanged. Find the source "
+                    f"(learning rate, data, loss scale), or construct the layer with "
+                    f"nonfinite='skip' to skip such batches."
+                )
+            return y, True
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        factor = momentum if momentum is not None else cumulative_factor(int(num_batches_tracked))
+        ema_update_(running_mean, mean, factor)
+        ema_update_(running_var, var * (n / (n - 1)), factor)
+    return y, False
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    channel_dim: int = 1,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    nonfinite: str = "propagate",
+    num_batches_tracked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Batch normalization: ``y = act(γ · (x − μ) / sqrt(σ² + ε) + β)`` per channel.
+
+    Drop-in for :func:`torch.nn.functional.batch_norm` (same positional arguments and
+    semantics), on normlab's engine: stable statistics, closed-form backward, any rank.
+
+    Args:
+        input: ``(N, C, *)`` (or the channel at ``channel_dim``), floating point.
+        running_mean, running_var: ``(C,)`` buffers, updated in place when ``training``;
+            ``running_var`` holds the unbiased variance (n/(n−1) correction).
+        weight, bias: ``(C,)`` affine parameters γ, β, or None.
+        training: normalise with batch statistics (and update running ones) if True;
+            with the running statistics if False.
+        momentum: ``running = (1 − momentum)·running + momentum·batch``; ``None`` is a
+            cumulative average and needs ``num_batches_tracked``.
+        eps: added to the variance (≥ 0).
+        channel_dim: the channel dimension (1 for channels-first; -1 for (N, L, C)).
+        activation: fuse an activation after the affine ('relu', 'leaky_relu', 'sigmoid',
+            'tanh', 'silu', 'identity' or None).
+        negative_slope: slope of 'leaky_relu'.
+        nonfinite: when the batch statistics are NaN/Inf: 'propagate' (torch) updates the
+            running statistics anyway; 'skip' leaves them (and ``num_batches_tracked``)
+            unchanged and warns; 'raise' raises ``FloatingPointError`` before any change.
+        num_batches_tracked: optional 0-d counter, incremented with each update.
+
+    Shapes: y has the shape, dtype and memory format of ``input``. Statistics are reduced
+    over every dim but ``channel_dim`` (N·H·W values per channel for images). Float16 and
+    bfloat16 inputs are computed in float32.
+
+    Reference: Ioffe & Szegedy, "Batch Normalization", ICML 2015, Algorithm 1.
+    """
+    y, skipped = _batch_norm(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        channel_dim=channel_dim,
+        activation=activation,
+        negative_slope=negative_slope,
+        nonfinite=nonfinite,
+        num_batches_tracked=num_batches_tracked,
+    )
+    if skipped:
+        warnings.warn(
+            "batch_norm: non-finite batch statistics; running statistics not updated",
+            NonFiniteStatisticsWarning,
+            stacklevel=2,
+        )
+    return y

@@ -1,0 +1,47 @@
+"""Running (moving-average) statistics, as BatchNorm keeps them.
+
+torch's convention: ``running = (1 − momentum) · running + momentum · batch``; with
+``momentum=None`` the factor is 1/t at the t-th batch, a cumulative average.
+
+A zero-started EMA is biased toward its initial value early on (seed 002): with a true
+mean m, E[r_t] = m·(1 − (1 − μ)^t) when r_0 = 0. :func:`ema_debias` removes the initial
+value's weight exactly: (r_t − (1 − μ)^t · r_0) / (1 − (1 − μ)^t). For the running mean
+(r_0 = 0) this is seed 002's r_t / (1 − (1 − μ)^t); for the running variance torch
+starts at r_0 = 1, which the general form handles. Kingma & Ba (2015, Adam, §3) use the
+same correction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def ema_update_(running: torch.Tensor, batch_value: torch.Tensor, factor: float) -> torch.Tensor:
+    """In place: running ← (1 − factor)·running + factor·batch_value. Returns ``running``."""
+    return running.mul_(1.0 - factor).add_(batch_value.to(running.dtype), alpha=factor)
+
+
+def cumulative_factor(num_batches_tracked: int) -> float:
+    """torch's ``momentum=None``: the t-th batch gets weight 1/t (equal weights)."""
+    return 1.0 / float(num_batches_tracked)
+
+
+def ema_debias(
+    running: torch.Tensor, initial: float, momentum: float | None, steps: int
+) -> torch.Tensor:
+    """The running statistic with the weight of its initial value removed.
+
+    Args:
+        running: the EMA after ``steps`` updates.
+        initial: its value before the first update (0 for a mean, 1 for torch's variance).
+        momentum: the EMA's factor; ``None`` (cumulative average) has no bias.
+        steps: number of updates so far (``num_batches_tracked``).
+
+    Returns ``running`` itself when there is nothing to correct (``steps == 0``,
+    ``momentum`` None, 0 or 1). Assumes a constant momentum since the last reset.
+    """
+    if momentum is None or steps <= 0 or momentum in (0.0, 1.0):
+        return running
+    decay = (1.0 - momentum) ** steps
+    return (running - decay * initial) / (1.0 - decay)

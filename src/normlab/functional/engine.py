@@ -1,0 +1,209 @@
+"""The normalization engine: one code path for BatchNorm, LayerNorm, GroupNorm,
+InstanceNorm and RMSNorm.
+
+Every layer of the family computes
+
+    x_hat = (x − mean) / sqrt(var + eps)         statistics over ``dims`` (or given)
+    y     = act(weight · x_hat + bias)           affine broadcast over x, then activation
+
+and differs only in the reduction dims and in where the statistics come from. Callers
+reshape x so that the statistics are a plain reduction over ``dims`` (GroupNorm views
+(N, C, *S) as (N, G, C/G, *S)) and pass ``weight``/``bias`` already shaped to broadcast
+against x (BatchNorm: (1, C, 1, 1); LayerNorm: normalized_shape).
+
+Training mode (:func:`normalize_batch`) is a custom autograd function whose backward is
+the closed form (the O(m) contraction of the dense Jacobian, Ioffe & Szegedy 2015, §3):
+
+    g  = dz · weight,   dz = dy · act'(z),   z = weight · x_hat + bias
+    dx = invstd · (g − mean(g) − x_hat · mean(g · x_hat))          (center=True)
+    dx = invstd · (g − x_hat · mean(g · x_hat))                     (center=False, RMSNorm)
+
+It saves only the input x (plus per-slice statistics) and recomputes x_hat and z in
+backward, so a fused norm+activation layer keeps one activation-sized tensor alive where
+torch's BatchNorm + ReLU keep two. Double backward (``create_graph=True``) recomputes the
+statistics differentiably and differentiates the same closed form, so ``gradgradcheck``
+holds.
+
+Half-precision inputs are computed in float32 and returned in their own dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from normlab.functional.activations import get_activation
+from normlab.functional.stats import Moments, centered_moments, reduce_count, work_dtype
+
+
+def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _affine_act(
+    x_hat: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    negative_slope: float,
+    inplace: bool,
+) -> torch.Tensor:
+    z = x_hat
+    if weight is not None:
+        z = z.mul_(weight) if inplace else z * weight
+        inplace = True
+    if bias is not None:
+        z = z.add_(bias) if inplace else z + bias
+    act = get_activation(activation)
+    return z if act.name == "identity" else act.forward(z, negative_slope)
+
+
+def _closed_form_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stats: Moments,
+    invstd: torch.Tensor,
+    dims: tuple[int, ...],
+    center: bool,
+    activation: str | None,
+    negative_slope: float,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    wd = work_dtype(x.dtype)
+    xw = x.to(wd)
+    x_hat = ((xw - stats.shift) - stats.delta) * invstd if center else xw * invstd
+    w = _to(weight, wd)
+    dz = dy.to(wd)
+    act = get_activation(activation)
+    if act.name != "identity":
+        z = x_hat if w is None else x_hat * w
+        if bias is not None:
+            z = z + bias.to(wd)
+        dz = dz * act.derivative(z, negative_slope)
+    dx = dw = db = None
+    if needs[0]:
+        g = dz if w is None else dz * w
+        proj = (g * x_hat).mean(dims, keepdim=True)
+        if center:
+            dx = (g - g.mean(dims, keepdim=True) - x_hat * proj) * invstd
+        else:
+            dx = (g - x_hat * proj) * invstd
+        dx = dx.to(x.dtype)
+    if weight is not None and needs[1]:
+        dw = (dz * x_hat).sum_to_size(weight.shape).to(weight.dtype)
+    if bias is not None and needs[2]:
+        db = dz.sum_to_size(bias.shape).to(bias.dtype)
+    return dx, dw, db
+
+
+class _NormalizeBatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, dims, eps, center, activation, negative_slope):
+        wd = work_dtype(x.dtype)
+        stats, e = centered_moments(x, dims, center=center)
+        invstd = torch.rsqrt(stats.var + eps).to(wd)  # var may be float64 (overflow guard)
+        y = _affine_act(
+            e.mul_(invstd), _to(weight, wd), _to(bias, wd), activation, negative_slope, True
+        )
+        ctx.save_for_backward(x, weight, bias, stats.shift, stats.delta, invstd)
+        ctx.config = (dims, eps, center, activation, negative_slope)
+        mean, var = stats.mean, stats.var.to(wd)
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(x.dtype), mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, bias, shift, delta, invstd = ctx.saved_tensors
+        dims, eps, center, activation, negative_slope = ctx.config
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            # create_graph=True: the statistics must be functions of x for the second
+            # derivative, so recompute them with differentiable ops.
+            xw = x.to(work_dtype(x.dtype))
+            if center:
+                mean = xw.mean(dims, keepdim=True)
+                var = (xw - mean).pow(2).mean(dims, keepdim=True)
+            else:
+                mean = torch.zeros_like(invstd)
+                var = xw.pow(2).mean(dims, keepdim=True)
+            stats = Moments(mean, torch.zeros_like(mean), var)
+            invstd = torch.rsqrt(var + eps)
+        else:
+            stats = Moments(shift, delta, invstd)  # var unused by the backward
+        dx, dw, db = _closed_form_backward(
+            dy, x, weight, bias, stats, invstd, dims, center, activation, negative_slope, needs
+        )
+        return dx, dw, db, None, None, None, None, None
+
+
+def normalize_batch(
+    x: torch.Tensor,
+    dims: Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-5,
+    center: bool = True,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalise ``x`` with its own statistics over ``dims``; affine; activation.
+
+    Args:
+        x: input of any shape and floating dtype.
+        dims: reduction dims (non-empty; each slice must be non-empty unless x is empty).
+        weight, bias: optional, broadcastable to ``x`` (already shaped by the caller).
+        eps: added to the variance.
+        center: subtract the mean (False for RMSNorm, where ``var`` is the mean square).
+        activation, negative_slope: fused activation (see ``normlab.functional.activations``).
+
+    Returns:
+        ``(y, mean, var)``: ``y`` like ``x``; keepdim ``mean`` and biased ``var`` in the
+        working dtype, detached (they feed running statistics, not the loss).
+    """
+    dims = tuple(sorted(d % x.dim() for d in dims))
+    if x.numel() == 0:
+        # Nothing to normalise: an empty output still connected to weight and bias, so
+        # their gradients are zeros rather than None; statistics are NaN (no data).
+        wd = work_dtype(x.dtype)
+        y = _affine_act(x.to(wd), _to(weight, wd), _to(bias, wd), activation, negative_slope, False)
+        shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
+        nan = torch.full(shape, float("nan"), dtype=wd, device=x.device)
+        return y.to(x.dtype), nan, nan.clone()
+    return _NormalizeBatch.apply(x, weight, bias, dims, eps, center, activation, negative_slope)
+
+
+def normalize_with_stats(
+    x: torch.Tensor,
+    mean: torch.Tensor | None,
+    var: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-5,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """Normalise ``x`` with given statistics (eval mode, frozen BN, AdaBN, renorm).
+
+    ``mean``/``var`` and ``weight``/``bias`` broadcast against ``x``; ``mean=None`` skips
+    centring (RMSNorm). The result is the per-channel affine map
+    act((x − mean) · weight/sqrt(var + eps) + bias), computed in the working dtype;
+    ordinary autograd differentiates it (the statistics are constants here).
+    """
+    wd = work_dtype(x.dtype)
+    xw = x.to(wd)
+    scale = torch.rsqrt(var.to(wd) + eps)
+    if weight is not None:
+        scale = scale * weight.to(wd)
+    centred = xw if mean is None else xw - mean.to(wd)
+    y = _affine_act(centred * scale, None, _to(bias, wd), activation, negative_slope, True)
+    return y.to(x.dtype)
+
+
+def count(x: torch.Tensor, dims: Sequence[int]) -> int:
+    """Elements per statistic for a reduction of ``x`` over ``dims``."""
+    return reduce_count(x.shape, dims)

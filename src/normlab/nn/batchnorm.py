@@ -1,0 +1,268 @@
+"""Drop-in batch normalization layers: ``BatchNorm1d/2d/3d`` and any-rank ``BatchNorm``.
+
+Each class subclasses its torch counterpart (so ``isinstance(m, torch.nn.BatchNorm2d)``
+and tools that look for BN layers keep working), has the same positional arguments,
+defaults, buffers and ``state_dict`` keys, and replaces ``forward`` by one call into
+:func:`normlab.functional.batch_norm`. Extras are keyword-only and default to torch's
+behaviour except ``nonfinite='skip'``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normlab.functional import _checks
+from normlab.functional.activations import get_activation
+from normlab.functional.batch_norm import NonFiniteStatisticsWarning, _batch_norm
+from normlab.functional.ema import ema_debias
+
+_TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
+
+class _NormlabBatchNorm(_BatchNorm):
+    """Shared state and forward of normlab's batch normalization layers.
+
+    y = act(γ · (x − E[x]) / sqrt(Var[x] + ε) + β), statistics per channel over every other
+    dimension: the batch's in training (biased variance to normalise, unbiased in
+    ``running_var``), the running estimates in eval.
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to the variance. Default 1e-5.
+        momentum: weight of the new batch in the running statistics; None for a cumulative
+            average. Default 0.1 (torch's convention, 1 − Keras' momentum).
+        affine: learn γ (``weight``) and β (``bias``). Default True.
+        track_running_stats: keep ``running_mean``, ``running_var`` and
+            ``num_batches_tracked``; if False, eval mode uses batch statistics too.
+        device, dtype: of the parameters and buffers.
+        bias: keyword-only; with ``affine=True``, learn β too (torch ≥ 2.13's flag).
+        activation: keyword-only; fuse 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu' or
+            'identity' (None) after the affine, saving memory in backward.
+        negative_slope: keyword-only; slope of 'leaky_relu'. Default 0.01.
+        nonfinite: keyword-only; what a training batch with NaN/Inf statistics does to the
+            running statistics: 'skip' (default) keeps the last good ones and
+            ``num_batches_tracked`` and warns once per layer; 'raise' raises
+            ``FloatingPointError`` before any state changes; 'propagate' updates them
+            anyway, as torch does (torch#88474: one bad batch poisons them forever).
+        ema_debias: keyword-only; if True, eval mode uses the de-biased running statistics
+            (r_t − (1−μ)^t·r_0) / (1 − (1−μ)^t) (seed 002; r_0 = 0 for the mean, 1 for the
+            variance), which removes the pull toward the initial values early in training.
+            Stored buffers stay torch's raw EMA, so checkpoints are unchanged.
+            See :meth:`population_stats`.
+        channel_dim: keyword-only (``BatchNorm`` only); the channel dimension.
+
+    Reference: Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training
+    by Reducing Internal Covariate Shift", ICML 2015.
+    """
+
+    _channel_dim: int = 1
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+        nonfinite: str = "skip",
+        ema_debias: bool = False,
+    ) -> None:
+        where = type(self).__name__
+        _checks.check_num_features(num_features, where)
+        _checks.check_eps(eps, where)
+        _checks.check_momentum(momentum, where)
+        _checks.check_nonfinite(nonfinite, where)
+        get_activation(activation, where)
+        if _TORCH_HAS_BIAS_FLAG:
+            super().__init__(
+                num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+            )
+        else:  # torch < 2.13: no `bias` flag; emulate it
+            super().__init__(
+                num_features, eps, momentum, affine, track_running_stats, device, dtype
+            )
+            if not bias and self.affine:
+                self.register_parameter("bias", None)
+        self.activation = None if activation in (None, "identity") else str(activation).lower()
+        self.negative_slope = float(negative_slope)
+        self.nonfinite = nonfinite
+        self.ema_debias = bool(ema_debias)
+        self._warned_nonfinite = False
+
+    # -- input checks -------------------------------------------------------------------
+    _rank_hint = ""
+
+    def _check_rank(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(
+                f"{type(self).__name__}: expected at least a 2-D input (batch, channels), got "
+                f"shape {tuple(input.shape)}; for one sample use input.unsqueeze(0) in eval mode."
+            )
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        _checks.check_floating(input, "input", type(self).__name__)
+        self._check_rank(input)
+        c = _checks.canonical_dim(
+            self._channel_dim, input.dim(), "channel_dim", type(self).__name__
+        )
+        if input.shape[c] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}(num_features={self.num_features}) got an input with "
+                f"{input.shape[c]} channels at dim {self._channel_dim} (shape "
+                f"{tuple(input.shape)}). Construct it with num_features={input.shape[c]}, or "
+                f"check the out_channels/out_features of the layer before it."
+            )
+
+    # -- statistics ---------------------------------------------------------------------
+    def population_stats(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The (mean, var) eval mode normalises with: the running buffers, de-biased if
+        ``ema_debias`` is set (see :func:`normlab.functional.ema_debias`)."""
+        mean, var = self.running_mean, self.running_var
+        if not self.ema_debias or mean is None or self.num_batches_tracked is None:
+            return mean, var
+        steps = int(self.num_batches_tracked)
+        return (
+            ema_debias(mean, 0.0, self.momentum, steps),
+            ema_debias(var, 1.0, self.momentum, steps),
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        tracking = self.training and self.track_running_stats
+        # torch's rules (_BatchNorm.forward): batch statistics in training, or in eval when
+        # there are no buffers; buffers updated only while tracking.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        if not self.training or self.track_running_stats:
+            mean, var = self.running_mean, self.running_var
+        else:
+            mean = var = None
+        if not use_batch_stats:
+            mean, var = self.population_stats()
+        y, skipped = _batch_norm(
+            input,
+            mean,
+            var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            channel_dim=self._channel_dim,
+            activation=self.activation,
+            negative_slope=self.negative_slope,
+            nonfinite=self.nonfinite,
+            num_batches_tracked=self.num_batches_tracked if tracking else None,
+            where=type(self).__name__,
+        )
+        if skipped and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}: a training batch had non-finite statistics (NaN/Inf in "
+                f"its input); running statistics were left unchanged (nonfinite='skip'). "
+                f"Further skips by this layer are silent.",
+                NonFiniteStatisticsWarning,
+                stacklevel=2,
+            )
+        return y
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self._channel_dim != 1:
+            s += f", channel_dim={self._channel_dim}"
+        if self.activation is not None:
+            s += f", activation={self.activation!r}"
+            if self.activation == "leaky_relu":
+                s += f", negative_slope={self.negative_slope}"
+        if self.nonfinite != "skip":
+            s += f", nonfinite={self.nonfinite!r}"
+        if self.ema_debias:
+            s += ", ema_debias=True"
+        return s
+
+
+class BatchNorm1d(_NormlabBatchNorm, torch.nn.BatchNorm1d):
+    """Batch normalization over a 2-D ``(N, C)`` or 3-D ``(N, C, L)`` input; statistics over
+    N (and L). Drop-in for :class:`torch.nn.BatchNorm1d`; see :class:`BatchNorm` for the
+    formula and the keyword-only extras."""
+
+    def _check_rank(self, input: torch.Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(
+                f"BatchNorm1d: expected 2-D (N, C) or 3-D (N, C, L) input, got {input.dim()}-D "
+                f"input of shape {tuple(input.shape)}. Use BatchNorm2d for (N, C, H, W), "
+                f"BatchNorm3d for (N, C, D, H, W), or normlab.nn.BatchNorm(num_features, "
+                f"channel_dim=...) for any rank."
+            )
+
+
+class BatchNorm2d(_NormlabBatchNorm, torch.nn.BatchNorm2d):
+    """Batch normalization over a 4-D ``(N, C, H, W)`` input; statistics over N·H·W values
+    per channel. Drop-in for :class:`torch.nn.BatchNorm2d`; see :class:`BatchNorm`."""
+
+    def _check_rank(self, input: torch.Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(
+                f"BatchNorm2d: expected 4-D (N, C, H, W) input, got {input.dim()}-D input of "
+                f"shape {tuple(input.shape)}. Use BatchNorm1d for (N, C) or (N, C, L), "
+                f"BatchNorm3d for 5-D, or normlab.nn.BatchNorm for any rank; a single image "
+                f"(C, H, W) needs input.unsqueeze(0)."
+            )
+
+
+class BatchNorm3d(_NormlabBatchNorm, torch.nn.BatchNorm3d):
+    """Batch normalization over a 5-D ``(N, C, D, H, W)`` input. Drop-in for
+    :class:`torch.nn.BatchNorm3d`; see :class:`BatchNorm`."""
+
+    def _check_rank(self, input: torch.Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(
+                f"BatchNorm3d: expected 5-D (N, C, D, H, W) input, got {input.dim()}-D input "
+                f"of shape {tuple(input.shape)}. Use BatchNorm1d/2d for lower ranks or "
+                f"normlab.nn.BatchNorm for any rank."
+            )
+
+
+class BatchNorm(_NormlabBatchNorm):
+    __doc__ = _NormlabBatchNorm.__doc__
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        channel_dim: int = 1,
+        **extras,
+    ) -> None:
+        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            raise TypeError(f"BatchNorm: channel_dim must be an int, got {channel_dim!r}")
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **extras
+        )
+        self._channel_dim = channel_dim
+
+    @property
+    def channel_dim(self) -> int:
+        return self._channel_dim
+
+    def _check_rank(self, input: torch.Tensor) -> None:
+        super()._check_rank(input)
+        if not -input.dim() <= self._channel_dim < input.dim():
+            raise ValueError(
+                f"BatchNorm: channel_dim={self._channel_dim} is out of range for a "
+                f"{input.dim()}-D input of shape {tuple(input.shape)}"
+            )

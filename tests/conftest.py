@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Two cores are shared by the pytest workers; keep torch from oversubscribing them.
+torch.set_num_threads(int(os.environ.get("NORMLAB_TEST_THREADS", "1")))
+
+settings.register_profile(
+    "normlab",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "normlab"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

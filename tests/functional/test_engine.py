@@ -1,0 +1,155 @@
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import normlab.functional as NF
+from tests import reference as ref
+
+ACTS = ["identity", "relu", "leaky_relu", "sigmoid", "tanh", "silu"]
+
+
+def _inputs(shape=(6, 3, 4), dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=dtype) * 2 + 1).requires_grad_()
+    c = shape[1]
+    w = (torch.rand(c, generator=g, dtype=dtype) + 0.5).requires_grad_()
+    b = torch.randn(c, generator=g, dtype=dtype).requires_grad_()
+    return x, w, b
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_forward_and_closed_form_backward_match_float64_autograd(act):
+    x, w, b = _inputs()
+    y = NF.batch_norm(x, None, None, w, b, training=True, activation=act)
+    y_ref = ref.ACTIVATIONS[act](ref.batch_norm_train(x, w, b))
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    grads_ref = torch.autograd.grad(y_ref, (x, w, b), dy)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_float32_backward_close_to_float64(act):
+    x, w, b = _inputs(dtype=torch.float32)
+    y = NF.batch_norm(x, None, None, w, b, training=True, activation=act)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y_ref = ref.ACTIVATIONS[act](ref.batch_norm_train(x64, w64, b64))
+    dy = torch.randn_like(y)
+    for got, want in zip(
+        torch.autograd.grad(y, (x, w, b), dy),
+        torch.autograd.grad(y_ref, (x64, w64, b64), dy.double()),
+    ):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_elementwise_affine_and_rms_variant():
+    # The engine's general form: weight broadcast per element (LayerNorm), no centring (RMSNorm).
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y, _mean, _var = NF.normalize_batch(x, (1, 2), w, b, eps=1e-6)
+    y_ref = torch.nn.functional.layer_norm(x, (5, 6), w, b, eps=1e-6)
+    torch.testing.assert_close(y, y_ref)
+    dy = torch.randn_like(y)
+    for got, want in zip(
+        torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(y_ref, (x, w, b), dy)
+    ):
+        torch.testing.assert_close(got, want)
+    y, _, _ms = NF.normalize_batch(x, (2,), w[0], None, eps=1e-6, center=False)
+    y_ref = x * torch.rsqrt(x.pow(2).mean(2, keepdim=True) + 1e-6) * w[0]
+    torch.testing.assert_close(y, y_ref)
+    for got, want in zip(
+        torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(y_ref, (x, w), dy)
+    ):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("act", ["identity", "sigmoid"])
+def test_gradcheck_and_gradgradcheck_training(affine, act):
+    x, w, b = _inputs(shape=(4, 2, 3))
+    args = (x, w, b) if affine else (x,)
+
+    def fn(*a):
+        return NF.batch_norm(a[0], None, None, *a[1:], training=True, activation=act)
+
+    assert gradcheck(fn, args)
+    assert gradgradcheck(fn, args)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("zero_var", [False, True])
+def test_gradcheck_and_gradgradcheck_eval(affine, zero_var):
+    x, w, b = _inputs(shape=(4, 2, 3))
+    rm = torch.randn(2, dtype=torch.float64)
+    rv = (
+        torch.zeros(2, dtype=torch.float64)
+        if zero_var
+        else torch.rand(2, dtype=torch.float64) + 0.5
+    )
+    args = (x, w, b) if affine else (x,)
+
+    def fn(*a):
+        return NF.batch_norm(a[0], rm, rv, *a[1:], training=False, eps=1e-3)
+
+    assert gradcheck(fn, args)
+    assert gradgradcheck(fn, args)
+
+
+def test_rms_gradgradcheck():
+    x, w, _ = _inputs(shape=(3, 4))
+    assert gradgradcheck(
+        lambda a, b: NF.normalize_batch(a, (1,), b.view(1, -1), center=False)[0], (x, w)
+    )
+
+
+def _saved_bytes(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_fused_relu_saves_one_activation_sized_tensor():
+    x = torch.randn(8, 16, 5, 5, requires_grad=True)
+    w, b = torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
+    _, ours = _saved_bytes(
+        lambda: NF.batch_norm(x, None, None, w, b, training=True, activation="relu")
+    )
+    _, theirs = _saved_bytes(
+        lambda: torch.relu(torch.nn.functional.batch_norm(x, None, None, w, b, training=True))
+    )
+    big = lambda ts: [t for t in ts if t.numel() == x.numel()]  # noqa: E731
+    assert len(big(ours)) == 1
+    assert len(big(theirs)) == 2
+
+
+def test_half_precision_input_with_float32_parameters():
+    for dtype in (torch.float16, torch.bfloat16):
+        x = (torch.randn(16, 4, 3) * 3 + 100).to(dtype).requires_grad_()
+        w = torch.rand(4, requires_grad=True)
+        b = torch.randn(4, requires_grad=True)
+        rm, rv = torch.zeros(4), torch.ones(4)
+        y = NF.batch_norm(x, rm, rv, w, b, training=True)
+        assert y.dtype == dtype and rm.dtype == torch.float32
+        torch.testing.assert_close(
+            y.double(), ref.batch_norm_train(x.detach().float(), w, b), atol=0.05, rtol=0.02
+        )
+        y.sum().backward()
+        assert x.grad.dtype == dtype and w.grad.dtype == torch.float32
+        assert torch.isfinite(x.grad.float()).all()
+
+
+def test_half_precision_large_tensor_does_not_overflow():
+    x = (torch.randn(512, 2, 64) * 200).half()  # x² overflows float16 (max 65504)
+    y = NF.batch_norm(x, None, None, training=True)
+    assert torch.isfinite(y.float()).all()
+    torch.testing.assert_close(y.double(), ref.batch_norm_train(x.float()), atol=0.01, rtol=0.01)
