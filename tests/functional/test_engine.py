@@ -153,3 +153,24 @@ def test_half_precision_large_tensor_does_not_overflow():
     y = NF.batch_norm(x, None, None, training=True)
     assert torch.isfinite(y.float()).all()
     torch.testing.assert_close(y.double(), ref.batch_norm_train(x.float()), atol=0.01, rtol=0.01)
+
+
+def test_stats_source_simulating_two_identical_ranks():
+    # A rank holding x, with a twin rank holding the same x: global statistics over cat(x, x)
+    # and backward sums all-reduced (doubled) must equal BN on the concatenated batch.
+    from normlab.functional.stats import Moments
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, generator=g, dtype=torch.float64, requires_grad=True)
+    both = torch.cat([x, x]).detach().requires_grad_()
+    mean = both.detach().mean((0, 2), keepdim=True)
+    var = both.detach().var((0, 2), unbiased=False, keepdim=True)
+    source = NF.StatsSource(Moments(mean, torch.zeros_like(mean), var), 20, lambda s: 2 * s)
+    y, _, _ = NF.normalize_batch(x, (0, 2), w.view(1, 3, 1), source=source, activation="tanh")
+    y_ref = torch.tanh(ref.batch_norm_train(both, w))
+    torch.testing.assert_close(y, y_ref[:5])
+    dy = torch.randn(5, 3, 2, generator=g, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    (g_ref,) = torch.autograd.grad(y_ref, both, torch.cat([dy, dy]))
+    torch.testing.assert_close(gx, g_ref[:5])

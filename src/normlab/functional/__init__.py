@@ -4,13 +4,14 @@ the dense Jacobian. No modules, no state beyond the buffers passed in."""
 from normlab.functional.activations import ACTIVATIONS, get_activation
 from normlab.functional.batch_norm import NonFiniteStatisticsWarning, batch_norm
 from normlab.functional.ema import cumulative_factor, ema_debias, ema_update_
-from normlab.functional.engine import normalize_batch, normalize_with_stats
+from normlab.functional.engine import StatsSource, normalize_batch, normalize_with_stats
 from normlab.functional.jacobian import batch_norm_jacobian
 from normlab.functional.stats import moments
 
 __all__ = [
     "ACTIVATIONS",
     "NonFiniteStatisticsWarning",
+    "StatsSource",
     "batch_norm",
     "batch_norm_jacobian",
     "cumulative_factor",

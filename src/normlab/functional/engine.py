@@ -29,7 +29,8 @@ Half-precision inputs are computed in float32 and returned in their own dtype.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -59,6 +60,29 @@ def _affine_act(
     return z if act.name == "identity" else act.forward(z, negative_slope)
 
 
+@dataclass(frozen=True)
+class StatsSource:
+    """Training-mode statistics that are not this tensor's alone (SyncBatchNorm, renorm
+    with precomputed moments, ghost batches...).
+
+    Attributes:
+        stats: keepdim ``Moments`` to normalise with, computed over ``count`` elements per
+            statistic (possibly on several ranks).
+        count: the number of elements behind each statistic.
+        reduce_sums: applied in backward to the stacked local sums
+            ``[sum(g), sum(g · x_hat)]`` (shape ``(2, *stats_shape)``) before they are divided
+            by ``count``; an all-reduce for SyncBatchNorm. None: the local sums are global.
+
+    The statistics are still treated as functions of the batch in backward (the dense
+    training-mode Jacobian over all ``count`` elements). Double backward through an
+    external source is not supported.
+    """
+
+    stats: Moments
+    count: int
+    reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
 def _closed_form_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -71,6 +95,8 @@ def _closed_form_backward(
     activation: str | None,
     negative_slope: float,
     needs: tuple[bool, bool, bool],
+    count: int,
+    reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     wd = work_dtype(x.dtype)
     xw = x.to(wd)
@@ -84,14 +110,19 @@ def _closed_form_backward(
             z = z + bias.to(wd)
         dz = dz * act.derivative(z, negative_slope)
     dx = dw = db = None
-    if needs[0]:
+    if needs[0] or reduce_sums is not None:  # every rank joins the collective
         g = dz if w is None else dz * w
-        proj = (g * x_hat).mean(dims, keepdim=True)
+        sums = torch.stack(
+            [g.sum(dims, keepdim=True), (g * x_hat).sum(dims, keepdim=True)]
+        )  # (2, *stats_shape)
+        if reduce_sums is not None:
+            sums = reduce_sums(sums)
+        mean_g, proj = sums[0] / count, sums[1] / count
         if center:
-            dx = (g - g.mean(dims, keepdim=True) - x_hat * proj) * invstd
+            dx = (g - mean_g - x_hat * proj) * invstd
         else:
             dx = (g - x_hat * proj) * invstd
-        dx = dx.to(x.dtype)
+        dx = dx.to(x.dtype) if needs[0] else None
     if weight is not None and needs[1]:
         dw = (dz * x_hat).sum_to_size(weight.shape).to(weight.dtype)
     if bias is not None and needs[2]:
@@ -101,27 +132,38 @@ def _closed_form_backward(
 
 class _NormalizeBatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, dims, eps, center, activation, negative_slope):
+    def forward(ctx, x, weight, bias, dims, eps, center, activation, negative_slope, source):
         wd = work_dtype(x.dtype)
-        stats, e = centered_moments(x, dims, center=center)
+        if source is None:
+            stats, e = centered_moments(x, dims, center=center)
+            count = reduce_count(x.shape, dims)
+        else:
+            stats, count = source.stats, source.count
+            xw = x.to(wd)
+            e = (xw - stats.shift.to(wd)) - stats.delta.to(wd) if center else xw.clone()
         invstd = torch.rsqrt(stats.var + eps).to(wd)  # var may be float64 (overflow guard)
         y = _affine_act(
             e.mul_(invstd), _to(weight, wd), _to(bias, wd), activation, negative_slope, True
         )
         ctx.save_for_backward(x, weight, bias, stats.shift, stats.delta, invstd)
-        ctx.config = (dims, eps, center, activation, negative_slope)
-        mean, var = stats.mean, stats.var.to(wd)
+        ctx.config = (dims, eps, center, activation, negative_slope, count, source)
+        mean, var = stats.mean.to(wd), stats.var.to(wd)
         ctx.mark_non_differentiable(mean, var)
         return y.to(x.dtype), mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         x, weight, bias, shift, delta, invstd = ctx.saved_tensors
-        dims, eps, center, activation, negative_slope = ctx.config
+        dims, eps, center, activation, negative_slope, count, source = ctx.config
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
             # create_graph=True: the statistics must be functions of x for the second
             # derivative, so recompute them with differentiable ops.
+            if source is not None:
+                raise RuntimeError(
+                    "double backward (create_graph=True) through normalization with external "
+                    "statistics (SyncBatchNorm, ghost or renorm sources) is not supported"
+                )
             xw = x.to(work_dtype(x.dtype))
             if center:
                 mean = xw.mean(dims, keepdim=True)
@@ -134,9 +176,21 @@ class _NormalizeBatch(torch.autograd.Function):
         else:
             stats = Moments(shift, delta, invstd)  # var unused by the backward
         dx, dw, db = _closed_form_backward(
-            dy, x, weight, bias, stats, invstd, dims, center, activation, negative_slope, needs
+            dy,
+            x,
+            weight,
+            bias,
+            stats,
+            invstd,
+            dims,
+            center,
+            activation,
+            negative_slope,
+            needs,
+            count,
+            None if source is None else source.reduce_sums,
         )
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def normalize_batch(
@@ -149,8 +203,9 @@ def normalize_batch(
     center: bool = True,
     activation: str | None = None,
     negative_slope: float = 0.01,
+    source: StatsSource | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalise ``x`` with its own statistics over ``dims``; affine; activation.
+    """Normalise ``x`` with batch statistics over ``dims``; affine; activation.
 
     Args:
         x: input of any shape and floating dtype.
@@ -159,13 +214,15 @@ def normalize_batch(
         eps: added to the variance.
         center: subtract the mean (False for RMSNorm, where ``var`` is the mean square).
         activation, negative_slope: fused activation (see ``normlab.functional.activations``).
+        source: statistics computed elsewhere (all ranks, see :class:`StatsSource`);
+            default: this tensor's own, computed here.
 
     Returns:
         ``(y, mean, var)``: ``y`` like ``x``; keepdim ``mean`` and biased ``var`` in the
         working dtype, detached (they feed running statistics, not the loss).
     """
     dims = tuple(sorted(d % x.dim() for d in dims))
-    if x.numel() == 0:
+    if x.numel() == 0 and source is None:
         # Nothing to normalise: an empty output still connected to weight and bias, so
         # their gradients are zeros rather than None; statistics are NaN (no data).
         wd = work_dtype(x.dtype)
@@ -173,7 +230,9 @@ def normalize_batch(
         shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
         nan = torch.full(shape, float("nan"), dtype=wd, device=x.device)
         return y.to(x.dtype), nan, nan.clone()
-    return _NormalizeBatch.apply(x, weight, bias, dims, eps, center, activation, negative_slope)
+    return _NormalizeBatch.apply(
+        x, weight, bias, dims, eps, center, activation, negative_slope, source
+    )
 
 
 def normalize_with_stats(
