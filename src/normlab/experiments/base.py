@@ -1,0 +1,129 @@
+"""What every experiment is: a claim, a config, a run that returns a Result, a verdict rule.
+
+An experiment module defines one :class:`Experiment` subclass and registers it with
+:func:`normlab.experiments.registry.register`. ``run`` never prints or writes files; it may
+report progress through the optional callback. Plots are described as data
+(:class:`Plot`), so ``normlab report DIR`` can redraw them from ``results.json`` alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+Verdict = Literal["holds", "fails", "inconclusive"]
+VERDICTS: tuple[str, ...] = ("holds", "fails", "inconclusive")
+
+Progress = Callable[[float, str], None]  # (fraction done in [0, 1], message)
+
+
+@dataclass
+class Line:
+    """One curve: x and y values of equal length; ``style`` is a matplotlib format string."""
+
+    label: str
+    x: list[float]
+    y: list[float]
+    style: str = "-"
+
+
+@dataclass
+class Plot:
+    """A plot as data: the report turns it into a PNG."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    lines: list[Line]
+    logx: bool = False
+    logy: bool = False
+    kind: Literal["line", "bar"] = "line"
+
+
+@dataclass
+class Result:
+    """What an experiment measured, and its verdict.
+
+    Attributes:
+        id: the experiment id (a row of reference/claims.md).
+        claim: the claim, in one sentence.
+        verdict: 'holds', 'fails' or 'inconclusive'.
+        rule: the verdict rule, as printed in the report.
+        measured: our headline figure, human-readable.
+        reference: the paper's or seed's figure, human-readable.
+        source: where the claim and the reference figure come from.
+        setup: what was run, and how it was scaled down from the paper.
+        metrics: the numbers behind ``measured`` (JSON-able).
+        plots: plots as data.
+        tables: named tables, each ``{"header": [...], "rows": [[...], ...]}``.
+        notes: anything the reader should know (e.g. why inconclusive).
+        config: the config the run used (``dataclasses.asdict``).
+        seconds: wall time of the run.
+    """
+
+    id: str
+    claim: str
+    verdict: Verdict
+    rule: str
+    measured: str
+    reference: str
+    source: str
+    setup: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    plots: list[Plot] = field(default_factory=list)
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)
+    notes: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"Result.verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Result:
+        data = dict(data)
+        data["plots"] = [
+            Plot(**{**p, "lines": [Line(**ln) for ln in p["lines"]]}) for p in data.get("plots", [])
+        ]
+        return cls(**data)
+
+
+class Experiment:
+    """Base class: subclasses set the class attributes and implement :meth:`run`.
+
+    ``Config`` is a frozen dataclass whose defaults are the default configuration (≤ 2 min
+    on 2 CPU cores); :meth:`quick_config` returns the seconds-long one for the test suite.
+    """
+
+    id: ClassVar[str]
+    claim: ClassVar[str]
+    source: ClassVar[str]
+    reference: ClassVar[str]
+    seed_says: ClassVar[str] = ""  # what the seed document says, for the report
+    Config: ClassVar[type]
+
+    def default_config(self, seed: int = 0):
+        return self.Config(seed=seed)
+
+    def quick_config(self, seed: int = 0):
+        raise NotImplementedError
+
+    def run(self, config, progress: Progress | None = None) -> Result:
+        raise NotImplementedError
+
+    def result(self, config, **fields) -> Result:
+        """A Result with this experiment's constant fields filled in."""
+        return Result(
+            id=self.id,
+            claim=self.claim,
+            source=self.source,
+            reference=fields.pop("reference", self.reference),
+            config=dataclasses.asdict(config),
+            **fields,
+        )
