@@ -7,14 +7,12 @@ from normlab.functional.batch_norm import (
     batch_norm,
     update_running_stats_,
 )
-from normlab.functional.batch_renorm import batch_renorm, renorm_clip_limits
 from normlab.functional.ema import cumulative_factor, ema_debias, ema_update_
 from normlab.functional.engine import StatsSource, normalize_batch, normalize_with_stats
-from normlab.functional.ghost_batch_norm import ghost_batch_norm
-from normlab.functional.group_norm import group_norm
-from normlab.functional.instance_norm import instance_norm
+from normlab.functional.ghost import ghost_batch_norm
 from normlab.functional.jacobian import batch_norm_jacobian
-from normlab.functional.layer_norm import layer_norm, rms_norm
+from normlab.functional.renorm import batch_renorm, renorm_clip_limits
+from normlab.functional.sample_norms import group_norm, instance_norm, layer_norm, rms_norm
 from normlab.functional.stats import moments
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Batch renormalization layers (Ioffe 2017): ``BatchRenorm1d/2d/3d``.
 
 Formula, backward and the differences from the paper:
-:mod:`normlab.functional.batch_renorm`. These are BatchNorm layers in eval mode
+:mod:`normlab.functional.renorm`. These are BatchNorm layers in eval mode
 (``isinstance(m, torch.nn.BatchNorm2d)`` holds; the state_dict keys are BatchNorm's), and
 ``num_batches_tracked`` is the step count that drives the clip schedule, so a BatchNorm
 checkpoint loads into BatchRenorm (and back) and a loaded layer resumes the schedule
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from normlab.functional.batch_renorm import _batch_renorm, check_clip_limits, renorm_clip_limits
+from normlab.functional.renorm import _batch_renorm, check_clip_limits, renorm_clip_limits
 from normlab.nn.batchnorm import _NormlabBatchNorm, _Rank1d, _Rank2d, _Rank3d
 
 

@@ -1,14 +1,14 @@
 """Ghost batch normalization layers (Hoffer et al. 2017): ``GhostBatchNorm1d/2d/3d``.
 
 Split rules, remainder merging and how the running statistics are pooled:
-:mod:`normlab.functional.ghost_batch_norm`.
+:mod:`normlab.functional.ghost`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from normlab.functional.ghost_batch_norm import _ghost_batch_norm, check_virtual_batch_size
+from normlab.functional.ghost import _ghost_batch_norm, check_virtual_batch_size
 from normlab.nn.batchnorm import _NormlabBatchNorm, _Rank1d, _Rank2d, _Rank3d
 
 

@@ -17,7 +17,7 @@ import torch
 
 from normlab.functional import _checks
 from normlab.functional.batch_norm import NonFiniteStatisticsWarning
-from normlab.functional.instance_norm import _instance_norm
+from normlab.functional.sample_norms import _instance_norm
 from normlab.nn._fused import FusedActivation
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from normlab.functional import _checks
-from normlab.functional.group_norm import check_groups, group_norm
-from normlab.functional.layer_norm import layer_norm, rms_norm
+from normlab.functional.sample_norms import check_groups, group_norm, layer_norm, rms_norm
 from normlab.nn._fused import FusedActivation
 
 
