@@ -126,3 +126,16 @@ def test_errors():
         NF.ghost_batch_norm(
             torch.randn(4, 3), None, None, training=True, virtual_batch_size=2, channel_dim=0
         )
+
+
+def test_nonfinite_policy_shared_with_batch_norm():
+    bad = torch.randn(8, 2)
+    bad[5, 1] = float("nan")
+    m = nl.nn.GhostBatchNorm1d(2, virtual_batch_size=4, nonfinite="raise")
+    with pytest.raises(FloatingPointError):
+        m(bad)
+    assert int(m.num_batches_tracked) == 0 and torch.equal(m.running_var, torch.ones(2))
+    s = nl.nn.GhostBatchNorm1d(2, virtual_batch_size=4)
+    with pytest.warns(NF.NonFiniteStatisticsWarning):
+        s(bad)
+    assert int(s.num_batches_tracked) == 0 and torch.isfinite(s.running_mean).all()

@@ -213,7 +213,12 @@ def _instance_norm(
     """:func:`instance_norm`, also returning whether a non-finite update was skipped."""
     _checks.check_floating(input, "input", where)
     _checks.check_eps(eps, where)
-    _checks.check_momentum(momentum, where, allow_none=False)
+    if momentum is None:
+        raise ValueError(
+            f"{where}: momentum must be a number in [0, 1], got None; the InstanceNorm layers "
+            f"map momentum=None to 0 (running statistics never updated), as torch does."
+        )
+    _checks.check_momentum(momentum, where)
     _checks.check_nonfinite(nonfinite, where)
     if input.dim() < 3:
         raise ValueError(
