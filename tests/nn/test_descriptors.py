@@ -152,15 +152,23 @@ def test_bad_inputs_raise_clear_errors(case):
 
 
 @cases
-def test_empty_batch_leaves_state_alone(case):
+def test_empty_batch_and_empty_spatial_dims_leave_state_alone(case):
+    # reliability 5: empty output, zero gradients, running statistics untouched
     layer = case.make()
     before = _state(layer)
-    x = torch.randn(0, *case.shape[1:], requires_grad=True)
-    y = layer(x)
-    assert y.shape == x.shape
-    y.sum().backward()
-    for k, v in layer.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    shapes = [(0, *case.shape[1:])]
+    trailing = isinstance(layer, (torch.nn.LayerNorm, torch.nn.RMSNorm))
+    if len(case.shape) >= 3 and not trailing and getattr(layer, "_channel_dim", 1) == 1:
+        shapes.append((2, case.shape[1], 0, *case.shape[3:]))
+    for shape in shapes:
+        x = torch.randn(shape, requires_grad=True)
+        y = layer(x)
+        assert y.shape == x.shape
+        y.sum().backward()
+        for p in layer.parameters():
+            assert torch.equal(p.grad, torch.zeros_like(p)), shape
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, before[k]), (k, shape)
 
 
 @cases

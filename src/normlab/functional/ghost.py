@@ -117,7 +117,7 @@ def _ghost_batch_norm(
         ), False
 
     rows = input.shape[0]
-    per_row = reduce_count(input.shape, dims) // rows if rows else 0
+    per_row = reduce_count(input.shape, dims) // rows if rows else 0  # values per row and channel
     if reduce_count(input.shape, dims) == 1:
         raise _checks.one_value_per_channel_error(tuple(input.shape), where)
     if vbs * per_row == 1:
@@ -126,7 +126,7 @@ def _ghost_batch_norm(
             f"(input of size {list(input.shape)} has no spatial extent), so their statistics "
             f"are undefined. Use virtual_batch_size >= 2."
         )
-    if rows == 0:
+    if rows * per_row == 0:  # empty batch or empty spatial dims: statistics untouched
         y, _, _ = normalize_batch(input, dims, w, b, **kw)
         return y, False
     num_full, tail = ghost_chunks(rows, vbs, per_row)
