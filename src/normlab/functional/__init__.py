@@ -5,6 +5,7 @@ from normlab.functional.activations import ACTIVATIONS, get_activation
 from normlab.functional.batch_norm import NonFiniteStatisticsWarning, batch_norm
 from normlab.functional.ema import cumulative_factor, ema_debias, ema_update_
 from normlab.functional.engine import StatsSource, normalize_batch, normalize_with_stats
+from normlab.functional.fold import fold_weights
 from normlab.functional.jacobian import batch_norm_jacobian
 from normlab.functional.stats import moments
 
@@ -17,6 +18,7 @@ __all__ = [
     "cumulative_factor",
     "ema_debias",
     "ema_update_",
+    "fold_weights",
     "get_activation",
     "moments",
     "normalize_batch",
