@@ -138,6 +138,11 @@ class _NormlabBatchNorm(_BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
+        return self._forward_with(input)
+
+    def _forward_with(self, input: torch.Tensor, source_fn=None) -> torch.Tensor:
+        """Forward after input checks; ``source_fn`` supplies training statistics computed
+        elsewhere (see ``normlab.functional.batch_norm._batch_norm``), e.g. across ranks."""
         tracking = self.training and self.track_running_stats
         # torch's rules (_BatchNorm.forward): batch statistics in training, or in eval when
         # there are no buffers; buffers updated only while tracking.
@@ -163,6 +168,7 @@ class _NormlabBatchNorm(_BatchNorm):
             nonfinite=self.nonfinite,
             num_batches_tracked=self.num_batches_tracked if tracking else None,
             where=type(self).__name__,
+            source_fn=source_fn if use_batch_stats else None,
         )
         if skipped and not self._warned_nonfinite:
             self._warned_nonfinite = True
