@@ -91,3 +91,23 @@ def test_non_finite_policy_raise_changes_nothing():
         model(images(4))
         model(x)
     assert_identical(snapshot(model), before)
+
+
+def test_batch_renorm_steps_once_per_accumulated_step():
+    bn = nl.nn.BatchRenorm2d(3, warmup_steps=0, r_max_steps=0, d_max_steps=0, r_max=1.5)
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+        bn.running_var.fill_(2.0)
+    micro = _micro_batches()
+    start = copy.deepcopy(bn)
+    outputs = []
+    with nl.accumulate_stats(bn):
+        for x in micro:
+            outputs.append(bn(x))
+    for x, y in zip(micro, outputs):  # every micro-batch saw the step's starting statistics
+        torch.testing.assert_close(y, copy.deepcopy(start)(x))
+    big = nn.BatchNorm2d(3)  # the running statistics update like BN's
+    big.load_state_dict(start.state_dict())
+    big(torch.cat(micro))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bn, name), getattr(big, name), msg=name)

@@ -136,3 +136,18 @@ def test_bad_arguments():
         nl.adapt(model, mode="mix", prior=-1)
     with pytest.raises(ValueError, match="track_running_stats=False"):
         nl.adapt(nn.BatchNorm2d(3, track_running_stats=False), mode="mix")
+
+
+@pytest.mark.parametrize(
+    ("to", "kw"),
+    [("renorm", {"warmup_steps": 0}), ("ghost", {"virtual_batch_size": 2}), ("sync", {})],
+)
+def test_batch_mode_on_variants_normalises_with_the_whole_batch(to, kw):
+    plain = small_resnet("normlab")
+    variant = nl.convert(plain, to=to, **kw)
+    before = snapshot(variant)
+    x = images(8, seed=11, shift=1.0)
+    with nl.adapt(plain), nl.adapt(variant):
+        expected, actual = plain(x), variant(x)
+    torch.testing.assert_close(actual, expected)
+    assert_identical(snapshot(variant), before)

@@ -198,3 +198,16 @@ def test_linear_with_3d_input_is_not_folded_when_the_example_shows_it():
     folded, unfolded = nl.fold(model, x)
     assert "3-D" in unfolded[0].reason
     _assert_rel(folded(x), model(x))
+
+
+@pytest.mark.parametrize(
+    ("to", "kw"),
+    [("renorm", {}), ("ghost", {"virtual_batch_size": 4}), ("frozen", {}), ("sync", {})],
+)
+def test_bn_variants_fold_like_bn(to, kw):
+    model = nl.convert(small_resnet("torch"), to=to, **kw)
+    x = images(8, seed=3)
+    folded, unfolded = nl.fold(model, x)
+    assert unfolded == []
+    assert not [m for m in folded.modules() if "Norm" in type(m).__name__]
+    _assert_rel(folded(x), model(x))

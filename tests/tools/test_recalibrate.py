@@ -157,3 +157,15 @@ def test_ema_debias_is_switched_off_after_recalibration():
         m.ema_debias = True
     nl.recalibrate(model, _batches())
     assert not any(m.ema_debias for m in bn_layers(model))
+
+
+def test_batch_renorm_gathers_in_its_training_mode_without_advancing_its_schedule():
+    plain = small_resnet("torch")
+    renorm = nl.convert(plain, to="renorm")  # step 3 < warmup: renorm's forward is BN's
+    batches = _batches()
+    nl.recalibrate(plain, batches)
+    nl.recalibrate(renorm, batches)
+    for a, b in zip(bn_layers(renorm), bn_layers(plain)):
+        torch.testing.assert_close(a.running_mean, b.running_mean, **TOL)
+        torch.testing.assert_close(a.running_var, b.running_var, **TOL)
+        assert a.num_batches_tracked == 3

@@ -4,12 +4,13 @@ many batches (and ranks), and hook bookkeeping that survives ``copy.deepcopy``."
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normlab.distributed import all_reduce_sum, is_distributed
+from normlab.distributed import all_reduce_sum, is_distributed, merge_moments
 from normlab.functional.stats import centered_moments, reduce_count
 
 
@@ -22,6 +23,22 @@ def is_batch_norm(module: nn.Module) -> bool:
 def batch_norm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     """``(qualified name, layer)`` for each BN layer, once each, in registration order."""
     return [(name or "<model>", m) for name, m in model.named_modules() if is_batch_norm(m)]
+
+
+def is_frozen_batch_norm(module: nn.Module) -> bool:
+    """normlab's FrozenBatchNorm1d/2d/3d: BN's eval map with buffers only (not a
+    ``_BatchNorm``: it has no training behaviour for the other tools to manage)."""
+    from normlab.nn import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+
+    return isinstance(module, (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d))
+
+
+def renormalizes(module: nn.Module) -> bool:
+    """Batch renorm compares the batch's statistics with the running ones in training, so it
+    cannot run its training forward without them (``track_running_stats=False``)."""
+    from normlab.nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+
+    return isinstance(module, (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d))
 
 
 def channel_dim(module: nn.Module) -> int:
@@ -44,10 +61,10 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 class Moments64:
     """Per-channel count, mean and sum of squared deviations (M2) of many tensors, in
-    float64, merged with Chan, Golub & LeVeque's parallel formula (1979):
+    float64, merged with Chan, Golub & LeVeque's parallel formula (1979;
+    :func:`normlab.distributed.merge_moments`):
 
-        n = n_a + n_b,   δ = mean_b − mean_a
-        mean = mean_a + δ · n_b / n,   M2 = M2_a + M2_b + δ² · n_a n_b / n
+        N = Σ n_i,   mean = Σ n_i mean_i / N,   M2 = Σ M2_i + Σ n_i (mean_i − mean)²
 
     Each tensor's own moments come from normlab's stable shifted two-pass statistics, so
     neither a large channel offset nor many batches cost precision; every value gets the
@@ -75,14 +92,11 @@ class Moments64:
     def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         if n == 0:
             return
-        if self.count == 0:
-            self.count, self.mean, self.m2 = n, mean.clone(), m2.clone()
-            return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
-        self.count = total
+        counts = torch.tensor([self.count, n], dtype=torch.float64, device=mean.device)
+        _, self.mean, self.m2 = merge_moments(
+            counts, torch.stack([self.mean, mean]), torch.stack([self.m2, m2])
+        )
+        self.count += n
 
     @property
     def biased_var(self) -> torch.Tensor:
@@ -92,6 +106,51 @@ class Moments64:
     def unbiased_var(self) -> torch.Tensor:
         """M2 / (n − 1): the convention of BN's ``running_var``."""
         return self.m2 / (self.count - 1)
+
+
+_SAVED_BUFFERS = "_normlab_saved_buffers"
+
+
+def _save_buffers_hook(module: nn.Module, args) -> None:
+    saved = [(n, t.clone()) for n, t in module.named_buffers(recurse=False) if t is not None]
+    module.__dict__.setdefault(_SAVED_BUFFERS, []).append(saved)
+
+
+def _restore_buffers_hook(module: nn.Module, args, output) -> None:
+    stack = module.__dict__.get(_SAVED_BUFFERS)
+    if stack:
+        with torch.no_grad():
+            for name, value in stack.pop():
+                getattr(module, name).copy_(value)
+
+
+@contextmanager
+def running_stats_untouched(layers: Iterable[nn.Module]) -> Iterator[None]:
+    """Let BN layers run training-mode forwards (batch statistics) while their running
+    statistics and ``num_batches_tracked`` stay as they are.
+
+    Plain BN: ``track_running_stats=False`` for the duration (torch's own switch: batch
+    statistics, no buffer update). Batch renorm needs its running statistics in training,
+    so it keeps them, and a hook pair copies its buffers back after every forward (also
+    when the forward raises). Everything is undone on exit.
+    """
+    flags, handles = [], []
+    try:
+        for m in layers:
+            if renormalizes(m):
+                handles.append(m.register_forward_pre_hook(_save_buffers_hook))
+                handles.append(
+                    m.register_forward_hook(_restore_buffers_hook, always_call=True, prepend=True)
+                )
+            else:
+                flags.append((m, m.track_running_stats))
+                m.track_running_stats = False
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags:
+            m.track_running_stats = flag
 
 
 def all_reduce_moments(accumulators: list[Moments64], group=None) -> None:

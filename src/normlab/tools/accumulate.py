@@ -33,6 +33,7 @@ from normlab.tools._common import (
     all_reduce_moments,
     batch_norm_layers,
     channel_dim,
+    running_stats_untouched,
     tracks_stats,
 )
 from normlab.tools.freeze import stats_frozen
@@ -62,7 +63,8 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     them), as their per-step updates would. If the block raises, the gathered statistics
     are dropped and no running statistic changes. A combined batch with NaN/Inf statistics
     follows the layer's ``nonfinite`` policy (normlab layers; torch layers propagate, as
-    torch does).
+    torch does). Batch renorm layers see the step's starting running statistics in every
+    micro-batch, and their schedule advances once per step.
     """
     layers = [(n, m) for n, m in batch_norm_layers(model) if tracks_stats(m)]
     accs = {m: Moments64(m.num_features, m.running_mean.device) for _, m in layers}
@@ -74,15 +76,13 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
 
     try:
         for _, m in layers:
-            # Training forward without buffers: normalise as usual, update nothing yet.
-            m.track_running_stats = False
             handles.append(m.register_forward_pre_hook(collect))
-        yield model
+        # Training forwards normalise as usual and update nothing until the end.
+        with running_stats_untouched(m for _, m in layers):
+            yield model
     finally:
         for h in handles:
             h.remove()
-        for _, m in layers:
-            m.track_running_stats = True
     # Reached only when the block finished without an exception.
     groups: dict[int, tuple] = {}
     for _, m in layers:

@@ -5,10 +5,13 @@ its output mean becomes γ(m_test − μ_pop)/sqrt(σ²_pop + ε) + β instead o
 Re-estimating the statistics on the test batches closes the gap:
 
 - ``mode='batch'`` (AdaBN, Li et al. 2016, "Revisiting Batch Normalization For Practical
-  Domain Adaptation"): each test batch is normalised with its own statistics, exactly as
-  BN's training-mode forward (gradients flow through the statistics, so TENT-style
-  entropy minimisation can back-propagate through it), but the stored running statistics
-  and ``num_batches_tracked`` are never touched.
+  Domain Adaptation"): each test batch is normalised with its own statistics (over the
+  whole batch, per rank), but the stored running statistics and ``num_batches_tracked``
+  are never touched. For plain BatchNorm this is exactly BN's training-mode forward, so
+  gradients flow through the statistics (TENT-style entropy minimisation can
+  back-propagate through it); for ghost BN, batch renorm and SyncBatchNorm — whose
+  training forwards are something else — the batch statistics are substituted into the
+  eval forward and are constants in backward.
 - ``mode='mix'`` (Schneider et al. 2020, "Improving robustness against common corruptions
   by covariate shift adaptation", eq. 1): with n the number of samples in the test batch
   and N = ``prior``,
@@ -31,6 +34,7 @@ import math
 import torch
 from torch import nn
 
+import normlab.nn as nlnn
 from normlab.functional.stats import moments
 from normlab.tools._common import batch_norm_layers, channel_dim, tracks_stats
 
@@ -43,6 +47,23 @@ def _population_stats(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(module, "population_stats"):
         return module.population_stats()
     return module.running_mean, module.running_var
+
+
+def _plain_classes() -> tuple[type, ...]:
+    """Layers whose training forward is exactly 'normalise with this batch's statistics'
+    (so 'batch' mode can use it, gradients through the statistics included). Ghost BN
+    (chunks), batch renorm (r, d against the running statistics) and SyncBatchNorm
+    (statistics of all ranks, a collective per call) are not; for them 'batch' mode
+    substitutes the batch's statistics into their eval forward instead."""
+    return (
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nlnn.BatchNorm,
+        nlnn.BatchNorm1d,
+        nlnn.BatchNorm2d,
+        nlnn.BatchNorm3d,
+    )
 
 
 def _stack(module: nn.Module) -> list:
@@ -68,11 +89,12 @@ def _make_mix_pre_hook(prior: float):
                 mean, var = source_mean, source_var
             else:
                 batch_mean, batch_var = moments(x.detach(), dims)
-                batch_mean = batch_mean.to(source_mean.dtype)
-                batch_var = batch_var.to(source_var.dtype)
+                dtype = batch_mean.dtype if source_mean is None else source_mean.dtype
+                mean, var = batch_mean.to(dtype), batch_var.to(dtype)
                 w_source = prior / (prior + n)
-                mean = w_source * source_mean + (1 - w_source) * batch_mean
-                var = w_source * source_var + (1 - w_source) * batch_var
+                if w_source > 0:  # prior 0 needs no source (layers without buffers too)
+                    mean = w_source * source_mean + (1 - w_source) * mean
+                    var = w_source * source_var + (1 - w_source) * var
         saved = (
             "mix",
             module.training,
@@ -176,9 +198,10 @@ def adapt(model: nn.Module, mode: str = "batch", prior: float = 16) -> Adaptatio
                 f"adapt: mode='mix' blends stored statistics with the batch's, but layers "
                 f"{untracked} have none (track_running_stats=False); use mode='batch'."
             )
-    pre = _batch_pre_hook if mode == "batch" else _make_mix_pre_hook(float(prior))
+    substitute = _make_mix_pre_hook(float(prior) if mode == "mix" else 0.0)
     handles = []
     for _, m in layers:
+        pre = _batch_pre_hook if mode == "batch" and type(m) in _plain_classes() else substitute
         handles.append(m.register_forward_pre_hook(pre))
         # prepend + always_call: restores run first-registered-last and even on errors, so
         # adapt composes with freeze() and leaves the layer exactly as it found it.

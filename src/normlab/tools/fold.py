@@ -26,7 +26,12 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from normlab.functional.fold import fold_weights, shift_is_zero
-from normlab.tools._common import batch_norm_layers, channel_dim, is_batch_norm, set_submodule
+from normlab.tools._common import (
+    channel_dim,
+    is_batch_norm,
+    is_frozen_batch_norm,
+    set_submodule,
+)
 
 _WHERE = "fold"
 _ACTIVATION_MODULES = {
@@ -79,6 +84,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (
             is_batch_norm(m)
+            or is_frozen_batch_norm(m)
             or _is_foldable_layer(m)
             or type(m).__module__.startswith("normlab.")
             or super().is_leaf_module(m, qualname)
@@ -273,8 +279,10 @@ def fold(model: nn.Module, example_inputs=None, *, rtol: float = 1e-5) -> FoldRe
     Raises:
         ValueError: the model (or a submodule) is in training mode.
 
-    Folding happens in float64 and rounds once to the layer's dtype. A BN whose statistics
-    were frozen with :func:`normlab.freeze` folds like any other.
+    Folding happens in float64 and rounds once to the layer's dtype. Every torch and
+    normlab BatchNorm folds (SyncBatchNorm, batch renorm and ghost BN too: their eval map
+    is BN's), and so does ``FrozenBatchNorm``; so does a BN frozen with
+    :func:`normlab.freeze`.
     """
     training = [name or "<model>" for name, m in model.named_modules() if m.training]
     if training:
@@ -286,7 +294,11 @@ def fold(model: nn.Module, example_inputs=None, *, rtol: float = 1e-5) -> FoldRe
         )
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    bns = batch_norm_layers(model)
+    bns = [
+        (name or "<model>", m)
+        for name, m in model.named_modules()
+        if is_batch_norm(m) or is_frozen_batch_norm(m)
+    ]
     reasons: dict[str, str] = {}
     candidates = []
     for name, bn in bns:

@@ -28,6 +28,7 @@ from normlab.tools._common import (
     check_num_batches,
     default_input,
     iter_limited,
+    running_stats_untouched,
     tracks_stats,
 )
 from normlab.tools.freeze import stats_frozen
@@ -83,7 +84,8 @@ def recalibrate(
 
     Everything else about the model is put back in ``finally``: the ``training`` flag of
     every module (non-BN modules such as dropout run in eval mode while gathering, as at
-    inference), ``track_running_stats`` and hooks. On any error no statistics change.
+    inference), ``track_running_stats`` and hooks. Batch renorm layers gather in their own
+    training mode (r, d against the current running statistics), which they need. On any error no statistics change.
     ``num_batches_tracked`` and momentum are left as they are; layers frozen with
     :func:`normlab.freeze` keep their statistics (they run in eval mode), and layers the
     batches never reach keep theirs with a warning. normlab layers with ``ema_debias=True``
@@ -100,7 +102,6 @@ def recalibrate(
         return model
 
     modes = {m: m.training for m in model.modules()}
-    tracking = {m: m.track_running_stats for _, m in layers}
     backup = {m: (m.running_mean.clone(), m.running_var.clone()) for _, m in layers}
     handles: list = []
     try:
@@ -108,13 +109,11 @@ def recalibrate(
         if sequential:
             _sequential(model, layers, batches, num_batches, get_input, process_group, handles)
         else:
-            for _, m in layers:
-                m.train()
-                m.track_running_stats = False  # batch statistics, buffers untouched
             accs = {m: Moments64(m.num_features, m.running_mean.device) for _, m in layers}
             for _, m in layers:
+                m.train()
                 handles.append(m.register_forward_pre_hook(_collector(accs[m])))
-            with torch.no_grad():
+            with torch.no_grad(), running_stats_untouched(m for _, m in layers):
                 for batch in iter_limited(batches, num_batches):
                     model(get_input(batch))
             for h in handles:
@@ -130,8 +129,6 @@ def recalibrate(
     finally:
         for h in handles:
             h.remove()
-        for m, flag in tracking.items():
-            m.track_running_stats = flag
         for m, flag in modes.items():
             m.training = flag
     return model
