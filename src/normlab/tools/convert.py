@@ -79,7 +79,7 @@ def _is_normlab(cls: type) -> bool:
     return cls.__module__.startswith("normlab.")
 
 
-def _target_class(module: nn.Module, to: str, name: str) -> type | None:
+def _target_class(module: nn.Module, to: str, name: str, rank: int | None) -> type | None:
     """The class ``module`` becomes, or None to leave it as it is."""
     cls = type(module)
     if to == "normlab":
@@ -100,7 +100,7 @@ def _target_class(module: nn.Module, to: str, name: str) -> type | None:
                 f"it by BatchNorm1d/2d/3d by hand, or keep it as normlab."
             )
         return None
-    if not isinstance(module, _plain_bn_classes()):
+    if cls not in _plain_bn_classes():  # exact classes: variants subclass torch's BN too
         return None
     if to == "sync":
         target = "SyncBatchNorm"
@@ -111,12 +111,12 @@ def _target_class(module: nn.Module, to: str, name: str) -> type | None:
         )
     if to == "group":
         return _normlab_class("GroupNorm") or _missing("GroupNorm", to, name)
-    rank = _rank(module)
+    rank = _rank(module) or rank
     if rank is None:
         raise ValueError(
             f"{_WHERE}: layer {name!r} ({cls.__module__}.{cls.__name__}) accepts any input rank, "
             f"but to={to!r} needs a rank-specific class ({_TARGET_FAMILY[to].format(rank='N')}); "
-            f"replace it by BatchNorm1d/2d/3d first."
+            f"say which with rank=1, 2 or 3 (e.g. rank=2 for (N, C, H, W) images)."
         )
     target = _TARGET_FAMILY[to].format(rank=rank)
     return _normlab_class(target) or _missing(target, to, name)
@@ -136,18 +136,33 @@ def _device_dtype(module: nn.Module) -> dict:
     return {}
 
 
+def _init_params(cls: type) -> dict[str, inspect.Parameter]:
+    """Named constructor arguments of ``cls``, following ``**kwargs`` to the ``__init__``
+    it forwards to (GhostBatchNorm passes normlab's extras on to BatchNorm's)."""
+    params: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        sig = inspect.signature(init).parameters
+        for name, p in sig.items():
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                params.setdefault(name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in sig.values()):
+            break
+    return params
+
+
 def _constructor_kwargs(module: nn.Module, cls: type, extra: dict) -> dict:
     """Arguments for ``cls(...)`` read from ``module``'s attributes of the same names (the
     drop-in classes share torch's argument names), then ``extra``."""
-    params = inspect.signature(cls.__init__).parameters
+    params = _init_params(cls)
     kwargs = {}
-    for name, p in params.items():
-        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
+    for name in params:
         if name == "bias":  # torch ≥ 2.13's keyword-only flag, not the tensor
             affine = getattr(module, "affine", getattr(module, "elementwise_affine", False))
             if affine and getattr(module, "bias", None) is None:
-                kwargs["bias"] = False  # torch ≥ 2.13: affine with γ only
+                kwargs["bias"] = False  # affine with γ only
             continue
         if name in ("device", "dtype"):
             continue
@@ -158,16 +173,14 @@ def _constructor_kwargs(module: nn.Module, cls: type, extra: dict) -> dict:
     if "num_channels" in params and "num_channels" not in kwargs:
         kwargs["num_channels"] = module.num_features
     kwargs.update(_device_dtype(module))
-    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for key, value in extra.items():
-        if key in params or accepts_any:
-            kwargs[key] = value
-        else:
+        if key not in params:
             raise TypeError(
                 f"{_WHERE}: {cls.__name__} does not take the argument {key!r}; it takes "
-                f"{[k for k in params if k != 'self']}"
+                f"{list(params)}"
             )
-    return {k: v for k, v in kwargs.items() if k in params or accepts_any}
+        kwargs[key] = value
+    return kwargs
 
 
 def _convert_layer(module: nn.Module, cls: type, name: str, extra: dict) -> nn.Module:
@@ -183,12 +196,17 @@ def _convert_layer(module: nn.Module, cls: type, name: str, extra: dict) -> nn.M
                 f"{_WHERE}: layer {name!r} uses ema_debias=True, which changes its eval "
                 f"output and has no torch equivalent; set layer.ema_debias = False first."
             )
-    if getattr(cls, "__name__", "").startswith("FrozenBatchNorm") and (
-        getattr(module, "running_mean", None) is None
-    ):
+    params = _init_params(cls)
+    needs_stats = cls.__name__.startswith(("FrozenBatchNorm", "BatchRenorm"))
+    if needs_stats and getattr(module, "running_mean", None) is None:
         raise ValueError(
             f"{_WHERE}: layer {name!r} has no running statistics (track_running_stats=False), "
-            f"so there is nothing to freeze it to."
+            f"but {cls.__name__} needs them; recalibrate it with track_running_stats=True first."
+        )
+    if getattr(module, "channel_dim", 1) != 1 and "channel_dim" not in params:
+        raise ValueError(
+            f"{_WHERE}: layer {name!r} normalises channel_dim={module.channel_dim}, which "
+            f"{cls.__name__} cannot (channels at dim 1 only)."
         )
     new = cls(**_constructor_kwargs(module, cls, extra))
     with torch.no_grad():
@@ -228,6 +246,7 @@ def convert(
     *,
     num_groups: int | None = None,
     process_group=None,
+    rank: int | None = None,
     inplace: bool = False,
     **layer_kwargs,
 ) -> nn.Module:
@@ -251,7 +270,11 @@ def convert(
               or ``GroupNorm(num_groups, C)`` (running statistics dropped: GN has none).
 
         num_groups: for to='group'; must divide every converted layer's channel count.
-        process_group: for to='sync' (a SyncBatchNorm source keeps its own).
+        process_group: for to='sync' (default: a torch SyncBatchNorm source's own group,
+            else the default group).
+        rank: 1, 2 or 3: the input rank of any-rank sources (SyncBatchNorm,
+            ``normlab.nn.BatchNorm``) for targets that exist per rank ('renorm', 'ghost',
+            'frozen'); e.g. ``convert(m, to='frozen', rank=2)`` for a SyncBN image model.
         inplace: modify and return ``model`` itself instead of a deep copy.
         **layer_kwargs: passed to every new layer's constructor, e.g.
             ``virtual_batch_size=32`` for 'ghost', ``r_max=3.0`` for 'renorm',
@@ -275,8 +298,15 @@ def convert(
                 f"got {num_groups!r}"
             )
         extra["num_groups"] = num_groups
+    elif to == "ghost" and "virtual_batch_size" not in extra:
+        raise ValueError(
+            f"{_WHERE}: to='ghost' needs virtual_batch_size=B, the samples per ghost batch "
+            f"(Hoffer et al. 2017 use 128), e.g. convert(model, to='ghost', virtual_batch_size=32)"
+        )
     elif num_groups is not None:
         raise ValueError(f"{_WHERE}: num_groups is only used with to='group', not to={to!r}")
+    if rank not in (None, 1, 2, 3):
+        raise ValueError(f"{_WHERE}: rank must be 1, 2, 3 or None, got {rank!r}")
     if to == "sync" and process_group is not None:
         extra["process_group"] = process_group
 
@@ -287,7 +317,7 @@ def convert(
         if id(module) in memo:
             plan.append((name, memo[id(module)]))
             continue
-        cls = _target_class(module, to, name or "<model>")
+        cls = _target_class(module, to, name or "<model>", rank)
         if cls is None:
             continue
         if to == "group" and module.num_features % num_groups:
