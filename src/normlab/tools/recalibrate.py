@@ -80,7 +80,9 @@ def recalibrate(
         process_group: with an initialised ``torch.distributed`` group of size > 1, the
             statistics are those of every rank's batches together (the counts, sums and
             re-centred M2 are all-reduced: two collectives for all layers, or per layer
-            when ``sequential``). Every rank must call recalibrate.
+            when ``sequential``). Every rank must call recalibrate; with SyncBatchNorm
+            layers and the default mode, every rank must also pass the same number of
+            batches (their training forward is itself a collective).
 
     Everything else about the model is put back in ``finally``: the ``training`` flag of
     every module (non-BN modules such as dropout run in eval mode while gathering, as at
