@@ -27,6 +27,15 @@ def run(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print results.json to stdout instead of the table.")
     ] = False,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="torch threads during the run; the experiments' small tensors run fastest on "
+            "one, and extra threads mostly contend on a busy machine.",
+        ),
+    ] = 1,
 ) -> None:
     """Run experiments and write report.html and results.json to --out."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -58,7 +67,12 @@ def run(
             bars.update(tasks[result.id], completed=1.0, verdict=f"[{style}]{result.verdict}[/]")
 
         payload = runner.run_experiments(
-            resolved, quick=quick, seed=seed, progress_for=progress_for, on_result=on_result
+            resolved,
+            quick=quick,
+            seed=seed,
+            threads=threads,
+            progress_for=progress_for,
+            on_result=on_result,
         )
     json_path, html_path = runner.save_report(out, payload)
     if json_out:

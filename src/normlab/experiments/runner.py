@@ -94,7 +94,12 @@ def run_one(
 
 
 def build_payload(
-    results: Sequence[Result], *, quick: bool, seed: int, total_seconds: float
+    results: Sequence[Result],
+    *,
+    quick: bool,
+    seed: int,
+    total_seconds: float,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """The contents of results.json: run metadata and every Result, as plain JSON values
     (round-tripped through ``json``, so rendering from it and from the file is identical)."""
@@ -109,7 +114,7 @@ def build_payload(
         "normlab_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "python_version": platform.python_version(),
-        "threads": torch.get_num_threads(),
+        "threads": int(threads if threads is not None else torch.get_num_threads()),
         "quick": bool(quick),
         "seed": int(seed),
         "total_seconds": float(total_seconds),
@@ -124,24 +129,45 @@ def run_experiments(
     *,
     quick: bool = False,
     seed: int = 0,
+    threads: int | None = None,
     progress_for: Callable[[str], Progress | None] | None = None,
     on_result: Callable[[Result], None] | None = None,
 ) -> dict[str, Any]:
     """Run the experiments ``ids`` (see :func:`resolve_ids`) and return the payload.
 
+    ``threads``: torch's intra-op thread count during the run (restored afterwards); None
+    leaves it as it is. The experiments use small tensors, for which one thread is fastest,
+    and on a shared machine extra threads mostly wait for each other.
     ``progress_for(id)`` gives each experiment its progress callback; ``on_result(result)``
     is called as each one finishes.
     """
+    import torch
+
     resolved = resolve_ids(ids)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    previous_threads = torch.get_num_threads()
     start = time.perf_counter()
     results = []
-    for claim_id in resolved:
-        progress = progress_for(claim_id) if progress_for is not None else None
-        result = run_one(claim_id, quick=quick, seed=seed, progress=progress)
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
-    return build_payload(results, quick=quick, seed=seed, total_seconds=time.perf_counter() - start)
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        for claim_id in resolved:
+            progress = progress_for(claim_id) if progress_for is not None else None
+            result = run_one(claim_id, quick=quick, seed=seed, progress=progress)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+        used_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous_threads)
+    return build_payload(
+        results,
+        quick=quick,
+        seed=seed,
+        total_seconds=time.perf_counter() - start,
+        threads=used_threads,
+    )
 
 
 def schema() -> dict[str, Any]:
