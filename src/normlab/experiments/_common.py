@@ -99,7 +99,7 @@ def train(
             loss.backward()
             opt.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(step, losses[-1])
             if step % max(1, steps // 50) == 0:
