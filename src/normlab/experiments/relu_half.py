@@ -101,10 +101,10 @@ class ReluHalf(Experiment):
                 )
             monotone &= all(b > a for a, b in itertools.pairwise(measured))
             lines.append(
-                Line(f"Φ(β/{gamma:g})", dense, [normal_cdf(b / gamma) for b in dense], "-")
+                Line(f"Φ(β/{gamma:g})", dense, [normal_cdf(b / gamma) for b in dense], f"C{k}-")
             )
             lines.append(
-                Line(f"measured, γ = {gamma:g}", [float(b) for b in c.betas], measured, "o")
+                Line(f"measured, γ = {gamma:g}", [float(b) for b in c.betas], measured, f"C{k}o")
             )
             notify(progress, (k + 1) / steps, f"γ = {gamma:g}")
         digit_probs = []
@@ -123,7 +123,7 @@ class ReluHalf(Experiment):
                 ]
             )
         lines.append(
-            Line("measured on digits, γ = 1", [float(b) for b in c.betas], digit_probs, "x")
+            Line("measured on digits, γ = 1", [float(b) for b in c.betas], digit_probs, "kx")
         )
         notify(progress, 1.0, "digits")
         at_zero = activation_probability(pre_digits, 1.0, 0.0)

@@ -68,16 +68,31 @@ def _draw(plot: dict[str, Any]):
                 line.get("style") or "-",
                 label=line["label"],
             )
-    if plot.get("logx"):
-        ax.set_xscale("log")
-    if plot.get("logy"):
-        ax.set_yscale("log")
+    for axis, log in ((ax.xaxis, plot.get("logx")), (ax.yaxis, plot.get("logy"))):
+        if log:
+            _log_axis(ax, axis)
     ax.set_title(plot.get("title", ""))
     ax.set_xlabel(plot.get("xlabel", ""))
     ax.set_ylabel(plot.get("ylabel", ""))
     if any(line.get("label") for line in lines):
-        ax.legend(fontsize=8)
+        if plot.get("kind") == "bar" or len(lines) > 4:
+            # crowded plots: the legend goes beside the axes, not over the data
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=8)
     return fig
+
+
+def _log_axis(ax, axis) -> None:
+    """Log scale with plain tick labels (5, 10, 20, 50; 1e-06 for wide ranges)."""
+    from matplotlib import ticker
+
+    (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
+    lo, hi = ax.get_xlim() if axis is ax.xaxis else ax.get_ylim()
+    if lo > 0 and hi / lo < 1e3:  # narrow range: label 1-2-5 steps
+        axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _add_plot(page: Page, plot: dict[str, Any]) -> None:
