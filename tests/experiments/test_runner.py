@@ -175,3 +175,11 @@ def test_result_round_trips_through_dict():
         Result(
             id="x", claim="c", verdict="maybe", rule="r", measured="m", reference="r", source="s"
         )
+
+
+def test_needs_gives_an_honest_inconclusive_result():
+    exp = _Toy()
+    r = exp.needs(_Cfg(), "normlab.nn.Widget", rule="holds if widgets work")
+    assert r.verdict == "inconclusive" and r.measured == "needs normlab.nn.Widget"
+    assert "does not have yet" in r.notes and r.seed_says == exp.seed_says
+    assert r.config == {"seed": 0, "boom": False}
