@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Without standalone mode click returns (not raises) a typer.Exit's code.
         code = app(args=argv, standalone_mode=False)
-        if isinstance(code, int) and code != 0:
+        if type(code) is int and code != 0:  # not a bool or other value a command returned
             sys.exit(code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
