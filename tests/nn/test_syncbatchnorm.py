@@ -15,23 +15,21 @@ import torch.distributed as dist
 
 import normlab as nl
 from tests import reference as ref
-from tests.distributed_helpers import GlooPool, short_timeout_group
+from tests.distributed_helpers import short_timeout_group
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
 LR = 0.1
 
 
-@pytest.fixture(scope="module")
-def pool2():
-    with GlooPool(2) as pool:
-        yield pool
+@pytest.fixture
+def pool2(gloo_pools):
+    return gloo_pools.get(2)
 
 
-@pytest.fixture(scope="module")
-def pool3():
-    with GlooPool(3) as pool:
-        yield pool
+@pytest.fixture
+def pool3(gloo_pools):
+    return gloo_pools.get(3)
 
 
 # --------------------------------------------------------------------------------------
