@@ -258,8 +258,8 @@ def train(
     spawning ``cfg.nproc`` local gloo workers (or in this process for ``nproc=1``).
 
     Returns rank 0's :class:`TrainResult` (None on the other torchrun ranks).
-    ``on_step`` runs in this process only: on rank 0 under torchrun or in a single
-    process; spawned workers report when they finish.
+    ``on_step(step, loss, accuracy)`` runs in this process for rank 0's steps: directly
+    under torchrun or in a single process, streamed from the worker when spawning.
     """
     cfg.check()
     if under_torchrun():
@@ -267,7 +267,7 @@ def train(
     if cfg.nproc == 1:
         result = run_rank(cfg, on_step=on_step)
         return result
-    return _train_spawn(cfg)
+    return _train_spawn(cfg, on_step)
 
 
 def _train_torchrun(cfg: TrainConfig, on_step) -> TrainResult | None:
@@ -305,8 +305,11 @@ def _spawn_worker(rank: int, world: int, cfg: TrainConfig, store_path: str, resu
             world_size=world,
             timeout=datetime.timedelta(seconds=cfg.timeout),
         )
+        def report(step: int, loss: float, acc: float) -> None:
+            results.put((rank, "step", (step, loss, acc)))
+
         try:
-            result = run_rank(cfg, rank, world)
+            result = run_rank(cfg, rank, world, on_step=report if rank == 0 else None)
         finally:
             dist.destroy_process_group()
         results.put((rank, "ok", None if result is None else result.to_dict()))
@@ -323,7 +326,9 @@ def _mp_context():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     # Takes effect only if this process has not started its forkserver yet.
-    ctx.set_forkserver_preload(["normlab.train", "sklearn.datasets"])
+    # (Not normlab.train itself: under `python -m normlab.train` the workers re-run it as
+    # __mp_main__, which must not find it imported already.)
+    ctx.set_forkserver_preload(["normlab", "sklearn.datasets"])
     return ctx
 
 
@@ -331,7 +336,7 @@ class WorkerError(RuntimeError):
     """One or more spawned ranks failed; the message holds every failing rank's error."""
 
 
-def _train_spawn(cfg: TrainConfig) -> TrainResult:
+def _train_spawn(cfg: TrainConfig, on_step=None) -> TrainResult:
     ctx = _mp_context()
     tmp = tempfile.mkdtemp(prefix="normlab-train-")
     results = ctx.Queue()
@@ -352,6 +357,10 @@ def _train_spawn(cfg: TrainConfig) -> TrainResult:
         while len(reports) < cfg.nproc:
             try:
                 rank, status, payload = results.get(timeout=0.5)
+                if status == "step":
+                    if on_step is not None:
+                        on_step(*payload)
+                    continue
                 reports[rank] = (status, payload)
                 if status == "error" and first_error_at is None:
                     first_error_at = time.monotonic()

@@ -524,3 +524,60 @@ def test_convert_shares_state_and_reverts():
     torch.testing.assert_close(back(x), y)
     single = nl.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm1d(2))
     assert isinstance(single, nl.nn.SyncBatchNorm)
+
+
+# --------------------------------------------------------------------------------------
+# Non-finite statistics, half precision, and why torch's own cannot do this
+
+
+def _nonfinite_worker(rank: int, world: int, policy: str) -> dict:
+    import warnings
+
+    layer = nl.nn.SyncBatchNorm(3, nonfinite=policy)
+    x = torch.randn(4, 3)
+    if rank == 1:
+        x[0, 1] = float("nan")  # one bad value on one rank poisons the global statistics
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        try:
+            layer(x)
+        except FloatingPointError as e:
+            return {"error": str(e), "tracked": int(layer.num_batches_tracked)}
+    return {
+        "finite": bool(torch.isfinite(layer.running_mean).all()),
+        "tracked": int(layer.num_batches_tracked),
+    }
+
+
+def test_nonfinite_policy_acts_on_the_global_statistics_on_every_rank(pool2):
+    for got in pool2.run(_nonfinite_worker, "skip"):
+        assert got == {"finite": True, "tracked": 0}
+    for got in pool2.run(_nonfinite_worker, "raise"):
+        assert "not finite" in got["error"] and got["tracked"] == 0
+    for got in pool2.run(_nonfinite_worker, "propagate"):
+        assert got == {"finite": False, "tracked": 1}
+
+
+def _half_and_torch_worker(rank: int, world: int) -> dict:
+    x = torch.randn(6, 4, 5, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    local = x[:2] if rank == 0 else x[2:]  # sizes 2 and 4
+    ours = nl.nn.SyncBatchNorm(4)
+    y = ours(local)
+    try:
+        torch.nn.SyncBatchNorm(4)(local.float())
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    return {"y": y, "refused": refused, "running_var": ours.running_var}
+
+
+def test_bfloat16_matches_one_process_and_torch_refuses_cpu(pool2):
+    got = pool2.run(_half_and_torch_worker)
+    x = torch.randn(6, 4, 5, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    one = nl.nn.BatchNorm1d(4)
+    y = one(x)
+    torch.testing.assert_close(torch.cat([got[0]["y"], got[1]["y"]]), y)
+    for g in got:
+        assert g["y"].dtype == torch.bfloat16
+        torch.testing.assert_close(g["running_var"], one.running_var)
+        assert "GPU" in g["refused"]  # torch.nn.SyncBatchNorm on CPU: the reason this exists

@@ -81,9 +81,6 @@ def train(
     if json_out:
         _output.emit_json(result.to_dict())
         return
-    if result.launcher == "spawn":  # workers do not stream; show the trajectory now
-        for step, (loss, acc) in enumerate(zip(result.losses, result.accuracies)):
-            on_step(step, loss, acc)
     table = Table(title="normlab train")
     table.add_column("ranks", justify="right")
     table.add_column("BN", justify="left")

@@ -121,7 +121,10 @@ class SyncBatchNorm(_NormlabBatchNorm):
         return self.training and distributed.is_distributed(self.process_group)
 
     def _group_key(self) -> tuple:
-        return (id(self.process_group), torch.distributed.get_world_size(self.process_group))
+        # The default group resolved to its object: a re-initialised default group is a new
+        # group and gets a new handshake.
+        group = self.process_group or torch.distributed.GroupMember.WORLD
+        return (id(group), torch.distributed.get_world_size(self.process_group))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._sync_active():
