@@ -305,6 +305,7 @@ def _spawn_worker(rank: int, world: int, cfg: TrainConfig, store_path: str, resu
             world_size=world,
             timeout=datetime.timedelta(seconds=cfg.timeout),
         )
+
         def report(step: int, loss: float, acc: float) -> None:
             results.put((rank, "step", (step, loss, acc)))
 

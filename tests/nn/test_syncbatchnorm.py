@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import normlab as nl
+from normlab.distributed import SyncMismatchError
 from tests import reference as ref
 from tests.distributed_helpers import short_timeout_group
 
@@ -431,6 +432,27 @@ def test_ranks_that_disagree_fail_on_every_rank(pool2, kind, after_first):
             assert "rank 0: float32, rank 1: float64" in o.message
     # the group is still healthy afterwards
     assert pool2.run(_one_sample_worker, [1, 1])[0]["y"].shape == (1, 3)
+
+
+def _retry_after_rejected_input_worker(rank: int, world: int) -> list[str]:
+    layer = nl.nn.SyncBatchNorm(3)
+    seen = []
+    for bad_rank in (1, None, 0, None):  # a rejected first call, a good one, again
+        x = torch.randn(4, 5 if rank == bad_rank else 3)
+        try:
+            layer(x)
+            seen.append("ok")
+        except (ValueError, SyncMismatchError) as e:
+            seen.append(type(e).__name__)
+    return seen
+
+
+def test_a_layer_keeps_working_after_a_rejected_input(pool2):
+    # The handshake state must stay identical on every rank whatever failed, or the next
+    # call would pair collectives of different sizes (a gloo abort, not an error).
+    got = pool2.run(_retry_after_rejected_input_worker, timeout=30)
+    assert got[0] == ["SyncMismatchError", "ok", "ValueError", "ok"]
+    assert got[1] == ["ValueError", "ok", "SyncMismatchError", "ok"]
 
 
 def _backward_mismatch_worker(rank: int, world: int) -> str:

@@ -139,13 +139,13 @@ class SyncBatchNorm(_NormlabBatchNorm):
             self._announce_failure(first, input, where)
             raise
         if first:
+            distributed.handshake(
+                self.num_features, input.dtype, self.process_group, where=where, device=input.device
+            )
+            # Only after it succeeded on every rank: a failed handshake is retried next call
+            # by every rank alike, so the ranks never disagree on whether one is due.
             self._handshaken = self._group_key()
-        source_fn = partial(
-            distributed.global_stats_source,
-            group=self.process_group,
-            where=where,
-            handshake_first=first,
-        )
+        source_fn = partial(distributed.global_stats_source, group=self.process_group, where=where)
         return self._forward_with(input, source_fn)
 
     def _announce_failure(self, first: bool, input: torch.Tensor, where: str) -> None:
