@@ -462,7 +462,7 @@ def _backward_mismatch_worker(rank: int, world: int) -> str:
     if rank == 0:
         all_reduce_checked(sums, where="test")
     else:
-        dist.all_reduce(torch.zeros(5, dtype=torch.float64))  # some other collective
+        dist.all_reduce(torch.zeros(7, dtype=torch.float64))  # another collective, same size
     return "no error"
 
 
@@ -603,3 +603,35 @@ def test_bfloat16_matches_one_process_and_torch_refuses_cpu(pool2):
         assert g["y"].dtype == torch.bfloat16
         torch.testing.assert_close(g["running_var"], one.running_var)
         assert "GPU" in g["refused"]  # torch.nn.SyncBatchNorm on CPU: the reason this exists
+
+
+def _skipped_layer_worker(rank: int, world: int, skip_step: int) -> list[str]:
+    a, b = nl.nn.SyncBatchNorm(3), nl.nn.SyncBatchNorm(3)  # same width: same sizes
+    seen = []
+    for step in range(3):
+        x = torch.randn(4, 3, requires_grad=True)
+        try:
+            h = x if (rank == 1 and step == skip_step) else a(x)  # rank 1 skips `a` once
+            b(h).sum().backward()
+            seen.append("ok")
+        except SyncMismatchError as e:
+            seen.append("layers" if "different SyncBatchNorm layers" in str(e) else str(e))
+            break
+    return seen
+
+
+def test_a_rank_that_skips_a_layer_fails_on_every_rank(pool2):
+    got = pool2.run(_skipped_layer_worker, 1, timeout=30)
+    assert got == [["ok", "layers"], ["ok", "layers"]]
+
+
+def _backward_tags_worker(rank: int, world: int) -> str:
+    from normlab.distributed import all_reduce_checked
+
+    all_reduce_checked(torch.ones(2, 3), tag=4 + rank, where="test")  # layers #4 and #5
+    return "no error"
+
+
+def test_backward_all_reduce_detects_different_layers_on_every_rank(pool2):
+    for o in pool2.run_raw(_backward_tags_worker, timeout=30):
+        assert o.error_type == "SyncMismatchError" and "different SyncBatchNorm" in o.message
