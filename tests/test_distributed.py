@@ -5,6 +5,8 @@ Multi-rank behaviour is tested in tests/nn/test_syncbatchnorm.py over gloo.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -59,3 +61,43 @@ def test_single_process_helpers_are_no_ops():
     sums = torch.randn(2, 3)
     assert D.all_reduce_checked(sums) is sums
     assert D.all_reduce_sum(sums) is sums
+
+
+# -- launch: the library's own multi-process runner (normlab train, experiments) ----------
+
+
+def _launched_sum(rank: int, world: int, scale: float) -> float:
+    import torch.distributed as dist
+
+    D.report(f"hello from {rank}")
+    t = torch.tensor([scale * (rank + 1)])
+    dist.all_reduce(t)
+    return float(t)
+
+
+def _launched_one_fails(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    if rank == 1:
+        raise KeyError("rank 1 is broken")
+    dist.all_reduce(torch.ones(1))  # rank 0 waits here for a rank that is gone
+
+
+def test_launch_returns_every_rank_value_and_streams_reports():
+    reports = []
+    got = D.launch(
+        _launched_sum, 2, 10.0, timeout=60, on_report=lambda r, o: reports.append((r, o))
+    )
+    assert got == [30.0, 30.0]
+    assert sorted(reports) == [(0, "hello from 0"), (1, "hello from 1")]
+
+
+def test_launch_reports_the_failing_rank_and_does_not_wait_for_the_timeout():
+    import pytest
+
+    start = time.monotonic()
+    with pytest.raises(D.WorkerError) as info:
+        D.launch(_launched_one_fails, 2, timeout=600)  # a blocked rank 0 would wait 10 min
+    message = str(info.value)
+    assert "--- rank 1 ---" in message and "KeyError: 'rank 1 is broken'" in message
+    assert time.monotonic() - start < 120  # a deadline for the test, not a timing claim

@@ -32,13 +32,9 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import queue
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -247,7 +243,7 @@ def under_torchrun() -> bool:
     return all(v in os.environ for v in TORCHRUN_VARS)
 
 
-def _threads_per_rank(local_world: int) -> int:
+def _threads_per_rank(local_world: int) -> int:  # what launch() gives each worker too
     return max(1, (os.cpu_count() or 1) // local_world)
 
 
@@ -295,105 +291,26 @@ def _train_torchrun(cfg: TrainConfig, on_step) -> TrainResult | None:
     return result
 
 
-def _spawn_worker(rank: int, world: int, cfg: TrainConfig, store_path: str, results) -> None:
-    try:
-        torch.set_num_threads(_threads_per_rank(world))
-        dist.init_process_group(
-            "gloo",
-            store=dist.FileStore(store_path, world),
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=cfg.timeout),
-        )
+def _spawned_rank(rank: int, world: int, cfg: TrainConfig) -> dict | None:
+    from normlab.distributed import report
 
-        def report(step: int, loss: float, acc: float) -> None:
-            results.put((rank, "step", (step, loss, acc)))
-
-        try:
-            result = run_rank(cfg, rank, world, on_step=report if rank == 0 else None)
-        finally:
-            dist.destroy_process_group()
-        results.put((rank, "ok", None if result is None else result.to_dict()))
-    except BaseException as e:
-        results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-
-
-def _mp_context():
-    import multiprocessing as mp
-
-    # forkserver: workers fork from a clean server with torch already imported (about 1 s
-    # instead of about 3 s per spawned interpreter); spawn where it does not exist.
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    # Takes effect only if this process has not started its forkserver yet.
-    # (Not normlab.train itself: under `python -m normlab.train` the workers re-run it as
-    # __mp_main__, which must not find it imported already.)
-    ctx.set_forkserver_preload(["normlab", "sklearn.datasets"])
-    return ctx
-
-
-class WorkerError(RuntimeError):
-    """One or more spawned ranks failed; the message holds every failing rank's error."""
+    result = run_rank(cfg, rank, world, on_step=(lambda *step: report(step)) if rank == 0 else None)
+    return None if result is None else result.to_dict()
 
 
 def _train_spawn(cfg: TrainConfig, on_step=None) -> TrainResult:
-    ctx = _mp_context()
-    tmp = tempfile.mkdtemp(prefix="normlab-train-")
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_spawn_worker,
-            args=(r, cfg.nproc, cfg, os.path.join(tmp, "store"), results),
-            daemon=True,
-        )
-        for r in range(cfg.nproc)
-    ]
-    failed = True
-    try:
-        for p in procs:
-            p.start()
-        reports: dict[int, tuple[str, object]] = {}
-        first_error_at = None
-        while len(reports) < cfg.nproc:
-            try:
-                rank, status, payload = results.get(timeout=0.5)
-                if status == "step":
-                    if on_step is not None:
-                        on_step(*payload)
-                    continue
-                reports[rank] = (status, payload)
-                if status == "error" and first_error_at is None:
-                    first_error_at = time.monotonic()
-            except queue.Empty:
-                pass
-            silent_dead = [
-                r for r, p in enumerate(procs) if r not in reports and p.exitcode is not None
-            ]
-            if silent_dead and results.empty():
-                for r in silent_dead:
-                    reports[r] = ("error", f"exited with code {procs[r].exitcode} without a report")
-                first_error_at = first_error_at or time.monotonic()
-            # After a failure the healthy ranks are blocked in a collective until the
-            # group's timeout; give them a moment to report their own errors, then stop.
-            if first_error_at is not None and time.monotonic() - first_error_at > 2.0:
-                break
-        errors = {r: msg for r, (s, msg) in sorted(reports.items()) if s == "error"}
-        if errors:
-            lines = [f"--- rank {r} ---\n{msg}" for r, msg in errors.items()]
-            raise WorkerError(
-                f"{len(errors)} of {cfg.nproc} ranks failed:\n" + "\n".join(lines).rstrip()
-            )
-        payload = reports[0][1]
-        failed = False
-    finally:
-        for p in procs:
-            if p.is_alive() and not failed:
-                p.join(timeout=10)  # reported already; only interpreter shutdown is left
-            if p.is_alive():
-                p.kill()  # a failed run: the healthy ranks would wait out the timeout
-                p.join()
-        shutil.rmtree(tmp, ignore_errors=True)
+    from normlab.distributed import launch
+
+    payload = launch(
+        _spawned_rank,
+        cfg.nproc,
+        cfg,
+        timeout=cfg.timeout,
+        on_report=None if on_step is None else (lambda rank, step: on_step(*step)),
+        # Not normlab.train itself: under `python -m normlab.train` the workers re-run it
+        # as __mp_main__, which must not find it imported already.
+        preload=("normlab", "sklearn.datasets"),
+    )[0]
     result = TrainResult(
         **{k: v for k, v in payload.items() if k in TrainResult.__dataclass_fields__}
     )
