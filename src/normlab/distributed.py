@@ -1,9 +1,10 @@
 """Statistics across ranks: the one place normlab talks to ``torch.distributed``.
 
-Everything here is a no-op on a single process (no initialised process group, or a group
-of size 1), so callers can use it unconditionally. It only uses torch's collectives
-(``all_gather_into_tensor``, ``all_reduce``), so it runs on every backend: gloo on CPU,
-NCCL on GPU, and any other registered backend.
+The statistics helpers are no-ops on a single process (no initialised process group, or a
+group of size 1), so callers can use them unconditionally. They only use torch's
+collectives (``all_gather_single``/``all_gather_into_tensor``, ``all_reduce``), so they
+run on every backend: gloo on CPU, NCCL on GPU, and any other registered backend.
+:func:`launch` runs a function on k local gloo processes (``normlab train``, experiments).
 
 Global moments (SyncBatchNorm, recalibration): each rank computes its local count, mean
 and sum of squared deviations M2 with the stable shifted two-pass scheme
@@ -24,15 +25,15 @@ channel count, a dtype code, the count) so ranks that disagree on the channel co
 dtype, or a rank whose input was rejected, produce the same :class:`SyncMismatchError` on
 every rank instead of wrong numbers; a layer tag in the header (SyncBatchNorm numbers its
 layers in order of first use) catches a rank that skipped a layer. Collectives of
-*different sizes* must never meet: gloo
-aborts the receiving process (``op.preamble.length <= op.nbytes``) and hands the other one
+*different sizes* must never meet: gloo aborts the receiving process (``op.preamble.length <= op.nbytes``) and hands the other one
 garbage. So the first synchronised call of a layer exchanges only the fixed-size header
 (a handshake, once per layer and process group); afterwards each direction is one
 collective. A rank that never arrives makes the others fail after the process group's
 timeout: ``init_process_group(..., timeout=datetime.timedelta(seconds=60))`` or
 ``new_group(..., timeout=...)``. Gloo applies it to every blocked send/receive
-("Timed out waiting 60000ms for recv operation to complete"); torch's default is 30 min
-(10 min for NCCL, enforced by its watchdog).
+("Timed out waiting 60000ms for recv operation to complete") and raises on the waiting
+rank. torch's default is 30 min (10 min for NCCL, where the timeout aborts the process
+asynchronously unless TORCH_NCCL_BLOCKING_WAIT is set).
 
 Reference: T. F. Chan, G. H. Golub, R. J. LeVeque, "Updating Formulae and a Pairwise
 Algorithm for Computing Sample Variances", Stanford CS tech. report STAN-CS-79-773, 1979.
@@ -49,7 +50,7 @@ from normlab.functional.engine import StatsSource
 from normlab.functional.stats import Moments, centered_moments, reduce_count, work_dtype
 
 # Header of every exchanged row: [MAGIC, status, channels, dtype code, count, tag].
-_MAGIC = 20150211.0  # arXiv id of Ioffe & Szegedy; a value no statistics row starts with
+_MAGIC = 20150211.0  # Ioffe & Szegedy's arXiv date; a value no foreign row starts with
 HEADER_LEN = 6
 STATUS_OK, STATUS_FAILED = 0.0, 1.0
 _DTYPE_CODES = {torch.float16: 1.0, torch.bfloat16: 2.0, torch.float32: 3.0, torch.float64: 4.0}
@@ -223,10 +224,9 @@ def all_gather_moments(
     if not is_distributed(group):
         return count, mean.double(), m2.double()
     status = STATUS_OK if ok else STATUS_FAILED
-    head = torch.tensor(
-        _header(status, mean.numel(), dtype or mean.dtype, count, tag), dtype=torch.float64
-    )
-    row = torch.cat([head, mean.double().cpu(), m2.double().cpu()]).to(mean.device)
+    head = _header(status, mean.numel(), dtype or mean.dtype, count, tag)
+    head = torch.tensor(head, dtype=torch.float64, device=mean.device)
+    row = torch.cat([head, mean.double(), m2.double()])  # on the input's device (NCCL: GPU)
     rows = _all_gather_rows(row, group)  # (k, HEADER_LEN + 2C)
     _check_headers(rows, where)
     c = mean.numel()
