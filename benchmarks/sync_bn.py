@@ -6,7 +6,9 @@
    BN layers, global batch 128) with ``--sync`` and ``--no-sync``, alternating runs.
 2. Per layer: median forward + backward time of one ``SyncBatchNorm`` vs the same layer
    without synchronisation (normlab ``BatchNorm``), input (64, 32, 8, 8) per rank.
-3. Collectives per layer per step, counted by wrapping ``torch.distributed``.
+3. normlab's own extra CPU work per layer: the synchronised path with the collectives
+   stubbed out (so the difference is computation, not communication or waiting).
+4. Collectives per layer per step, counted by wrapping ``torch.distributed``.
 
 Timings on a shared 2-core machine are noisy: the load average is printed with them.
 """
@@ -129,6 +131,47 @@ def _per_layer(iters: int) -> dict:
     return result
 
 
+def _cpu_overhead(iters: int) -> dict:
+    """normlab's own extra work per layer, communication excluded: the synchronised path
+    in one process with the collectives replaced by copies (a 1-rank "group")."""
+    from unittest import mock
+
+    import normlab as nl
+
+    def gather(out, row, group=None):
+        return out.copy_(row)
+
+    patches = [
+        mock.patch("normlab.distributed.is_distributed", lambda group=None: True),
+        mock.patch.object(dist, "get_world_size", lambda group=None: 1),
+        mock.patch.object(dist, "all_gather_single", gather, create=True),
+        mock.patch.object(dist, "all_reduce", lambda t, op=None, group=None: t),
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    result = {}
+    try:
+        for p in patches:
+            p.start()
+        for shape in ((64, 32, 8, 8), (16, 8, 4, 4)):
+            x = torch.randn(*shape, requires_grad=True)
+            dy = torch.randn_like(x)
+            layers = {"sync": nl.nn.SyncBatchNorm(shape[1]), "local": nl.nn.BatchNorm2d(shape[1])}
+            samples: dict[str, list[float]] = {"sync": [], "local": []}
+            for _ in range(iters):
+                for name, layer in layers.items():  # interleaved: same machine state
+                    t0 = time.perf_counter()
+                    layer(x).backward(dy)
+                    samples[name].append(time.perf_counter() - t0)
+            q = {k: 1e6 * sorted(v)[len(v) // 4] for k, v in samples.items()}  # lower quartile
+            result[str(shape)] = {**q, "overhead_us": q["sync"] - q["local"]}
+    finally:
+        for p in patches:
+            p.stop()
+        torch.set_num_threads(threads)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
@@ -144,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_before": load_before,
         "end_to_end": None if args.skip_train else _end_to_end(args.steps, args.repeats),
         "per_layer_us": _per_layer(args.iters),
+        "cpu_only_us": _cpu_overhead(args.iters),
         "load_average_after": os.getloadavg(),
     }
     if args.json:
@@ -165,6 +209,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"({p['overhead_us_p10']:+.0f}) µs; the two collectives alone "
             f"{p['collectives_only']:.0f} ({p['collectives_only_p10']:.0f}) µs"
         )
+        for shape, c in result["cpu_only_us"].items():
+            print(
+                f"normlab's own extra CPU work per layer {shape} (collectives stubbed, lower "
+                f"quartile): sync {c['sync']:.0f} µs, local {c['local']:.0f} µs, "
+                f"overhead {c['overhead_us']:+.0f} µs"
+            )
         print(f"collectives per layer, first step: {p['collectives_first_step']}")
         print(f"collectives per layer, later steps: {p['collectives_per_step']}")
     return result
