@@ -20,3 +20,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "normlab"))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def gloo_pools():
+    """Persistent gloo worker pools by world size: ``gloo_pools.get(2).run(fn, ...)``
+    (tests/distributed_helpers.py). Started on first use, shared by the session."""
+    from tests.distributed_helpers import PoolCache
+
+    cache = PoolCache()
+    yield cache
+    cache.close()

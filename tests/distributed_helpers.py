@@ -1,6 +1,6 @@
 """Run a function on k gloo ranks and collect every rank's result or exception.
 
-    with GlooPool(2) as pool:
+    with GlooPool(2) as pool:                  # or the session fixture: gloo_pools.get(2)
         results = pool.run(fn, arg)            # [fn(0, 2, arg), fn(1, 2, arg)]; raises if any rank failed
         outcomes = pool.run_raw(fn, arg)       # [Outcome(rank, ok, value, error, ...)] per rank
 
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["torch", "torch.distributed", "normlab"])
+# sklearn.datasets: the digits loader, which the training tests import in every worker.
+_CTX.set_forkserver_preload(["torch", "torch.distributed", "normlab", "sklearn.datasets"])
 
 
 @dataclass
@@ -186,6 +187,25 @@ class GlooPool:
 
     def __exit__(self, *exc) -> None:
         self.close(kill=self.broken)
+
+
+class PoolCache:
+    """One live :class:`GlooPool` per world size, shared by every test of a session (the
+    ``gloo_pools`` fixture); a pool killed by a timeout is replaced on the next request."""
+
+    def __init__(self) -> None:
+        self._pools: dict[int, GlooPool] = {}
+
+    def get(self, world_size: int) -> GlooPool:
+        pool = self._pools.get(world_size)
+        if pool is None or pool.broken:
+            pool = self._pools[world_size] = GlooPool(world_size)
+        return pool
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close(kill=pool.broken)
+        self._pools.clear()
 
 
 def short_timeout_group(seconds: float):

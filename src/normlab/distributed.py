@@ -1,9 +1,10 @@
 """Statistics across ranks: the one place normlab talks to ``torch.distributed``.
 
-Everything here is a no-op on a single process (no initialised process group, or a group
-of size 1), so callers can use it unconditionally. It only uses torch's collectives
-(``all_gather_into_tensor``, ``all_reduce``), so it runs on every backend: gloo on CPU,
-NCCL on GPU, and any other registered backend.
+The statistics helpers are no-ops on a single process (no initialised process group, or a
+group of size 1), so callers can use them unconditionally. They only use torch's
+collectives (``all_gather_single``/``all_gather_into_tensor``, ``all_reduce``), so they
+run on every backend: gloo on CPU, NCCL on GPU, and any other registered backend.
+:func:`launch` runs a function on k local gloo processes (``normlab train``, experiments).
 
 Global moments (SyncBatchNorm, recalibration): each rank computes its local count, mean
 and sum of squared deviations M2 with the stable shifted two-pass scheme
@@ -22,15 +23,17 @@ zero). Empty ranks contribute (0, 0, 0) and still take part in the collective.
 Faults. The exchanged rows start with a small header (a magic number, a status flag, the
 channel count, a dtype code, the count) so ranks that disagree on the channel count or
 dtype, or a rank whose input was rejected, produce the same :class:`SyncMismatchError` on
-every rank instead of wrong numbers. Collectives of *different sizes* must never meet: gloo
-aborts the receiving process (``op.preamble.length <= op.nbytes``) and hands the other one
+every rank instead of wrong numbers; a layer tag in the header (SyncBatchNorm numbers its
+layers in order of first use) catches a rank that skipped a layer. Collectives of
+*different sizes* must never meet: gloo aborts the receiving process (``op.preamble.length <= op.nbytes``) and hands the other one
 garbage. So the first synchronised call of a layer exchanges only the fixed-size header
 (a handshake, once per layer and process group); afterwards each direction is one
 collective. A rank that never arrives makes the others fail after the process group's
 timeout: ``init_process_group(..., timeout=datetime.timedelta(seconds=60))`` or
 ``new_group(..., timeout=...)``. Gloo applies it to every blocked send/receive
-("Timed out waiting 60000ms for recv operation to complete"); torch's default is 30 min
-(10 min for NCCL, enforced by its watchdog).
+("Timed out waiting 60000ms for recv operation to complete") and raises on the waiting
+rank. torch's default is 30 min (10 min for NCCL, where the timeout aborts the process
+asynchronously unless TORCH_NCCL_BLOCKING_WAIT is set).
 
 Reference: T. F. Chan, G. H. Golub, R. J. LeVeque, "Updating Formulae and a Pairwise
 Algorithm for Computing Sample Variances", Stanford CS tech. report STAN-CS-79-773, 1979.
@@ -46,9 +49,9 @@ import torch.distributed as dist
 from normlab.functional.engine import StatsSource
 from normlab.functional.stats import Moments, centered_moments, reduce_count, work_dtype
 
-# Header of every exchanged row: [MAGIC, status, channels, dtype code, count].
-_MAGIC = 20150211.0  # arXiv id of Ioffe & Szegedy; a value no statistics row starts with
-HEADER_LEN = 5
+# Header of every exchanged row: [MAGIC, status, channels, dtype code, count, tag].
+_MAGIC = 20150211.0  # Ioffe & Szegedy's arXiv date; a value no foreign row starts with
+HEADER_LEN = 6
 STATUS_OK, STATUS_FAILED = 0.0, 1.0
 _DTYPE_CODES = {torch.float16: 1.0, torch.bfloat16: 2.0, torch.float32: 3.0, torch.float64: 4.0}
 _DTYPE_NAMES = {v: str(k).removeprefix("torch.") for k, v in _DTYPE_CODES.items()}
@@ -98,8 +101,9 @@ def merge_moments(
     return total.squeeze(0), mean, m2
 
 
-def _header(status: float, channels: int, dtype: torch.dtype, count: int) -> list[float]:
-    return [_MAGIC, status, float(channels), _DTYPE_CODES.get(dtype, 0.0), float(count)]
+def _header(status: float, channels: int, dtype: torch.dtype, count: int, tag: int) -> list[float]:
+    code = _DTYPE_CODES.get(dtype, 0.0)
+    return [_MAGIC, status, float(channels), code, float(count), float(tag)]
 
 
 def _check_headers(rows: torch.Tensor, where: str) -> None:
@@ -115,6 +119,15 @@ def _check_headers(rows: torch.Tensor, where: str) -> None:
             f"{where}: rank(s) {foreign} answered this layer's statistics exchange with a "
             f"different collective. Every rank must run the same SyncBatchNorm layers in the "
             f"same order in each forward (a rank skipped this layer, or runs different code)."
+        )
+    tags = [int(h[5]) for h in head]
+    if len(set(tags)) > 1:
+        per_rank = ", ".join(f"rank {r}: #{t}" for r, t in enumerate(tags))
+        raise SyncMismatchError(
+            f"{where}: the ranks are at different SyncBatchNorm layers ({per_rank}, numbered "
+            f"in order of first use). Every rank must run the same layers in the same order "
+            f"in each forward: a rank skipped a layer (data-dependent control flow?) or the "
+            f"models differ."
         )
     failed = [r for r, h in enumerate(head) if h[1] != STATUS_OK]
     if failed:
@@ -158,16 +171,19 @@ def handshake(
     where: str = "handshake",
     ok: bool = True,
     device: torch.device | str | None = None,
+    tag: int = 0,
 ) -> None:
     """Agree on the channel count and dtype before the first statistics exchange.
 
     One all_gather of a fixed-size header, so it is safe even when the ranks disagree on
     the size of what they are about to exchange. ``ok=False`` announces that this rank's
-    input was rejected (the caller raises its own error afterwards). Raises
-    :class:`SyncMismatchError` on every rank when the headers disagree.
+    input was rejected (the caller raises its own error afterwards); ``tag`` identifies
+    the layer (the same on every rank). Raises :class:`SyncMismatchError` on every rank
+    when the headers disagree.
     """
     status = STATUS_OK if ok else STATUS_FAILED
-    row = torch.tensor(_header(status, channels, dtype, 0), dtype=torch.float64, device=device)
+    header = _header(status, channels, dtype, 0, tag)
+    row = torch.tensor(header, dtype=torch.float64, device=device)
     _check_headers(_all_gather_rows(row, group), where)
 
 
@@ -180,6 +196,7 @@ def all_gather_moments(
     dtype: torch.dtype | None = None,
     where: str = "all_gather_moments",
     ok: bool = True,
+    tag: int = 0,
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Global ``(N, mean, M2)`` from every rank's ``(count, mean, M2)``: ONE all_gather.
 
@@ -193,6 +210,8 @@ def all_gather_moments(
         where: name used in error messages.
         ok: False announces that this rank's input was rejected: the other ranks raise
             :class:`SyncMismatchError` instead of waiting.
+        tag: a small int naming the caller (a layer), equal on every rank; ranks that pass
+            different tags raise :class:`SyncMismatchError`.
 
     Returns:
         ``(N, mean, M2)``: the global count (int) and float64 ``(C,)`` tensors. On one
@@ -205,10 +224,9 @@ def all_gather_moments(
     if not is_distributed(group):
         return count, mean.double(), m2.double()
     status = STATUS_OK if ok else STATUS_FAILED
-    head = torch.tensor(
-        _header(status, mean.numel(), dtype or mean.dtype, count), dtype=torch.float64
-    )
-    row = torch.cat([head, mean.double().cpu(), m2.double().cpu()]).to(mean.device)
+    head = _header(status, mean.numel(), dtype or mean.dtype, count, tag)
+    head = torch.tensor(head, dtype=torch.float64, device=mean.device)
+    row = torch.cat([head, mean.double(), m2.double()])  # on the input's device (NCCL: GPU)
     rows = _all_gather_rows(row, group)  # (k, HEADER_LEN + 2C)
     _check_headers(rows, where)
     c = mean.numel()
@@ -219,28 +237,38 @@ def all_gather_moments(
 
 
 def all_reduce_checked(
-    sums: torch.Tensor, group=None, *, where: str = "all_reduce"
+    sums: torch.Tensor, group=None, *, where: str = "all_reduce", tag: int = 0
 ) -> torch.Tensor:
-    """Sum ``sums`` over the ranks in float64 (ONE all_reduce) with a magic-number check;
-    returns a new tensor of ``sums``' shape and dtype. A no-op on one process.
+    """Sum ``sums`` over the ranks in float64 (ONE all_reduce) with a check; returns a new
+    tensor of ``sums``' shape and dtype. A no-op on one process.
 
-    The magic number catches an all_reduce matched with another collective (a rank that
-    skipped a layer's backward): the sum of k magic numbers is k · magic only if all
-    ranks contributed one.
+    Three numbers ride along: a magic number, ``tag`` and ``tag²``. The sum of k magic
+    numbers is k · magic only if every rank contributed one (no rank is in a different
+    collective); Σ tag = k · tag and Σ tag² = k · tag² on a rank hold only if every rank
+    passed the same tag (the tags' variance is 0), so all ranks agree on the verdict.
     """
     if not is_distributed(group):
         return sums
-    flat = torch.cat([sums.new_tensor([_MAGIC], dtype=torch.float64), sums.double().reshape(-1)])
+    head = sums.new_tensor([_MAGIC, tag, tag * tag], dtype=torch.float64)
+    flat = torch.cat([head, sums.double().reshape(-1)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     world = dist.get_world_size(group)
-    if float(flat[0]) != world * _MAGIC:
+    magic, tag_sum, tag_sq = flat[:3].tolist()
+    if tag_sum != world * tag or tag_sq != world * tag * tag:
+        raise SyncMismatchError(
+            f"{where}: the ranks are in the backward of different SyncBatchNorm layers. Every "
+            f"rank must backpropagate through the same layers (a rank whose loss does not "
+            f"depend on a layer must still backpropagate through it, e.g. add "
+            f"0 * output.sum() to its loss)."
+        )
+    if magic != world * _MAGIC:
         raise SyncMismatchError(
             f"{where}: the backward all-reduce was matched with a different collective on "
             f"some rank. Every rank must backpropagate through the same SyncBatchNorm layers "
             f"(a rank whose loss does not depend on this layer still has to call backward "
             f"through it, e.g. with a loss of 0 · output.sum())."
         )
-    return flat[1:].view(sums.shape).to(sums.dtype)
+    return flat[3:].view(sums.shape).to(sums.dtype)
 
 
 def global_stats_source(
@@ -250,6 +278,7 @@ def global_stats_source(
     *,
     where: str = "SyncBatchNorm",
     handshake_first: bool = False,
+    tag: int = 0,
 ) -> tuple[StatsSource, int]:
     """Statistics of the global batch (the union of every rank's ``x``) for the engine.
 
@@ -265,6 +294,7 @@ def global_stats_source(
         where: name for error messages.
         handshake_first: exchange the fixed-size header alone first (the layer's first
             synchronised call), so ranks disagreeing on the channel count fail cleanly.
+        tag: names the layer, equal on every rank (see :func:`all_gather_moments`).
 
     Returns:
         ``(source, N)``: a :class:`StatsSource` whose ``stats`` broadcast against ``x``
@@ -276,7 +306,7 @@ def global_stats_source(
     shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
     channels = reduce_count(x.shape, [d for d in range(x.dim()) if d not in dims])
     if handshake_first:
-        handshake(channels, x.dtype, group, where=where, device=x.device)
+        handshake(channels, x.dtype, group, where=where, device=x.device, tag=tag)
     n_local = reduce_count(x.shape, dims)
     if n_local > 0:
         local, _ = centered_moments(x, dims)
@@ -284,10 +314,148 @@ def global_stats_source(
         m2 = local.var.double() * n_local
     else:
         mean = m2 = torch.zeros(shape, dtype=torch.float64, device=x.device)
-    n, gmean, gm2 = all_gather_moments(n_local, mean, m2, group, dtype=x.dtype, where=where)
+    n, gmean, gm2 = all_gather_moments(
+        n_local, mean, m2, group, dtype=x.dtype, where=where, tag=tag
+    )
     gmean = gmean.view(shape)
     shift = gmean.to(wd)
     delta = (gmean - shift.double()).to(wd)  # what float32 could not hold of the mean
     var = (gm2 / max(n, 1)).view(shape)  # float64: the engine takes 1/sqrt in float64
-    reduce_sums = partial(all_reduce_checked, group=group, where=where)
+    reduce_sums = partial(all_reduce_checked, group=group, where=where, tag=tag)
     return StatsSource(Moments(shift, delta, var), max(n, 1), reduce_sums), n
+
+
+# -- local multi-process runs -----------------------------------------------------------
+
+_REPORTS = None  # in a launched worker: the queue to the parent
+
+
+class WorkerError(RuntimeError):
+    """One or more launched ranks failed; the message holds every failing rank's error."""
+
+
+def report(obj) -> None:
+    """In a worker started by :func:`launch`: send ``obj`` (picklable) to the parent's
+    ``on_report(rank, obj)`` as it happens (progress, logs). A no-op elsewhere."""
+    if _REPORTS is not None:
+        _REPORTS.put((dist.get_rank(), "report", obj))
+
+
+def _launched(fn, rank: int, world: int, args: tuple, store: str, timeout: float, q) -> None:
+    import datetime
+    import os
+    import pickle
+    import traceback
+
+    global _REPORTS
+    _REPORTS = q
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dist.init_process_group(
+            "gloo",
+            store=dist.FileStore(store, world),
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        try:
+            value = fn(rank, world, *args)
+        finally:
+            dist.destroy_process_group()
+        q.put((rank, "ok", pickle.dumps(value)))
+    except BaseException as e:
+        q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def launch(
+    fn,
+    world_size: int,
+    *args,
+    timeout: float = 300.0,
+    on_report=None,
+    preload: tuple[str, ...] = ("normlab",),
+) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local processes joined in a
+    gloo process group; return their return values, rank by rank.
+
+    The group meets over a ``FileStore`` in a temporary directory (no port to pick) and
+    has ``timeout`` seconds as its collective timeout. Each worker uses
+    cpu_count // world_size threads. ``fn`` must be importable (a module-level function);
+    return values must pickle. Workers are forked from a forkserver that imports
+    ``preload`` once (about 1 s to start instead of about 3 s per spawned interpreter);
+    spawn where there is no forkserver.
+
+    Faults: if any rank raises (or dies), the others are given 2 s to report their own
+    errors — they are usually blocked in a collective — then killed, and
+    :class:`WorkerError` lists every failing rank's exception and traceback. A run never
+    outlives its process group's timeout by more than that.
+
+    ``on_report(rank, obj)`` receives, in this process, whatever a worker passes to
+    :func:`report`.
+    """
+    import multiprocessing as mp
+    import os
+    import pickle
+    import queue
+    import shutil
+    import tempfile
+    import time
+
+    if world_size < 1:
+        raise ValueError(f"launch: world_size must be at least 1, got {world_size}")
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        # Takes effect only if this process has not started its forkserver yet.
+        ctx.set_forkserver_preload(list(preload))
+    else:
+        ctx = mp.get_context("spawn")
+    tmp = tempfile.mkdtemp(prefix="normlab-launch-")
+    q = ctx.Queue()
+    store = os.path.join(tmp, "store")
+    procs = [
+        ctx.Process(
+            target=_launched, args=(fn, r, world_size, args, store, timeout, q), daemon=True
+        )
+        for r in range(world_size)
+    ]
+    done: dict[int, tuple[str, object]] = {}
+    failed = True
+    try:
+        for p in procs:
+            p.start()
+        first_error_at = None
+        while len(done) < world_size:
+            try:
+                rank, kind, payload = q.get(timeout=0.5)
+                if kind == "report":
+                    if on_report is not None:
+                        on_report(rank, payload)
+                    continue
+                done[rank] = (kind, payload)
+                if kind == "error" and first_error_at is None:
+                    first_error_at = time.monotonic()
+            except queue.Empty:
+                pass
+            dead = [r for r, p in enumerate(procs) if r not in done and p.exitcode is not None]
+            if dead and q.empty():
+                for r in dead:
+                    done[r] = ("error", f"exited with code {procs[r].exitcode} without a report")
+                first_error_at = first_error_at or time.monotonic()
+            # After a failure the healthy ranks are blocked in a collective until the
+            # group's timeout; give them a moment to report their own errors, then stop.
+            if first_error_at is not None and time.monotonic() - first_error_at > 2.0:
+                break
+        errors = {r: msg for r, (kind, msg) in sorted(done.items()) if kind == "error"}
+        if errors:
+            lines = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in errors.items())
+            raise WorkerError(f"{len(errors)} of {world_size} ranks failed:\n{lines.rstrip()}")
+        failed = False
+        return [pickle.loads(done[r][1]) for r in range(world_size)]
+    finally:
+        for p in procs:
+            if p.is_alive() and not failed:
+                p.join(timeout=10)  # reported already; only interpreter shutdown is left
+            if p.is_alive():
+                p.kill()  # a failed run: the healthy ranks would wait out the timeout
+                p.join()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -14,24 +14,23 @@ import torch
 import torch.distributed as dist
 
 import normlab as nl
+from normlab.distributed import SyncMismatchError
 from tests import reference as ref
-from tests.distributed_helpers import GlooPool, short_timeout_group
+from tests.distributed_helpers import short_timeout_group
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
 LR = 0.1
 
 
-@pytest.fixture(scope="module")
-def pool2():
-    with GlooPool(2) as pool:
-        yield pool
+@pytest.fixture
+def pool2(gloo_pools):
+    return gloo_pools.get(2)
 
 
-@pytest.fixture(scope="module")
-def pool3():
-    with GlooPool(3) as pool:
-        yield pool
+@pytest.fixture
+def pool3(gloo_pools):
+    return gloo_pools.get(3)
 
 
 # --------------------------------------------------------------------------------------
@@ -435,6 +434,27 @@ def test_ranks_that_disagree_fail_on_every_rank(pool2, kind, after_first):
     assert pool2.run(_one_sample_worker, [1, 1])[0]["y"].shape == (1, 3)
 
 
+def _retry_after_rejected_input_worker(rank: int, world: int) -> list[str]:
+    layer = nl.nn.SyncBatchNorm(3)
+    seen = []
+    for bad_rank in (1, None, 0, None):  # a rejected first call, a good one, again
+        x = torch.randn(4, 5 if rank == bad_rank else 3)
+        try:
+            layer(x)
+            seen.append("ok")
+        except (ValueError, SyncMismatchError) as e:
+            seen.append(type(e).__name__)
+    return seen
+
+
+def test_a_layer_keeps_working_after_a_rejected_input(pool2):
+    # The handshake state must stay identical on every rank whatever failed, or the next
+    # call would pair collectives of different sizes (a gloo abort, not an error).
+    got = pool2.run(_retry_after_rejected_input_worker, timeout=30)
+    assert got[0] == ["SyncMismatchError", "ok", "ValueError", "ok"]
+    assert got[1] == ["ValueError", "ok", "SyncMismatchError", "ok"]
+
+
 def _backward_mismatch_worker(rank: int, world: int) -> str:
     from normlab.distributed import all_reduce_checked
 
@@ -442,7 +462,7 @@ def _backward_mismatch_worker(rank: int, world: int) -> str:
     if rank == 0:
         all_reduce_checked(sums, where="test")
     else:
-        dist.all_reduce(torch.zeros(5, dtype=torch.float64))  # some other collective
+        dist.all_reduce(torch.zeros(7, dtype=torch.float64))  # another collective, same size
     return "no error"
 
 
@@ -526,3 +546,92 @@ def test_convert_shares_state_and_reverts():
     torch.testing.assert_close(back(x), y)
     single = nl.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm1d(2))
     assert isinstance(single, nl.nn.SyncBatchNorm)
+
+
+# --------------------------------------------------------------------------------------
+# Non-finite statistics, half precision, and why torch's own cannot do this
+
+
+def _nonfinite_worker(rank: int, world: int, policy: str) -> dict:
+    import warnings
+
+    layer = nl.nn.SyncBatchNorm(3, nonfinite=policy)
+    x = torch.randn(4, 3)
+    if rank == 1:
+        x[0, 1] = float("nan")  # one bad value on one rank poisons the global statistics
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        try:
+            layer(x)
+        except FloatingPointError as e:
+            return {"error": str(e), "tracked": int(layer.num_batches_tracked)}
+    return {
+        "finite": bool(torch.isfinite(layer.running_mean).all()),
+        "tracked": int(layer.num_batches_tracked),
+    }
+
+
+def test_nonfinite_policy_acts_on_the_global_statistics_on_every_rank(pool2):
+    for got in pool2.run(_nonfinite_worker, "skip"):
+        assert got == {"finite": True, "tracked": 0}
+    for got in pool2.run(_nonfinite_worker, "raise"):
+        assert "not finite" in got["error"] and got["tracked"] == 0
+    for got in pool2.run(_nonfinite_worker, "propagate"):
+        assert got == {"finite": False, "tracked": 1}
+
+
+def _half_and_torch_worker(rank: int, world: int) -> dict:
+    x = torch.randn(6, 4, 5, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    local = x[:2] if rank == 0 else x[2:]  # sizes 2 and 4
+    ours = nl.nn.SyncBatchNorm(4)
+    y = ours(local)
+    try:
+        torch.nn.SyncBatchNorm(4)(local.float())
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    return {"y": y, "refused": refused, "running_var": ours.running_var}
+
+
+def test_bfloat16_matches_one_process_and_torch_refuses_cpu(pool2):
+    got = pool2.run(_half_and_torch_worker)
+    x = torch.randn(6, 4, 5, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    one = nl.nn.BatchNorm1d(4)
+    y = one(x)
+    torch.testing.assert_close(torch.cat([got[0]["y"], got[1]["y"]]), y)
+    for g in got:
+        assert g["y"].dtype == torch.bfloat16
+        torch.testing.assert_close(g["running_var"], one.running_var)
+        assert "GPU" in g["refused"]  # torch.nn.SyncBatchNorm on CPU: the reason this exists
+
+
+def _skipped_layer_worker(rank: int, world: int, skip_step: int) -> list[str]:
+    a, b = nl.nn.SyncBatchNorm(3), nl.nn.SyncBatchNorm(3)  # same width: same sizes
+    seen = []
+    for step in range(3):
+        x = torch.randn(4, 3, requires_grad=True)
+        try:
+            h = x if (rank == 1 and step == skip_step) else a(x)  # rank 1 skips `a` once
+            b(h).sum().backward()
+            seen.append("ok")
+        except SyncMismatchError as e:
+            seen.append("layers" if "different SyncBatchNorm layers" in str(e) else str(e))
+            break
+    return seen
+
+
+def test_a_rank_that_skips_a_layer_fails_on_every_rank(pool2):
+    got = pool2.run(_skipped_layer_worker, 1, timeout=30)
+    assert got == [["ok", "layers"], ["ok", "layers"]]
+
+
+def _backward_tags_worker(rank: int, world: int) -> str:
+    from normlab.distributed import all_reduce_checked
+
+    all_reduce_checked(torch.ones(2, 3), tag=4 + rank, where="test")  # layers #4 and #5
+    return "no error"
+
+
+def test_backward_all_reduce_detects_different_layers_on_every_rank(pool2):
+    for o in pool2.run_raw(_backward_tags_worker, timeout=30):
+        assert o.error_type == "SyncMismatchError" and "different SyncBatchNorm" in o.message

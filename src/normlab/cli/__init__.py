@@ -15,6 +15,7 @@ from normlab.cli import _output
 from normlab.cli.demo import demo
 from normlab.cli.report import report
 from normlab.cli.run import run
+from normlab.cli.train import train
 
 app = typer.Typer(
     name="normlab",
@@ -45,6 +46,7 @@ def _root(
 app.command("demo")(demo)
 app.command("run")(run)
 app.command("report")(report)
+app.command("train")(train)
 
 
 def main(argv: list[str] | None = None) -> None:

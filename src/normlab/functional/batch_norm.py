@@ -174,6 +174,12 @@ def _batch_norm(
         source, n = source_fn(input, dims)  # every rank gets the same n: all raise or none
     else:
         n = reduce_count(input.shape, dims)
+    if n == 1 and source is not None:
+        raise ValueError(
+            f"{where}: expected more than 1 value per channel when training, but the global "
+            f"batch across all ranks has only one (this rank's input: {list(input.shape)}). "
+            f"Use larger per-rank batches, or eval mode to use the running statistics."
+        )
     if n == 1:
         raise _checks.one_value_per_channel_error(tuple(input.shape), where)
     y, mean, var = normalize_batch(

@@ -16,6 +16,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from normlab import distributed
 from normlab.nn.batchnorm import BatchNorm, _NormlabBatchNorm
 
+# Layers are numbered per process group in the order of their first synchronised call;
+# the number rides in every exchange, so a rank that skips a layer (data-dependent control
+# flow) meets a different number and every rank raises, instead of merging statistics of
+# two different layers. Keyed by _group_key(); values: the next number to hand out.
+_NEXT_TAG: dict[tuple, int] = {}
+
 
 class SyncBatchNorm(_NormlabBatchNorm):
     """Batch normalization with the statistics of the global batch across ranks.
@@ -28,8 +34,8 @@ class SyncBatchNorm(_NormlabBatchNorm):
     and the running statistics are updated from μ_global and the unbiased
     σ²_global · N/(N − 1), N the global count, so they are identical on every rank. The
     backward is the exact gradient of that global computation. Communication per layer
-    and step: ONE all_gather in forward (per rank: a 5-number header, then the count, the
-    mean and the sum of squared deviations M2, merged with Chan et al.'s parallel formula
+    and step: ONE all_gather in forward (per rank: a 6-number header, then the mean and
+    the sum of squared deviations M2, merged with Chan et al.'s parallel formula
     in float64 — stable for ranks of very different sizes and scales) and ONE all_reduce in
     backward (Σ dy·γ and Σ dy·γ·x̂, float64). The first synchronised forward of a layer
     also exchanges the fixed-size header alone (a handshake) so that ranks that disagree
@@ -42,11 +48,17 @@ class SyncBatchNorm(_NormlabBatchNorm):
     norm, no collective. Every rank must run (and backpropagate through) the same
     SyncBatchNorm layers in the same order, as with torch's.
 
-    Faults: ranks that disagree on the channel count or the input dtype, or a rank whose
-    input is rejected (wrong shape), raise :class:`normlab.distributed.SyncMismatchError`
-    on every rank. A rank that never arrives makes the others fail after the process
-    group's timeout — set it with ``init_process_group(..., timeout=timedelta(...))`` or
-    ``new_group(..., timeout=...)`` (torch's default is 30 minutes).
+    Faults: ranks that disagree on the channel count or the input dtype, a rank whose
+    input is rejected (wrong shape), and — after the first step — a rank that skips a
+    layer (layers are numbered in order of first use and the number is exchanged) raise
+    :class:`normlab.distributed.SyncMismatchError` on every rank. A rank that never
+    arrives makes the others fail after the process group's timeout — set it with
+    ``init_process_group(..., timeout=timedelta(...))`` or ``new_group(..., timeout=...)``
+    (torch's default is 30 minutes). Not caught: a rank that skips a layer on its very
+    first call while the next layer has the same channel count (the numbering is then
+    shifted consistently), and a skip between layers of different widths, where the
+    exchanged sizes differ and gloo itself aborts ("Received data size doesn't match
+    expected size"); both still end in an error or the timeout, never a silent hang.
 
     Args: those of :class:`torch.nn.SyncBatchNorm` (``num_features, eps=1e-5,
     momentum=0.1, affine=True, track_running_stats=True, process_group=None, device=None,
@@ -102,6 +114,7 @@ class SyncBatchNorm(_NormlabBatchNorm):
         self._channel_dim = channel_dim
         self.process_group = process_group
         self._handshaken: tuple | None = None  # the group this layer has agreed shapes with
+        self._tag = 0  # this layer's number in that group (see _NEXT_TAG)
 
     @property
     def channel_dim(self) -> int:
@@ -121,43 +134,63 @@ class SyncBatchNorm(_NormlabBatchNorm):
         return self.training and distributed.is_distributed(self.process_group)
 
     def _group_key(self) -> tuple:
-        return (id(self.process_group), torch.distributed.get_world_size(self.process_group))
+        # The default group resolved to its object: a re-initialised default group is a new
+        # group and gets a new handshake.
+        group = self.process_group or torch.distributed.GroupMember.WORLD
+        return (id(group), torch.distributed.get_world_size(self.process_group))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._sync_active():
             return super().forward(input)
         where = type(self).__name__
-        first = self._handshaken != self._group_key()
+        key = self._group_key()
+        first = self._handshaken != key
+        tag = _NEXT_TAG.get(key, 0) if first else self._tag
         try:
             self._check_input_dim(input)
         except (TypeError, ValueError):
             # Tell the other ranks before raising, so they fail now instead of waiting for
             # this rank until the process group times out.
-            self._announce_failure(first, input, where)
+            self._announce_failure(first, tag, input, where)
             raise
         if first:
-            self._handshaken = self._group_key()
+            distributed.handshake(
+                self.num_features,
+                input.dtype,
+                self.process_group,
+                where=where,
+                device=input.device,
+                tag=tag,
+            )
+            # Only after it succeeded on every rank: a failed handshake is retried next call
+            # by every rank alike, so the ranks never disagree on whether one is due.
+            self._handshaken, self._tag = key, tag
+            _NEXT_TAG[key] = tag + 1
         source_fn = partial(
-            distributed.global_stats_source,
-            group=self.process_group,
-            where=where,
-            handshake_first=first,
+            distributed.global_stats_source, group=self.process_group, where=where, tag=tag
         )
         return self._forward_with(input, source_fn)
 
-    def _announce_failure(self, first: bool, input: torch.Tensor, where: str) -> None:
+    def _announce_failure(self, first: bool, tag: int, input: torch.Tensor, where: str) -> None:
         dtype = input.dtype if isinstance(input, torch.Tensor) else torch.float32
         device = input.device if isinstance(input, torch.Tensor) else None
         c = self.num_features
         try:
             if first:
                 distributed.handshake(
-                    c, dtype, self.process_group, where=where, ok=False, device=device
+                    c, dtype, self.process_group, where=where, ok=False, device=device, tag=tag
                 )
             else:
                 zeros = torch.zeros(c, dtype=torch.float64, device=device)
                 distributed.all_gather_moments(
-                    0, zeros, zeros, self.process_group, dtype=dtype, where=where, ok=False
+                    0,
+                    zeros,
+                    zeros,
+                    self.process_group,
+                    dtype=dtype,
+                    where=where,
+                    ok=False,
+                    tag=tag,
                 )
         except distributed.SyncMismatchError:
             pass  # expected: our own failure flag; the caller raises the real error
