@@ -13,6 +13,7 @@ import typer
 
 from normlab.cli import _output
 from normlab.cli.demo import demo
+from normlab.cli.diagnose import diagnose
 
 app = typer.Typer(
     name="normlab",
@@ -41,6 +42,7 @@ def _root(
 
 
 app.command("demo")(demo)
+app.command("diagnose")(diagnose)
 
 
 def main(argv: list[str] | None = None) -> None:

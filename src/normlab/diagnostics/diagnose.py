@@ -6,8 +6,9 @@ first in the order exploding, dead, saturated, vanishing, healthy):
 - *exploding*: a non-finite gradient, or ‖∂L/∂W‖/‖W‖ above ``exploding_ratio`` (1e3) times
   that of the output-side reference layer;
 - *dead*: more than ``dead_threshold`` (50 %) of a ReLU layer's units never positive;
-- *saturated*: more than ``saturated_threshold`` (50 %) of a sigmoid/tanh layer's inputs
-  beyond the saturation bound (|z| > 5 for the sigmoid, seed 000);
+- *saturated*: more than ``saturated_threshold`` (25 %) of a sigmoid/tanh layer's inputs
+  beyond the saturation bound (|z| > 5 for the sigmoid, seed 000) — a quarter of the
+  units passing back ~no gradient on every sample is already a crippled layer;
 - *vanishing*: ‖∂L/∂W‖/‖W‖ below ``vanishing_ratio`` (1e-3) times the reference layer's.
 
 The reference layer is the last weight layer in forward order (the output layer): its
@@ -115,9 +116,10 @@ def recommend(layers: list[LayerVerdict], flow: FlowResult) -> list[str]:
         acts = sorted({preact[lv.name].activation for lv in by["saturated"] if preact[lv.name]})
         act = "/".join(acts) or "activation"
         recs.append(
-            f"Insert BatchNorm before the {act} in {_word(d)} {layer_ranges(d)}: their inputs sit "
-            f"in the flat tails where the derivative is ~0 (seed 000's failure); normalization "
-            f"pulls each batch back to mean 0, variance 1."
+            f"Insert BatchNorm before the {act} in {_word(d)} {layer_ranges(d)}: "
+            f"{'its' if len(set(d)) == 1 else 'their'} inputs sit in the flat tails where the "
+            f"derivative is ~0 (seed 000's failure); normalization pulls each batch back to "
+            f"mean 0, variance 1."
         )
     if by["dead"]:
         d = [lv.depth for lv in by["dead"]]
@@ -150,7 +152,7 @@ def diagnose(
     *,
     training: bool | None = None,
     saturation_threshold: float = 5.0,
-    saturated_threshold: float = 0.5,
+    saturated_threshold: float = 0.25,
     dead_threshold: float = 0.5,
     vanishing_ratio: float = 1e-3,
     exploding_ratio: float = 1e3,
