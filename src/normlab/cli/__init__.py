@@ -14,6 +14,8 @@ import typer
 from normlab.cli import _output
 from normlab.cli.demo import demo
 from normlab.cli.diagnose import diagnose
+from normlab.cli.report import report
+from normlab.cli.run import run
 
 app = typer.Typer(
     name="normlab",
@@ -42,13 +44,18 @@ def _root(
 
 
 app.command("demo")(demo)
+app.command("run")(run)
+app.command("report")(report)
 app.command("diagnose")(diagnose)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script and ``python -m normlab``."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode click returns (not raises) a typer.Exit's code.
+        code = app(args=argv, standalone_mode=False)
+        if type(code) is int and code != 0:  # not a bool or other value a command returned
+            sys.exit(code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

@@ -19,6 +19,12 @@ VERDICTS: tuple[str, ...] = ("holds", "fails", "inconclusive")
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], message)
 
 
+def notify(progress: Progress | None, fraction: float, message: str = "") -> None:
+    """Call ``progress`` if there is one (experiments call this instead of checking None)."""
+    if progress is not None:
+        progress(min(max(float(fraction), 0.0), 1.0), message)
+
+
 @dataclass
 class Line:
     """One curve: x and y values of equal length; ``style`` is a matplotlib format string."""
@@ -61,6 +67,10 @@ class Result:
         notes: anything the reader should know (e.g. why inconclusive).
         config: the config the run used (``dataclasses.asdict``).
         seconds: wall time of the run.
+        seed_says: what the seed document says (from :attr:`Experiment.seed_says`), so the
+            report can be redrawn from ``results.json`` alone.
+        error: if ``run`` raised, the exception (type and message); the verdict is then
+            'inconclusive'.
     """
 
     id: str
@@ -77,6 +87,8 @@ class Result:
     notes: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    seed_says: str = ""
+    error: str = ""
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -107,12 +119,17 @@ class Experiment:
     reference: ClassVar[str]
     seed_says: ClassVar[str] = ""  # what the seed document says, for the report
     Config: ClassVar[type]
+    # Field overrides that turn the default Config into the quick one (seconds, for tests);
+    # subclasses either set this or override :meth:`quick_config`.
+    quick_overrides: ClassVar[dict[str, Any]] = {}
 
     def default_config(self, seed: int = 0):
         return self.Config(seed=seed)
 
     def quick_config(self, seed: int = 0):
-        raise NotImplementedError
+        if self.quick_overrides:
+            return dataclasses.replace(self.default_config(seed), **self.quick_overrides)
+        raise NotImplementedError(f"{type(self).__name__} defines no quick configuration")
 
     def run(self, config, progress: Progress | None = None) -> Result:
         raise NotImplementedError
@@ -124,6 +141,24 @@ class Experiment:
             claim=self.claim,
             source=self.source,
             reference=fields.pop("reference", self.reference),
+            seed_says=fields.pop("seed_says", self.seed_says),
             config=dataclasses.asdict(config),
+            **fields,
+        )
+
+    def needs(self, config, what: str, *, rule: str, setup: str = "", **fields) -> Result:
+        """The honest result when a feature this experiment needs does not exist yet:
+        'inconclusive', measured 'needs <what>' — never a made-up number."""
+        notes = fields.pop("notes", "")
+        return self.result(
+            config,
+            verdict="inconclusive",
+            rule=rule,
+            measured=f"needs {what}",
+            setup=setup,
+            notes=(
+                f"Not measured: this experiment needs {what}, which this build of normlab "
+                f"does not have yet. " + notes
+            ).strip(),
             **fields,
         )

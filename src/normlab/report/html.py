@@ -22,17 +22,23 @@ pre{background:#f6f8fa;padding:.6em;overflow-x:auto}
 """
 
 
+_VERDICTS = ("holds", "fails", "inconclusive")
+
+
 def escape(text: object) -> str:
     """HTML-escape any value's string form (quotes included)."""
     return html.escape(str(text), quote=True)
 
 
 def figure_data_uri(fig, *, dpi: int = 110) -> str:
-    """Render a matplotlib figure to a ``data:image/png;base64,...`` URI and close it."""
+    """Render a matplotlib figure to a ``data:image/png;base64,...`` URI and close it.
+
+    The PNG carries no metadata (no 'Software' version string), so the same figure gives
+    the same bytes, and a report re-rendered from its JSON is byte-identical."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -53,12 +59,26 @@ class Page:
         self.parts.append(f"<p{cls}>{escape(text)}</p>")
 
     def verdict(self, verdict: str, text: str = "") -> None:
-        v = verdict if verdict in ("holds", "fails", "inconclusive") else "inconclusive"
+        v = verdict if verdict in _VERDICTS else "inconclusive"
         self.parts.append(f'<p><span class="{v}">{escape(verdict)}</span> {escape(text)}</p>')
 
-    def table(self, header: list[str], rows: list[list[object]], first_left: bool = True) -> None:
+    def table(
+        self,
+        header: list[str],
+        rows: list[list[object]],
+        first_left: bool = True,
+        *,
+        verdict_column: int | None = None,
+    ) -> None:
+        """A table; cells of ``verdict_column`` holding a verdict are coloured like one."""
+
         def cell(tag: str, value: object, i: int) -> str:
-            cls = ' class="l"' if first_left and i == 0 else ""
+            classes = []
+            if first_left and i == 0:
+                classes.append("l")
+            if tag == "td" and i == verdict_column and value in _VERDICTS:
+                classes.append(str(value))
+            cls = f' class="{" ".join(classes)}"' if classes else ""
             return f"<{tag}{cls}>{escape(value)}</{tag}>"
 
         head = "".join(cell("th", h, i) for i, h in enumerate(header))
@@ -72,6 +92,12 @@ class Page:
 
     def preformatted(self, text: str) -> None:
         self.parts.append(f"<pre>{escape(text)}</pre>")
+
+    def details(self, summary: str, text: str) -> None:
+        """Preformatted text folded under a clickable summary (no script needed)."""
+        self.parts.append(
+            f"<details><summary>{escape(summary)}</summary><pre>{escape(text)}</pre></details>"
+        )
 
     def render(self) -> str:
         return (

@@ -1,0 +1,33 @@
+"""Seed 003's worked example: the claim as stated fails (the seed's x̂ ends are wrong); the
+layer gives the correct values, identical in three implementations."""
+
+import pytest
+
+from normlab.experiments.worked_example import SEED_Y, formula
+
+
+def test_verdict_is_fails_with_the_corrected_values(quick_result):
+    r = quick_result("worked-example")
+    assert r.verdict == "fails"
+    m = r.metrics
+    assert m["mean"] == 2.5 and m["var"] == 1.25
+    expected = [-1.683, 0.106, 1.894, 3.683]
+    for key in ("y_formula", "y_normlab", "y_torch"):
+        assert m[key] == pytest.approx(expected, abs=5e-4), key
+    assert m["y_normlab"] == pytest.approx(m["y_formula"], abs=1e-12)
+    assert m["y_torch"] == pytest.approx(m["y_formula"], abs=1e-12)
+    assert m["y_normlab_float32"] == pytest.approx(m["y_formula"], abs=1e-6)
+    # the middle values and μ, σ² of the seed hold; only the ends are wrong, by 0.447
+    assert m["wrong_in_seed"] == ["x̂_1", "x̂_4", "y_1", "y_4"]
+    assert m["max_abs_diff_seed"] == pytest.approx(2 * (1.5 / 1.25**0.5 - 1.25**0.5), abs=1e-3)
+    assert "y = [-1.683, 0.106, 1.894, 3.683]" == r.measured
+    assert "1.342" in r.notes
+
+
+def test_the_seed_is_consistent_with_its_own_wrong_x_hat():
+    # the slip is x̂ = ±σ at the ends; y = 2·x̂ + 1 is then computed correctly
+    _, var, x_hat, _ = formula((1.0, 2.0, 3.0, 4.0), 2.0, 1.0, 0.0)
+    assert x_hat[0] == pytest.approx(-1.3416407865, abs=1e-10)
+    assert [2 * v + 1 for v in (-(var**0.5), -0.447, 0.447, var**0.5)] == pytest.approx(
+        list(SEED_Y), abs=5e-4
+    )
