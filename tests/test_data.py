@@ -68,7 +68,7 @@ def test_load_mnist_idx_errors(tmp_path):
     ip, lp = tmp_path / "images", tmp_path / "labels"
     _write_idx(ip, 0x00000803, np.zeros((4, 2, 2)))
     _write_idx(lp, 0x00000801, np.zeros(3))
-    with pytest.raises(ValueError, match="4 images .* but 3 labels"):
+    with pytest.raises(ValueError, match=r"4 images .* but 3 labels"):
         data.load_mnist_idx(ip, lp)
     with pytest.raises(ValueError, match=r"magic number 0x00000801, expected 0x00000803.*swapped"):
         data.load_mnist_idx(lp, ip)
@@ -135,7 +135,7 @@ def test_load_cifar10_errors_and_refuses_code(tmp_path):
             return (print, ("pwned",))
 
     p.write_bytes(pickle.dumps({b"data": Evil()}))
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load builtins\.print"):
         data.load_cifar10_batches([p])
     with pytest.raises(ValueError, match="paths is empty"):
         data.load_cifar10_batches([])

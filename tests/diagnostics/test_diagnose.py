@@ -65,7 +65,10 @@ def test_dead_relu_and_exploding(batch):
         model[0].bias.fill_(0.0)
         model[0].weight.mul_(1e-6)
     d = D.diagnose(model, batch)
-    assert d.layers[0].verdict == "exploding" and "Gradients explode in layer 1" in d.recommendations[0]
+    assert (
+        d.layers[0].verdict == "exploding"
+        and "Gradients explode in layer 1" in d.recommendations[0]
+    )
 
 
 def test_layer_ranges_and_bad_thresholds(batch):

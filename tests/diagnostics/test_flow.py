@@ -177,7 +177,7 @@ def test_preactivations_and_unit_percentiles():
 
 
 def test_bad_arguments():
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         D.GradientFlow("not a model")
     with pytest.raises(ValueError, match="saturation_threshold"):
         D.GradientFlow(nn.Linear(1, 1), saturation_threshold=0)
