@@ -50,6 +50,7 @@ from torch import nn
 
 from normlab import data
 from normlab.diagnostics import FlowResult, gradient_flow, preactivations
+from normlab.diagnostics.flow import quantiles
 
 Progress = Callable[[float, str], None]
 
@@ -222,8 +223,9 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _unit_trace(model, x, layer_name: str, unit: int) -> list[float]:
-    z = preactivations(model, x, training=True)[layer_name][:, unit].double()
-    return torch.quantile(z, torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64)).tolist()
+    return quantiles(
+        preactivations(model, x, training=True)[layer_name][:, unit], (0.15, 0.5, 0.85)
+    )
 
 
 def _train(

@@ -59,6 +59,7 @@ def test_two_layer_numbers_match_hand_computation():
     assert first.grad_weight_ratio == pytest.approx(np.linalg.norm(dw1) / n1, rel=1e-12)
     assert first.input_grad_norm is None  # the network input does not require grad
     assert second.input_grad_norm == pytest.approx(np.linalg.norm(da), rel=1e-12)
+    assert second.input_grad_rms == pytest.approx(np.linalg.norm(da) / np.sqrt(da.size))
     p = first.preact
     assert p.activation == "sigmoid" and p.count == 12 and p.num_units == 3
     assert p.mean == pytest.approx(z.mean()) and p.std == pytest.approx(z.std())
@@ -130,6 +131,8 @@ def test_gradient_flow_leaves_state_and_grad_untouched():
     assert state_snapshot(model) == before
     assert [lf.kind for lf in r.layers] == ["Linear", "BatchNorm1d", "Linear"]
     assert [lf.depth for lf in r.layers] == [1, 1, 2]
+    assert all(lf.input_grad_norm > 0 for lf in r.layers)  # the network input included
+    assert not x.requires_grad
     # BN in training mode: its output (the sigmoid input) has batch mean 0, variance ~1
     bn = model[1]
     p = r.layers[1].preact

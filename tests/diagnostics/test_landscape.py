@@ -23,7 +23,7 @@ def test_quadratic_loss_closed_form():
     assert probe.step_sizes == pytest.approx([0.1, 0.2, 0.8])
     # L(θ − s g) = L − s‖g‖² + s²/2 gᵀHg and ∇L(θ − s g) − ∇L(θ) = −s H g, exactly
     gg, ghg, hg = float(g @ g), float(g @ h @ g), float((h @ g).norm())
-    expected = [float(loss) - s * gg + s * s / 2 * ghg for s in probe.step_sizes]
+    expected = [float(loss.detach()) - s * gg + s * s / 2 * ghg for s in probe.step_sizes]
     assert probe.losses == pytest.approx(expected, rel=1e-10)
     assert probe.grad_changes == pytest.approx([s * hg for s in probe.step_sizes], rel=1e-10)
     assert probe.loss_range == pytest.approx(max(expected) - min(expected), rel=1e-8)

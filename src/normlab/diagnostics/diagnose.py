@@ -3,18 +3,23 @@
 Verdict rules (each a keyword argument; a layer can trip several, the verdict is the
 first in the order exploding, dead, saturated, vanishing, healthy):
 
-- *exploding*: a non-finite gradient, or ‖∂L/∂W‖/‖W‖ above ``exploding_ratio`` (1e3) times
-  that of the output-side reference layer;
+- *exploding*: a non-finite gradient, or a back-propagated gradient (below) more than
+  ``exploding_ratio`` (1e3) times the output layer's;
 - *dead*: more than ``dead_threshold`` (50 %) of a ReLU layer's units never positive;
 - *saturated*: more than ``saturated_threshold`` (25 %) of a sigmoid/tanh layer's inputs
   beyond the saturation bound (|z| > 5 for the sigmoid, seed 000) — a quarter of the
   units passing back ~no gradient on every sample is already a crippled layer;
-- *vanishing*: ‖∂L/∂W‖/‖W‖ below ``vanishing_ratio`` (1e-3) times the reference layer's.
+- *vanishing*: a back-propagated gradient below ``vanishing_ratio`` (1e-3) times the
+  output layer's.
 
-The reference layer is the last weight layer in forward order (the output layer): its
-gradient has not been through any activation's derivative yet, so the ratio against it
-measures how much the backward pass attenuated (or amplified) the signal on its way down.
-Relative gradients ‖∂L/∂W‖/‖W‖ make layers of different widths and scales comparable.
+The back-propagated gradient of a weight layer (Linear/Conv) is the per-element RMS of
+∂L/∂x at its input, ``input_grad_rms``: the signal the backward pass delivers there, whose
+decay from the output layer down *is* the vanishing gradient (Glorot & Bengio 2010,
+Fig. 7). The output layer's has been through no activation derivative yet, so it is the
+reference. Unlike ‖∂L/∂W‖/‖W‖, this does not shrink when a normalization layer follows a
+layer with large weights (BN makes the layer scale-invariant: ∂L/∂W ∝ 1/‖W‖), which
+would mislabel a healthy BN network as vanishing. Normalization layers get the
+activation-based verdicts only.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ class LayerVerdict:
         name, kind, depth: as in :class:`normlab.diagnostics.LayerFlow`.
         verdict: the most severe problem found, or 'healthy'.
         problems: every rule the layer tripped, most severe first.
-        relative_grad: ‖∂L/∂W‖/‖W‖ ÷ the reference layer's (None without a weight gradient).
+        relative_grad: the layer's back-propagated gradient (``input_grad_rms``) ÷ the output
+            layer's; None for layers without one (normalization layers).
         reasons: one plain sentence per problem, with the measured number.
     """
 
@@ -137,8 +143,8 @@ def recommend(layers: list[LayerVerdict], flow: FlowResult) -> list[str]:
             "ReLU with He initialisation or residual connections"
         )
         recs.append(
-            f"Gradients vanish in {_word(d)} {layer_ranges(d)} (more than 1000x weaker, relative "
-            f"to the weights, than at the output layer): {fix}."
+            f"Gradients vanish in {_word(d)} {layer_ranges(d)} (the back-propagated gradient is "
+            f"more than 1000x weaker than at the output layer): {fix}."
         )
     if not recs:
         recs.append("No problem found: gradients reach every layer and no activation saturates.")
@@ -182,32 +188,34 @@ def diagnose(
     flow = gradient_flow(
         model, batch, loss_fn, training=training, saturation_threshold=saturation_threshold
     )
-    weight_layers = [
-        r
-        for r in flow.layers
-        if r.grad_weight_ratio is not None
-        and isinstance(model.get_submodule(r.name) if r.name else model, WEIGHT_LAYER_TYPES)
-    ]
-    candidates = weight_layers or [r for r in flow.layers if r.grad_weight_ratio is not None]
-    ref = candidates[-1] if candidates else None
-    ref_ratio = ref.grad_weight_ratio if ref is not None else None
+
+    # The back-propagated signal at each weight layer's input, per element; compared with
+    # the output layer's (see the module docstring).
+    def is_weight_layer(r) -> bool:
+        return isinstance(model.get_submodule(r.name) if r.name else model, WEIGHT_LAYER_TYPES)
+
+    signal = [r for r in flow.layers if is_weight_layer(r) and r.input_grad_rms is not None]
+    ref = signal[-1] if signal else None
+    ref_rms = ref.input_grad_rms if ref is not None else None
+    usable = ref_rms is not None and ref_rms > 0 and math.isfinite(ref_rms)
 
     verdicts = []
     for r in flow.layers:
         problems: list[str] = []
         reasons: list[str] = []
         rel = None
-        g = r.grad_weight_ratio
-        if g is not None and ref_ratio is not None and ref_ratio > 0 and math.isfinite(ref_ratio):
-            rel = g / ref_ratio if math.isfinite(g) else math.inf
-        if (r.weight_grad_norm is not None and not math.isfinite(r.weight_grad_norm)) or (
-            rel is not None and rel > exploding_ratio
-        ):
+        g = r.input_grad_rms
+        if usable and g is not None and is_weight_layer(r):
+            rel = g / ref_rms if math.isfinite(g) else math.inf
+        nonfinite = any(
+            v is not None and not math.isfinite(v) for v in (r.weight_grad_norm, r.input_grad_rms)
+        )
+        if nonfinite or (rel is not None and rel > exploding_ratio):
             problems.append("exploding")
             reasons.append(
-                f"relative gradient {_fmt(rel)}x the output layer's (> {exploding_ratio:g}x)"
+                f"back-propagated gradient {_fmt(rel)}x the output layer's (> {exploding_ratio:g}x)"
                 if rel is not None and math.isfinite(rel)
-                else "non-finite weight gradient"
+                else "non-finite gradient"
             )
         p = r.preact
         if p is not None and p.dead_fraction is not None and p.dead_fraction > dead_threshold:
@@ -226,7 +234,9 @@ def diagnose(
             )
         if rel is not None and rel < vanishing_ratio:
             problems.append("vanishing")
-            reasons.append(f"relative gradient {_fmt(rel)}x the output layer's")
+            reasons.append(
+                f"back-propagated gradient {_fmt(rel)}x the output layer's (< {vanishing_ratio:g}x)"
+            )
         problems.sort(key=VERDICT_ORDER.index)
         verdicts.append(
             LayerVerdict(

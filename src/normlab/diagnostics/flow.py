@@ -5,8 +5,12 @@ the probe records, over the forward/backward passes run inside its context:
 
 - ``weight_norm`` ‖W‖, ``weight_grad_norm`` ‖∂L/∂W‖ and their ratio ‖∂L/∂W‖/‖W‖ (the
   relative step SGD takes with learning rate 1 — comparable across layers of any scale);
-- ``input_grad_norm`` ‖∂L/∂x‖ of the layer's input (None for the network's input, which
-  does not require grad);
+- ``input_grad_norm`` ‖∂L/∂x‖ of the layer's input and its per-element RMS
+  ``input_grad_rms`` = ‖∂L/∂x‖/√numel(x) — the back-propagated signal whose decay across
+  layers *is* the vanishing gradient (Glorot & Bengio 2010, Fig. 7), and unlike the
+  weight gradient it does not depend on the scale of the layer's own weights when a
+  normalization layer follows (None where x does not require grad; :func:`gradient_flow`
+  makes the network input require it);
 - the statistics of the *pre-activation* that the layer feeds: the input of the first
   activation module run after it (``nn.Sigmoid``, ``nn.Tanh``, ``nn.ReLU``, …), or, for a
   normlab layer with a fused ``activation=``, its affine output z = γ·x̂ + β, recomputed
@@ -142,7 +146,9 @@ class LayerFlow:
         weight_grad_norm: ‖∂L/∂W‖, RMS over backward passes; None if none reached it.
         grad_weight_ratio: weight_grad_norm / weight_norm.
         input_grad_norm: ‖∂L/∂x‖ of the layer input, RMS over passes; None if the input
-            did not require grad (the network input).
+            did not require grad.
+        input_grad_rms: ‖∂L/∂x‖/√numel(x), RMS over passes (per-element scale, comparable
+            across layers of different widths and batch shapes).
         preact: statistics of the pre-activation this layer feeds, or None.
     """
 
@@ -154,6 +160,7 @@ class LayerFlow:
     weight_grad_norm: float | None
     grad_weight_ratio: float | None
     input_grad_norm: float | None
+    input_grad_rms: float | None
     preact: PreactivationStats | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,9 +248,7 @@ class _SiteStats:
         n = self.count
         mean = self.sum / n
         var = max(self.sumsq / n - mean * mean, 0.0)
-        q = torch.quantile(
-            torch.cat(self.samples).double(), torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64)
-        ).tolist()
+        q = quantiles(torch.cat(self.samples), (0.15, 0.5, 0.85))
         units = 0 if self.ever_active is None else int(self.ever_active.numel())
         dead = None
         if self.activation in DYING and units:
@@ -272,6 +277,16 @@ _FEATURES_LAST = (
     nn.LayerNorm,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
+
+
+def quantiles(values: torch.Tensor, q: Sequence[float]) -> list[float]:
+    """Quantiles of all values, linearly interpolated (``torch.quantile``'s and numpy's
+    default definition), in float64. numpy's selection is O(n), ~20x faster than
+    ``torch.quantile``'s sort on the 10⁵-value sites the probe sees."""
+    import numpy as np
+
+    flat = values.detach().reshape(-1).double().cpu().numpy()
+    return np.quantile(flat, np.asarray(q, dtype=np.float64)).tolist()
 
 
 def _unit_dim(layer: nn.Module | None) -> int:
@@ -410,6 +425,7 @@ class GradientFlow:
         self._wgrad_n: dict[nn.Module, int] = {}
         self._igrad_sq: dict[nn.Module, float] = {}
         self._igrad_n: dict[nn.Module, int] = {}
+        self._igrad_elems: dict[nn.Module, int] = {}
         self._forward_passes = 0
         self._backward_passes = 0
         self._layer_modules: list[nn.Module] = []
@@ -466,6 +482,7 @@ class GradientFlow:
                 def input_grad(g, module=module):
                     self._igrad_sq[module] = self._igrad_sq.get(module, 0.0) + _sq_norm(g)
                     self._igrad_n[module] = self._igrad_n.get(module, 0) + 1
+                    self._igrad_elems[module] = self._igrad_elems.get(module, 0) + g.numel()
 
                 hooks.handles.append(x.register_hook(input_grad))
             kind = activation_kind(module)
@@ -525,6 +542,7 @@ class GradientFlow:
                     weight_grad_norm=gnorm,
                     grad_weight_ratio=ratio,
                     input_grad_norm=_rms(self._igrad_sq.get(module), self._igrad_n.get(module)),
+                    input_grad_rms=_rms(self._igrad_sq.get(module), self._igrad_elems.get(module)),
                     preact=None if site is None or site.count == 0 else site.result(),
                 )
             )
@@ -550,6 +568,19 @@ def _rms(total: float | None, n: int | None) -> float | None:
     return None if not n else math.sqrt(total / n)
 
 
+def _input_requires_grad(batch: Any) -> Any:
+    """The batch with a floating inputs tensor replaced by a grad-requiring view of it, so
+    the first layer's input gradient is recorded too (the caller's tensor is untouched)."""
+    inputs, target = split_batch(batch, "gradient_flow")
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
+        inputs = inputs.detach().requires_grad_(True)
+    return inputs if target is None else (inputs, target)
+
+
+def _requires_grad(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
 def gradient_flow(
     model: nn.Module,
     batch: Any,
@@ -562,6 +593,8 @@ def gradient_flow(
     """One forward and backward pass of ``model`` on ``batch`` under :class:`GradientFlow`.
 
     Gradients come from ``torch.autograd.grad``, so parameters' ``.grad`` are untouched;
+    a floating inputs tensor is made to require grad (a detached alias) so that every
+    layer, the first included, gets ``input_grad_norm``;
     modes, buffers (BatchNorm running statistics, ``num_batches_tracked``) and parameters
     are exactly as before. With ``training=None`` the model is probed in its current
     mode(s); True/False switch it temporarily.
@@ -578,8 +611,11 @@ def gradient_flow(
         with GradientFlow(
             model, saturation_threshold=saturation_threshold, max_samples=max_samples
         ) as flow:
+            batch = _input_requires_grad(batch)
+            inputs, _ = split_batch(batch, "gradient_flow")
+            leaves = [*params, *([inputs] if _requires_grad(inputs) else [])]
             loss = batch_loss(model, batch, loss_fn, "gradient_flow")
-            torch.autograd.grad(loss, params, allow_unused=True)
+            torch.autograd.grad(loss, leaves, allow_unused=True)
     return flow.result()
 
 
@@ -648,5 +684,4 @@ def unit_percentiles(
         raise IndexError(
             f"unit_percentiles: unit must be in [0, {z.shape[dim]}) for layer {layer!r}, got {unit}"
         )
-    values = z.select(dim, unit).reshape(-1).double()
-    return torch.quantile(values, torch.tensor(list(q), dtype=torch.float64)).tolist()
+    return quantiles(z.select(dim, unit), q)

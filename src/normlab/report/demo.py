@@ -309,6 +309,36 @@ def _trace_plot(results):
     return fig
 
 
+def _trace_sentence(results: dict[str, Any]) -> str:
+    """What the two traces show, from their last points (no claim the numbers don't make)."""
+    thr = results["config"]["saturation_threshold"]
+    parts = []
+    for key, label in (("plain", "Without BN"), ("bn", "With BN")):
+        t = results[key]["trace"]
+        p15, p50, p85 = t["p15"][-1], t["p50"][-1], t["p85"][-1]
+        where = (
+            "in the flat tail, where σ'(z) < 0.007"
+            if results["config"]["activation"] == "sigmoid"
+            and min(abs(p15), abs(p85)) > thr
+            and p15 * p85 > 0
+            else "in the responsive region"
+            if max(abs(p15), abs(p85)) < thr
+            else "partly in the tails"
+        )
+        parts.append(
+            f"{label} the unit's input ends at a median of {p50:.2f}, with 70 % of the test "
+            f"images within [{p15:.2f}, {p85:.2f}] — {where}"
+        )
+    same = results["plain"]["trace"]
+    if same["p85"][-1] - same["p15"][-1] < 0.05 * max(abs(same["p50"][-1]), 1.0):
+        parts.append(
+            "Without BN the spread is so small that the unit computes nearly the same value for "
+            "every image: it carries almost nothing about the input forward, and passes almost "
+            "no gradient back"
+        )
+    return ". ".join(parts) + "."
+
+
 # -- page --------------------------------------------------------------------------------
 def render_html(results: dict[str, Any]) -> str:
     """The self-contained report page (PNG plots as data URIs, no scripts)."""
@@ -331,33 +361,32 @@ def render_html(results: dict[str, Any]) -> str:
     page.heading("Setup")
     init = results["init"]
     data = results["data"]
-    page.table(
-        ["", ""],
+    page.definitions(
         [
-            ["data", f"{data['name']}: {data['n_train']} training / {data['n_test']} test images"],
-            [
+            ("data", f"{data['name']}: {data['n_train']} training / {data['n_test']} test images"),
+            (
                 "networks",
                 f"[Linear({cfg['width']}) → {act}] × {cfg['depth']} → Linear(10); the BN net has "
                 f"normlab.nn.BatchNorm1d between each Linear and its {act}",
-            ],
-            ["initialisation", f"{init['name']} — the same weights in both nets"],
-            ["why this initialisation", init["why"]],
-            [
+            ),
+            ("initialisation", f"{init['name']}, the same weights in both nets"),
+            ("why this initialisation", init["why"]),
+            (
                 "training",
-                f"{init['optimizer']}, batch {cfg['batch_size']}, {cfg['steps']} steps, "
-                f"the same batch order for both nets, seed {cfg['seed']}",
-            ],
-            [
+                f"{init['optimizer']}, batch {cfg['batch_size']}, {cfg['steps']} steps, the same "
+                f"batch order for both nets, seed {cfg['seed']}",
+            ),
+            (
                 "probes",
-                "normlab.diagnostics.gradient_flow on the whole training set as one "
-                "batch (training mode); running statistics untouched",
-            ],
-            [
+                "normlab.diagnostics.gradient_flow on the whole training set as one batch "
+                "(training mode; the running statistics are left untouched)",
+            ),
+            (
                 "wall time",
-                f"{results['seconds']:.1f} s (plain {results['plain']['seconds']:.1f} s, "
-                f"BN {results['bn']['seconds']:.1f} s of training)",
-            ],
-        ],
+                f"{results['seconds']:.1f} s (training: plain {results['plain']['seconds']:.1f} s, "
+                f"BN {results['bn']['seconds']:.1f} s)",
+            ),
+        ]
     )
 
     page.heading("1. Gradients at initialisation and after training")
@@ -417,8 +446,7 @@ def render_html(results: dict[str, Any]) -> str:
     unit = results["trace_unit"]
     page.paragraph(
         f"The 15th, 50th and 85th percentiles of one {act} input over the test set as training "
-        f"proceeds: {unit['selection']}. Without BN the unit sits in the tail; with BN its "
-        f"distribution stays centred and stable."
+        f"proceeds: {unit['selection']}. {_trace_sentence(results)}"
     )
     page.figure(_trace_plot(results), "percentile traces of one deep unit")
 
