@@ -162,9 +162,12 @@ _PLAIN, _BN = "#cf222e", "#0969da"
 
 def _figure(ncols: int, width: float = 11.0, height: float = 3.6, **kw):
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(1, ncols, **kw)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers and steps
     return fig, axes
 
 
@@ -348,7 +351,7 @@ def render_html(results: dict[str, Any]) -> str:
     page = Page(f"normlab demo: a {cfg['depth']}-layer {act} network with and without BatchNorm")
     page.paragraph(
         "Seed 000's story, measured: in a deep sigmoid network the inputs of the deep "
-        "activations drift into the flat tails (|z| > 5), the gradient vanishes on its way "
+        "activations spread into the flat tails (|z| > 5), the gradient vanishes on its way "
         "back and learning stalls; a BatchNorm layer before every sigmoid pulls each "
         "mini-batch back to mean 0 and variance 1, and the same network trains."
     )
