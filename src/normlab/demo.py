@@ -432,7 +432,10 @@ def run_demo(
         rule=rule,
         summary=summary,
         seconds=time.perf_counter() - start,
-        versions={"torch": torch.__version__},
+        versions={
+            "torch": torch.__version__,
+            "intra_op_threads": str(threads if threads is not None else torch.get_num_threads()),
+        },
     )
 
 

@@ -50,7 +50,7 @@ def test_demo_table_and_determinism(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "first-layer gradient norm at init" in text and "test accuracy after 10 steps" in text
     assert re.search(r"(holds|fails|inconclusive): At initialisation", text)
-    assert "report.html" in text
+    assert f"report: {tmp_path / 'a' / 'report.html'}" in text.splitlines()
     main(["demo", *SMALL, "--out", str(tmp_path / "b")])
     capsys.readouterr()
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")

@@ -92,4 +92,4 @@ def test_diagnose_errors_say_what_the_file_must_define(tmp_path, capsys, text, m
 def test_diagnose_missing_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["diagnose", str(tmp_path / "nope.py")])
-    assert "no such file" in capsys.readouterr().err
+    assert "nope.py:nosuchfile" in "".join(capsys.readouterr().err.split())  # rich wraps

@@ -184,3 +184,26 @@ def test_bad_arguments():
         D.GradientFlow("not a model")
     with pytest.raises(ValueError, match="saturation_threshold"):
         D.GradientFlow(nn.Linear(1, 1), saturation_threshold=0)
+
+
+def test_conv_units_are_channels_and_preactivations_leave_state_alone():
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nl.nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 1)
+    )
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([-50.0, -50.0, 0.0, 0.0]))  # channels 0, 1 dead
+    x = torch.randn(8, 2, 5, 5)
+    before = state_snapshot(model)
+    pre = D.preactivations(model, x, training=True)
+    assert state_snapshot(model) == before and list(pre) == ["1"]
+    assert pre["1"].shape == (8, 4, 5, 5)
+    r = D.gradient_flow(model, x, lambda out: out.pow(2).mean())
+    assert state_snapshot(model) == before
+    p = r.layer("1").preact
+    assert p.num_units == 4 and p.dead_fraction == 0.5
+    assert p.active_fraction == pytest.approx(float((pre["1"] > 0).double().mean()))
+    q = D.unit_percentiles(model, x, "1", 2, training=True)
+    expected = torch.quantile(
+        pre["1"][:, 2].double().flatten(), torch.tensor([0.15, 0.5, 0.85]).double()
+    )
+    assert q == pytest.approx(expected.tolist())

@@ -59,4 +59,7 @@ def demo(
     c.print(table)
     style = {"holds": "bold green", "fails": "bold red"}.get(results.verdict, "bold yellow")
     c.print(f"[{style}]{results.verdict}[/]: {results.summary}")
-    c.print(f"report: {paths['report']}  ·  data: {paths['results']}  ·  {results.seconds:.1f} s")
+    # soft_wrap: paths stay on one line, so they can be copied
+    c.print(f"report: {paths['report']}", soft_wrap=True, highlight=False)
+    c.print(f"data:   {paths['results']}", soft_wrap=True, highlight=False)
+    c.print(f"{results.seconds:.1f} s", highlight=False)

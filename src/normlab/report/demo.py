@@ -385,6 +385,12 @@ def render_html(results: dict[str, Any]) -> str:
                 "(training mode; the running statistics are left untouched)",
             ),
             (
+                "compute",
+                f"CPU, torch {results.get('versions', {}).get('torch', '?')}, "
+                f"{results.get('versions', {}).get('intra_op_threads', '?')} intra-op thread(s): "
+                "the matrices are tiny, and extra threads only contend on a shared machine",
+            ),
+            (
                 "wall time",
                 f"{results['seconds']:.1f} s (training: plain {results['plain']['seconds']:.1f} s, "
                 f"BN {results['bn']['seconds']:.1f} s)",
