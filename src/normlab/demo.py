@@ -50,7 +50,7 @@ from torch import nn
 
 from normlab import data
 from normlab.diagnostics import FlowResult, gradient_flow, preactivations
-from normlab.diagnostics.flow import quantiles
+from normlab.diagnostics.flow import SATURATING, quantiles
 
 Progress = Callable[[float, str], None]
 
@@ -439,18 +439,24 @@ def run_demo(
     )
 
 
-def _headline(config: DemoConfig, plain: NetRun, bn: NetRun) -> dict[str, float]:
+def _headline(config: DemoConfig, plain: NetRun, bn: NetRun) -> dict[str, float | None]:
     p0, b0 = plain.init_layers, bn.init_layers
     last_hidden = config.depth - 1  # index of layer L's row
     tl = config.trace_layer - 1
+    scale = SATURATING.get(config.activation)
+    plain_ratio = p0[0]["weight_grad_norm"] / p0[last_hidden]["weight_grad_norm"]
+    bn_ratio = b0[0]["weight_grad_norm"] / b0[last_hidden]["weight_grad_norm"]
     return {
         "plain_first_grad": p0[0]["weight_grad_norm"],
         "plain_last_grad": p0[last_hidden]["weight_grad_norm"],
         "bn_first_grad": b0[0]["weight_grad_norm"],
         "bn_last_grad": b0[last_hidden]["weight_grad_norm"],
-        "plain_first_over_last": p0[0]["weight_grad_norm"] / p0[last_hidden]["weight_grad_norm"],
-        "bn_first_over_last": b0[0]["weight_grad_norm"] / b0[last_hidden]["weight_grad_norm"],
+        "plain_first_over_last": plain_ratio,
+        "bn_first_over_last": bn_ratio,
+        "plain_log10_imbalance": abs(math.log10(plain_ratio)) if plain_ratio > 0 else math.inf,
+        "bn_log10_imbalance": abs(math.log10(bn_ratio)) if bn_ratio > 0 else math.inf,
         "bn_over_plain_first_grad": b0[0]["weight_grad_norm"] / p0[0]["weight_grad_norm"],
+        "saturation_bound": None if scale is None else config.saturation_threshold * scale,
         "plain_saturated_fraction": _deep_saturation(p0),
         "bn_saturated_fraction": _deep_saturation(b0),
         "plain_trace_layer_min": p0[tl]["preact_min"],
@@ -464,30 +470,41 @@ def _headline(config: DemoConfig, plain: NetRun, bn: NetRun) -> dict[str, float]
     }
 
 
-def _verdict(config: DemoConfig, h: dict[str, float]) -> tuple[str, str, str]:
+def _verdict(config: DemoConfig, h: dict[str, Any]) -> tuple[str, str, str]:
+    """Seed 000's claim — BN restores gradient flow and training — as a stated rule."""
     rule = (
-        "holds if, at initialisation, the BN net's first-layer gradient norm is at least 100x "
-        "the plain net's, and after training the BN net's test accuracy is at least 30 points "
-        "higher; fails if either is reversed (BN's gradient or accuracy lower); inconclusive "
-        "otherwise"
+        "holds if, at initialisation, BN brings the first-layer / layer-L gradient ratio at "
+        "least two orders of magnitude closer to 1 than without BN (|log10 ratio| smaller by "
+        "≥ 2), and after training the BN net's test accuracy is at least 30 points higher; "
+        "fails if BN makes either worse; inconclusive otherwise"
     )
-    grad_ok = h["bn_over_plain_first_grad"] >= 100
+    gain = h["plain_log10_imbalance"] - h["bn_log10_imbalance"]
     gap = h["bn_final_accuracy"] - h["plain_final_accuracy"]
-    acc_ok = gap >= 0.30
-    if grad_ok and acc_ok:
+    if gain >= 2 and gap >= 0.30:
         verdict = "holds"
-    elif h["bn_over_plain_first_grad"] < 1 or gap < 0:
+    elif gain < 0 or gap < 0:
         verdict = "fails"
     else:
         verdict = "inconclusive"
     summary = (
         f"At initialisation the plain net's first-layer gradient is "
-        f"{_times(1 / h['plain_first_over_last'])} smaller than its layer {config.depth}'s; "
-        f"with BN the first layer gets {_times(h['bn_over_plain_first_grad'])} more. After "
-        f"{config.steps} steps: BN {h['bn_final_accuracy']:.1%} test accuracy, plain "
-        f"{h['plain_final_accuracy']:.1%} (chance 10%)."
+        f"{describe_ratio(h['plain_first_over_last'])} than its layer {config.depth}'s; with BN it is "
+        f"{describe_ratio(h['bn_first_over_last'])}. After {config.steps} steps: BN "
+        f"{h['bn_final_accuracy']:.1%} test accuracy, plain {h['plain_final_accuracy']:.1%} "
+        f"(chance 10%)."
     )
     return verdict, rule, summary
+
+
+def describe_ratio(ratio: float) -> str:
+    """'1,693x smaller' / '14,000x larger' / '0.96x' for a ratio a/b."""
+    if not math.isfinite(ratio) or ratio <= 0:
+        return f"{ratio:g}x"
+    if ratio < 0.5:
+        return f"{_times(1 / ratio)} smaller"
+    if ratio > 2:
+        return f"{_times(ratio)} larger"
+    return f"{ratio:.2f}x"
 
 
 def _times(x: float) -> str:

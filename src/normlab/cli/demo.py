@@ -18,7 +18,11 @@ def demo(
         int, typer.Option("--steps", min=1, help="Training steps for each network.")
     ] = 600,
     activation: Annotated[
-        str, typer.Option("--activation", help="sigmoid (seed 000), tanh or relu.")
+        str,
+        typer.Option(
+            "--activation",
+            help="sigmoid (seed 000's story; the initialisation is chosen for it), tanh or relu.",
+        ),
     ] = "sigmoid",
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the data split, the weights and the batches.")

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from normlab.demo import describe_ratio
 from normlab.report.html import Page
 from normlab.report.io import atomic_write_text, jsonable, write_json
 
@@ -101,6 +102,10 @@ def _fmt(x: Any, spec: str = ".2e") -> str:
     return format(x, spec)
 
 
+def _range(low: Any, high: Any) -> str:
+    return f"[{_fmt(low, '.3g')}, {_fmt(high, '.3g')}]"
+
+
 def _pct(x: Any) -> str:
     return "–" if x is None else f"{x:.1%}"
 
@@ -109,7 +114,7 @@ def headline_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(measurement, plain, BN) rows shared by the terminal table and the HTML report."""
     h, cfg = results["headline"], results["config"]
     act = cfg["activation"]
-    thr = cfg["saturation_threshold"]
+    bound = h.get("saturation_bound")
     tl = results["trace_unit"]["layer"]
     rows = [
         (
@@ -129,14 +134,14 @@ def headline_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         (
             f"layer-{tl} {act} input range at init",
-            f"[{h['plain_trace_layer_min']:.1f}, {h['plain_trace_layer_max']:.1f}]",
-            f"[{h['bn_trace_layer_min']:.1f}, {h['bn_trace_layer_max']:.1f}]",
+            _range(h["plain_trace_layer_min"], h["plain_trace_layer_max"]),
+            _range(h["bn_trace_layer_min"], h["bn_trace_layer_max"]),
         ),
     ]
-    if h.get("plain_saturated_fraction") is not None:
+    if bound is not None:
         rows.append(
             (
-                f"saturated |z| > {thr:g}, layers 2–{cfg['depth']}, at init",
+                f"saturated |z| > {bound:g}, layers 2–{cfg['depth']}, at init",
                 _pct(h["plain_saturated_fraction"]),
                 _pct(h["bn_saturated_fraction"]),
             )
@@ -149,8 +154,8 @@ def headline_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         (
             "training loss (last 20 steps)",
-            f"{h['plain_final_loss']:.3f}",
-            f"{h['bn_final_loss']:.3f}",
+            _fmt(h["plain_final_loss"], ".3f"),
+            _fmt(h["bn_final_loss"], ".3f"),
         ),
     ]
     return rows
@@ -191,7 +196,7 @@ def _gradient_plot(results):
 
 def _preact_plot(results):
     cfg = results["config"]
-    thr = cfg["saturation_threshold"]
+    bound = results["headline"].get("saturation_bound")
     fig, axes = _figure(3, width=12.0)
     hidden = cfg["depth"]
     top = 0.0
@@ -224,30 +229,38 @@ def _preact_plot(results):
         ax.set_title(f"{label}: {cfg['activation']} input per layer at init")
         ax.set_xlabel("layer")
     for ax in axes[:2]:
-        if cfg["activation"] == "sigmoid":
-            for s in (thr, -thr):
+        if bound is not None:
+            for s in (bound, -bound):
                 ax.axhline(s, color="k", ls="--", lw=0.8)
         ax.set_ylim(-1.05 * top, 1.05 * top)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("pre-activation z")
     axes[0].legend(loc="lower left", fontsize=8)
     ax = axes[2]
+    key = "saturated_fraction" if bound is not None else "active_fraction"
     for run, color, label in ((results["plain"], _PLAIN, "plain"), (results["bn"], _BN, "BN")):
-        rows = [r for r in run["init_layers"][:hidden] if r.get("saturated_fraction") is not None]
+        rows = [r for r in run["init_layers"][:hidden] if r.get(key) is not None]
         ax.plot(
             [r["layer"] for r in rows],
-            [100 * r["saturated_fraction"] for r in rows],
+            [100 * r[key] for r in rows],
             "o-",
             color=color,
             ms=3.5,
             label=label,
         )
-    ax.set_title(f"saturated share |z| > {thr:g} at init")
+    ax.set_title(
+        f"saturated share |z| > {bound:g} at init" if bound is not None else "active share z > 0"
+    )
     ax.set_xlabel("layer")
     ax.set_ylabel("% of inputs")
     ax.grid(True, alpha=0.3)
     ax.legend()
     return fig
+
+
+def _nums(values: list) -> list[float]:
+    """JSON nulls (NaN or ±inf in the run: a diverged network) → NaN, which matplotlib skips."""
+    return [math.nan if v is None else v for v in values]
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
@@ -263,8 +276,9 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 def _training_plot(results):
     fig, (ax_loss, ax_acc) = _figure(2)
     for run, color, label in ((results["plain"], _PLAIN, "plain"), (results["bn"], _BN, "BN")):
-        ax_loss.plot(run["loss_steps"], run["loss"], color=color, alpha=0.2, lw=0.7)
-        ax_loss.plot(run["loss_steps"], _moving_average(run["loss"], 20), color=color, label=label)
+        loss = _nums(run["loss"])
+        ax_loss.plot(run["loss_steps"], loss, color=color, alpha=0.2, lw=0.7)
+        ax_loss.plot(run["loss_steps"], _moving_average(loss, 20), color=color, label=label)
         ax_acc.plot(
             run["eval_steps"],
             [100 * a for a in run["test_accuracy"]],
@@ -298,11 +312,13 @@ def _trace_plot(results):
         (axes[1], results["bn"], _BN, "with BN"),
     ):
         t = run["trace"]
+        t = {k: _nums(v) for k, v in t.items()}
         ax.fill_between(t["steps"], t["p15"], t["p85"], color=color, alpha=0.2, lw=0)
         for key, style in (("p15", "--"), ("p50", "-"), ("p85", "--")):
             ax.plot(t["steps"], t[key], style, color=color, lw=1.3, label=f"{key[1:]}th pct")
-        if cfg["activation"] == "sigmoid":
-            for s in (cfg["saturation_threshold"], -cfg["saturation_threshold"]):
+        bound = results["headline"].get("saturation_bound")
+        if bound is not None:
+            for s in (bound, -bound):
                 ax.axhline(s, color="k", ls=":", lw=0.8)
         ax.set_title(f"{label}: layer {unit['layer']}, unit {unit['unit']}")
         ax.set_xlabel("step")
@@ -312,34 +328,58 @@ def _trace_plot(results):
     return fig
 
 
+# the derivative at the saturation bound (sigmoid |z| = 5, tanh |z| = 2.5)
+_FLAT = {"sigmoid": "σ'(z) < 0.007", "tanh": "tanh'(z) < 0.027"}
+_SLOPE = {"sigmoid": "σ'(z) ≤ 1/4", "tanh": "tanh'(z) ≤ 1", "relu": "relu'(z) ∈ {0, 1}"}
+
+
 def _trace_sentence(results: dict[str, Any]) -> str:
     """What the two traces show, from their last points (no claim the numbers don't make)."""
-    thr = results["config"]["saturation_threshold"]
+    bound = results["headline"].get("saturation_bound")
+    flat = _FLAT.get(results["config"]["activation"])
     parts = []
     for key, label in (("plain", "Without BN"), ("bn", "With BN")):
         t = results[key]["trace"]
         p15, p50, p85 = t["p15"][-1], t["p50"][-1], t["p85"][-1]
-        where = (
-            "in the flat tail, where σ'(z) < 0.007"
-            if results["config"]["activation"] == "sigmoid"
-            and min(abs(p15), abs(p85)) > thr
-            and p15 * p85 > 0
-            else "in the responsive region"
-            if max(abs(p15), abs(p85)) < thr
-            else "partly in the tails"
-        )
+        if None in (p15, p50, p85):
+            parts.append(f"{label} the unit's input ends non-finite: the network diverged")
+            continue
+        if bound is None:
+            where = "active on most images" if p50 > 0 else "inactive on most images"
+        elif min(abs(p15), abs(p85)) > bound and p15 * p85 > 0:
+            where = f"in the flat tail, where {flat}"
+        elif max(abs(p15), abs(p85)) < bound:
+            where = "in the responsive region"
+        else:
+            where = "partly in the tails"
         parts.append(
             f"{label} the unit's input ends at a median of {p50:.2f}, with 70 % of the test "
             f"images within [{p15:.2f}, {p85:.2f}] — {where}"
         )
     same = results["plain"]["trace"]
-    if same["p85"][-1] - same["p15"][-1] < 0.05 * max(abs(same["p50"][-1]), 1.0):
+    if None in (same["p15"][-1], same["p50"][-1], same["p85"][-1]):
+        pass
+    elif same["p85"][-1] - same["p15"][-1] < 0.05 * max(abs(same["p50"][-1]), 1.0):
         parts.append(
             "Without BN the spread is so small that the unit computes nearly the same value for "
             "every image: it carries almost nothing about the input forward, and passes almost "
             "no gradient back"
         )
     return ". ".join(parts) + "."
+
+
+def _why_imbalance(results: dict[str, Any]) -> str:
+    act = results["config"]["activation"]
+    slope = _SLOPE.get(act, "its derivative")
+    if results["headline"]["plain_first_over_last"] < 1:
+        return (
+            f"at every layer the backward signal is multiplied by the {act}'s slope "
+            f"({slope}) and the weights, and by ≈ 0 where z is saturated."
+        )
+    return (
+        f"at every layer the weights amplify the backward signal more than the {act}'s slope "
+        f"({slope}) damps it."
+    )
 
 
 # -- page --------------------------------------------------------------------------------
@@ -401,17 +441,27 @@ def render_html(results: dict[str, Any]) -> str:
     page.heading("1. Gradients at initialisation and after training")
     page.paragraph(
         f"The weight-gradient norm of each layer, from the output back to the input. Without "
-        f"BN the first layer's is {_fmt(1 / h['plain_first_over_last'], ',.0f')}x smaller than "
-        f"layer {cfg['depth']}'s: each sigmoid multiplies the backward signal by σ'(z) ≤ 1/4, "
-        f"and by ≈ 0 where z is saturated. With BN the layers receive comparable gradients."
+        f"BN the first layer's is {describe_ratio(h['plain_first_over_last'])} than layer "
+        f"{cfg['depth']}'s: {_why_imbalance(results)} With BN the first layer's is "
+        f"{describe_ratio(h['bn_first_over_last'])} layer {cfg['depth']}'s."
     )
     page.figure(_gradient_plot(results), "per-layer gradient norms, plain vs BN")
 
     page.heading(f"2. What the {act}s see at initialisation")
     page.paragraph(
         "Per layer: the range (light), the 15th–85th percentiles (dark) and the median of the "
-        f"{act} inputs over the training set; dashed lines at ±{cfg['saturation_threshold']:g}, "
-        "seed 000's saturation bound. BN keeps every layer's inputs in the responsive region."
+        f"{act} inputs over the training set"
+        + (
+            f"; dashed lines at ±{h['saturation_bound']:g}, seed 000's saturation bound"
+            + (
+                " (for tanh, half the sigmoid's 5: the same relative slope)"
+                if act == "tanh"
+                else ""
+            )
+            if h.get("saturation_bound") is not None
+            else ""
+        )
+        + ". BN keeps every layer's inputs centred with unit variance per batch."
     )
     page.figure(_preact_plot(results), "pre-activation ranges and saturated share per layer")
     rows = []
@@ -423,9 +473,9 @@ def render_html(results: dict[str, Any]) -> str:
                 p["layer"],
                 _fmt(p["weight_grad_norm"]),
                 _fmt(b["weight_grad_norm"]),
-                f"[{p['preact_min']:.1f}, {p['preact_max']:.1f}]",
+                _range(p["preact_min"], p["preact_max"]),
                 _pct(p.get("saturated_fraction")),
-                f"[{b['preact_min']:.1f}, {b['preact_max']:.1f}]",
+                _range(b["preact_min"], b["preact_max"]),
                 _pct(b.get("saturated_fraction")),
             ]
         )
@@ -462,14 +512,17 @@ def render_html(results: dict[str, Any]) -> str:
     page.heading("5. The initial weight scale decides the failure")
     page.paragraph(
         "The plain network at initialisation for other gains g in N(0, (g/√fan_in)²): "
-        "small weights keep the inputs linear but the gradient shrinks by σ' ≤ 1/4 per layer; "
-        "large weights saturate more units but also amplify the backward signal. The demo "
-        f"uses g = {init['gain']:g}, where both of seed 000's symptoms show."
+        f"small weights keep the inputs near 0 but the gradient shrinks at every layer "
+        f"({_SLOPE.get(act, 'the derivative')} times small weights); large weights saturate "
+        "more units but also amplify the backward signal. The demo uses "
+        f"g = {init['gain']:g}, where both of seed 000's symptoms show for the sigmoid."
     )
     page.table(
         [
             "gain g",
-            f"saturated |z| > {cfg['saturation_threshold']:g} (layers 2–{cfg['depth']})",
+            f"saturated |z| > {h['saturation_bound']:g} (layers 2–{cfg['depth']})"
+            if h.get("saturation_bound") is not None
+            else "saturated (not a saturating activation)",
             f"max |z| at layer {unit['layer']}",
             f"first / layer-{cfg['depth']} gradient",
         ],
