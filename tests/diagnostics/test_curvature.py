@@ -122,3 +122,22 @@ def test_bad_arguments_say_what_to_pass():
         D.hessian_trace(model, None, batch[0])
     with pytest.raises(TypeError, match="inputs, target"):
         D.hessian_trace(model, None, (batch[0], batch[1], batch[1]))
+
+
+def test_default_lanczos_converges_well_before_n_products():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nl.nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 4)
+    ).double()
+    g = torch.Generator().manual_seed(0)
+    batch = (
+        torch.randn(32, 8, generator=g, dtype=torch.float64),
+        torch.randint(0, 4, (32,), generator=g),
+    )
+    exact = torch.linalg.eigvalsh(exact_hessian(model, batch)).flip(0)
+    est = D.hessian_eigenvalues(model, None, batch, k=2)  # defaults: tol 1e-4, ≤ 100 products
+    assert est.num_params == 244 and est.iterations < 100
+    torch.testing.assert_close(
+        torch.tensor(est.eigenvalues, dtype=torch.float64), exact[:2], rtol=1e-3, atol=0
+    )
+    assert est.to_dict()["method"] == "lanczos" and "eigenvectors" not in est.to_dict()
