@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench lint format clean
+.PHONY: venv demo test bench lint format clean chromium
 
 # torch first, pinned: 2.13.0 is a CPU build on local disk; an unpinned torch would pull
 # gigabytes of CUDA. Everything else comes from pyproject.toml.
@@ -34,6 +34,10 @@ lint: venv
 format: venv
 	$(BIN)/ruff format src tests
 	$(BIN)/ruff check --fix src tests
+
+# Headless Chromium for the browser-marked tests (the demo report's render check); needs root.
+chromium:
+	apt-get update && apt-get install -y chromium
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist

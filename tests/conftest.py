@@ -31,3 +31,25 @@ def gloo_pools():
     cache = PoolCache()
     yield cache
     cache.close()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``normlab demo --steps 30 --out DIR --json``, run once per session through the CLI's
+    entry point (in-process: the suite has already paid for importing torch and
+    scikit-learn). Returns (exit code, output directory, parsed stdout)."""
+    import contextlib
+    import io
+    import json
+
+    from normlab.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    stdout = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout):
+        try:
+            main(["demo", "--steps", "30", "--out", str(out), "--json"])
+        except SystemExit as e:  # main() exits only on failure
+            code = e.code
+    return code, out, json.loads(stdout.getvalue()) if code == 0 else None

@@ -204,3 +204,38 @@ def batch_renorm_train(
     if bias is not None:
         y = y + bcast(bias.double(), nd, channel_dim)
     return y
+
+
+def exact_hessian(model, batch, loss_fn=None):
+    """The dense Hessian of the loss w.r.t. all parameters (flattened in ``parameters()``
+    order), from ``torch.autograd.functional.hessian`` on a copy of the model in its own
+    mode(s): for BatchNorm in training mode, the batch-statistics loss."""
+    import copy
+
+    from torch.func import functional_call
+
+    model = copy.deepcopy(model)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+    x, y = batch
+    loss_fn = loss_fn or torch.nn.functional.cross_entropy
+
+    def loss_of(flat):
+        params, start = {}, 0
+        for name, shape in zip(names, shapes):
+            n = shape.numel()
+            params[name] = flat[start : start + n].view(shape)
+            start += n
+        return loss_fn(functional_call(model, params, (x,)), y)
+
+    return torch.autograd.functional.hessian(loss_of, flat0)
+
+
+def state_snapshot(model):
+    """Every buffer, parameter value, ``.grad`` presence and mode, as comparable values."""
+    return (
+        [(n, b.tolist()) for n, b in model.named_buffers()],
+        [(n, p.detach().tolist(), p.grad is None) for n, p in model.named_parameters()],
+        [(n, m.training) for n, m in model.named_modules()],
+    )

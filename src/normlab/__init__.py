@@ -5,7 +5,7 @@ bn = nl.nn.BatchNorm2d(64, activation="relu")      # drop-in for torch.nn.BatchN
 y = nl.functional.batch_norm(x, rm, rv, training=True)
 """
 
-from normlab import functional, nn, tools
+from normlab import diagnostics, functional, nn, tools
 from normlab.tools import accumulate_stats, adapt, convert, fold, freeze, recalibrate, unfreeze
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __all__ = [
     "accumulate_stats",
     "adapt",
     "convert",
+    "diagnostics",
     "fold",
     "freeze",
     "functional",

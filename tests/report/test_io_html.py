@@ -34,10 +34,12 @@ def test_page_escapes_every_string_and_embeds_png():
     page = Page("<script>alert(1)</script>")
     page.heading('a "quoted" & <b>')
     page.table(["<th>"], [["<td>"]])
+    page.definitions([("<dt>", "<dd>")])
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     page.figure(fig, alt="<alt>")
     html = page.render()
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "&lt;th&gt;" in html and "&lt;td&gt;" in html and "&lt;alt&gt;" in html
+    assert "<dt>&lt;dt&gt;</dt><dd>&lt;dd&gt;</dd>" in html
     assert 'src="data:image/png;base64,' in html

@@ -13,6 +13,7 @@ import typer
 
 from normlab.cli import _output
 from normlab.cli.demo import demo
+from normlab.cli.diagnose import diagnose
 from normlab.cli.report import report
 from normlab.cli.run import run
 from normlab.cli.train import train
@@ -47,6 +48,7 @@ app.command("demo")(demo)
 app.command("run")(run)
 app.command("report")(report)
 app.command("train")(train)
+app.command("diagnose")(diagnose)
 
 
 def main(argv: list[str] | None = None) -> None:

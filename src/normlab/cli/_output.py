@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -29,3 +31,25 @@ def _jsonable(obj: Any) -> Any:
 
 def emit_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(_jsonable(payload), indent=2) + "\n")
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[float, str], None]]:
+    """A transient progress bar on stderr (so ``--json`` stdout stays clean); yields
+    ``update(fraction_done, message)``."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[message]}"),
+    )
+    with Progress(*columns, console=err_console, transient=True) as bars:
+        task = bars.add_task(description, total=1.0, message="")
+
+        def update(fraction: float, message: str) -> None:
+            bars.update(task, completed=min(max(fraction, 0.0), 1.0), message=message)
+
+        yield update

@@ -1,8 +1,9 @@
-"""``normlab demo``: a short measured tour of what normlab's BatchNorm does."""
+"""``normlab demo``: seed 000's story measured — a deep sigmoid net with and without BN."""
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -10,101 +11,59 @@ from rich.table import Table
 from normlab.cli import _output
 
 
-def _worked_example() -> dict:
-    import torch
-
-    import normlab as nl
-
-    x = torch.tensor([[1.0], [2.0], [3.0], [4.0]], dtype=torch.float64)
-    bn = nl.nn.BatchNorm1d(1, eps=0.0, dtype=torch.float64)
-    with torch.no_grad():
-        bn.weight.fill_(2.0)
-        bn.bias.fill_(1.0)
-    y = bn(x).detach().flatten()
-    mean, var = nl.functional.moments(x, 0)
-    return {"x": [1, 2, 3, 4], "mean": float(mean), "var": float(var), "y": y.tolist()}
-
-
-def _offset_accuracy(offsets: tuple[float, ...] = (1e2, 1e4, 1e6), std: float = 0.01) -> list[dict]:
-    import torch
-
-    import normlab as nl
-
-    rows = []
-    g = torch.Generator().manual_seed(0)
-    for offset in offsets:
-        x = (offset + std * torch.randn(256, 4, generator=g)).float()
-        x64 = x.double()
-        ref = (x64 - x64.mean(0)) / torch.sqrt(x64.var(0, unbiased=False) + 1e-5)
-        ours = nl.functional.batch_norm(x, None, None, training=True)
-        theirs = torch.nn.functional.batch_norm(x, None, None, training=True)
-        rows.append(
-            {
-                "offset": offset,
-                "normlab_max_err": float((ours.double() - ref).abs().max()),
-                "torch_max_err": float((theirs.double() - ref).abs().max()),
-            }
-        )
-    return rows
-
-
-def _nan_batch() -> dict:
-    import warnings
-
-    import torch
-
-    import normlab as nl
-
-    g = torch.Generator().manual_seed(0)
-    clean = [torch.randn(32, 8, generator=g) + 3 for _ in range(2)]
-    bad = clean[0].clone()
-    bad[0, 0] = float("nan")
-    ours, theirs = nl.nn.BatchNorm1d(8), torch.nn.BatchNorm1d(8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for batch in (clean[0], bad, clean[1]):
-            ours(batch)
-            theirs(batch)
-    return {
-        "normlab_running_mean_finite": bool(torch.isfinite(ours.running_mean).all()),
-        "torch_running_mean_finite": bool(torch.isfinite(theirs.running_mean).all()),
-    }
-
-
 def demo(
-    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    depth: Annotated[int, typer.Option("--depth", min=1, help="Hidden layers.")] = 20,
+    width: Annotated[int, typer.Option("--width", min=2, help="Units per hidden layer.")] = 100,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="Training steps for each network.")
+    ] = 600,
+    activation: Annotated[
+        str,
+        typer.Option(
+            "--activation",
+            help="sigmoid (seed 000's story; the initialisation is chosen for it), tanh or relu.",
+        ),
+    ] = "sigmoid",
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the data split, the weights and the batches.")
+    ] = 0,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print results.json to stdout instead of the table.")
+    ] = False,
+    out: Annotated[
+        Path, typer.Option("--out", help="Report directory (report.html, results.json).")
+    ] = Path("normlab-demo"),
 ) -> None:
-    """Run the demonstration: the seed-003 worked example, float32 accuracy at large
-    offsets against torch, and a NaN batch that does not poison the running statistics."""
-    start = time.perf_counter()
-    results = {
-        "worked_example": _worked_example(),
-        "offset_accuracy": _offset_accuracy(),
-        "nan_batch": _nan_batch(),
-    }
-    results["seconds"] = time.perf_counter() - start
+    """Train two deep MLPs on the digits — plain, and with BatchNorm before every
+    activation — from the same initial weights; show the vanishing gradients, the
+    saturated activations and the stalled training, and their cure."""
+    from normlab.demo import DemoConfig, run_demo
+    from normlab.report.demo import headline_rows, write_report
+
+    config = DemoConfig(depth=depth, width=width, steps=steps, activation=activation, seed=seed)
+    with _output.progress_bar("normlab demo") as update:
+        results = run_demo(config, progress=update)
+        update(1.0, "writing the report")
+        payload = results.to_dict()
+        paths = write_report(payload, out)
     if json_out:
-        _output.emit_json(results)
+        _output.emit_json(payload)
         return
     c = _output.console
-    we = results["worked_example"]
-    c.print("[bold]Seed 003 worked example[/] x = [1, 2, 3, 4], γ = 2, β = 1, ε = 0")
     c.print(
-        f"  μ = {we['mean']:.4g}, σ² = {we['var']:.4g}, y = "
-        + ", ".join(f"{v:.3f}" for v in we["y"])
+        f"[bold]{depth}-layer {activation} MLP, width {width}, on the digits[/]: plain vs "
+        f"BatchNorm before every {activation}; {results.init['name']}, {results.init['optimizer']}"
     )
-    table = Table(title="float32 BatchNorm, std 0.01 around a large offset: max |error| vs float64")
-    table.add_column("offset", justify="right")
-    table.add_column("normlab", justify="right")
-    table.add_column("torch", justify="right")
-    for row in results["offset_accuracy"]:
-        table.add_row(
-            f"{row['offset']:.0e}", f"{row['normlab_max_err']:.1e}", f"{row['torch_max_err']:.1e}"
-        )
+    table = Table(title=None)
+    table.add_column("measurement")
+    table.add_column("plain", justify="right")
+    table.add_column("BN", justify="right")
+    for row in headline_rows(payload):
+        table.add_row(*row)
     c.print(table)
-    nb = results["nan_batch"]
-    c.print(
-        "[bold]One NaN batch among clean ones[/]: running_mean finite afterwards — "
-        f"normlab: {nb['normlab_running_mean_finite']}, torch: {nb['torch_running_mean_finite']}"
-    )
-    c.print(f"[dim]{results['seconds']:.1f} s[/]")
+    style = {"holds": "bold green", "fails": "bold red"}.get(results.verdict, "bold yellow")
+    c.print(f"[{style}]{results.verdict}[/]: {results.summary}")
+    # soft_wrap: paths stay on one line, so they can be copied
+    c.print(f"report: {paths['report']}", soft_wrap=True, highlight=False)
+    c.print(f"data:   {paths['results']}", soft_wrap=True, highlight=False)
+    c.print(f"{results.seconds:.1f} s", highlight=False)

@@ -19,6 +19,7 @@ img{max-width:100%;height:auto;border:1px solid #eee;margin:.5em 0}
 .holds{color:#1a7f37;font-weight:600}.fails{color:#cf222e;font-weight:600}
 .inconclusive{color:#9a6700;font-weight:600}.muted{color:#57606a;font-size:.9em}
 pre{background:#f6f8fa;padding:.6em;overflow-x:auto}
+dt{font-weight:600}dd{margin:0 0 .5em 1.5em}
 """
 
 
@@ -92,6 +93,11 @@ class Page:
 
     def preformatted(self, text: str) -> None:
         self.parts.append(f"<pre>{escape(text)}</pre>")
+
+    def definitions(self, items: list[tuple[str, object]]) -> None:
+        """A definition list: each term in bold, its description under it."""
+        body = "".join(f"<dt>{escape(t)}</dt><dd>{escape(d)}</dd>" for t, d in items)
+        self.parts.append(f"<dl>{body}</dl>")
 
     def details(self, summary: str, text: str) -> None:
         """Preformatted text folded under a clickable summary (no script needed)."""
