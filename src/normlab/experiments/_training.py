@@ -1,0 +1,413 @@
+"""What the training experiments share: model builders, batch streams, one training loop.
+
+Everything here is deterministic for a seed: weights come from ``torch.manual_seed(seed)``
+at construction, batches from a ``torch.Generator`` seeded by the caller, and nothing
+reads the global RNG during training. Nothing prints or writes files.
+
+Models are plain ``torch.nn.Sequential`` stacks of ``Linear``/``Conv2d`` → optional norm
+→ activation, so an experiment can find the k-th linear map, norm layer or activation by
+type (see :func:`modules_of`). Normalization layers are normlab's own
+(:func:`norm_layer`); variants another branch adds (batch renorm, group/layer/instance
+norm) are looked up at call time, and :func:`missing_layers` tells an experiment which
+are not there yet so it can report ``inconclusive: needs X`` instead of a fake number.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normlab.nn as nlnn
+from normlab.data import Split
+from normlab.experiments.base import Progress
+
+# norm kind → the normlab.nn classes it needs (1-D/MLP form, 2-D/CNN form)
+_NORM_CLASSES: dict[str, tuple[str, str]] = {
+    "bn": ("BatchNorm1d", "BatchNorm2d"),
+    "brn": ("BatchRenorm1d", "BatchRenorm2d"),
+    "gn": ("GroupNorm", "GroupNorm"),
+    "ln": ("LayerNorm", "LayerNorm"),
+    "in": ("InstanceNorm2d", "InstanceNorm2d"),
+}
+
+NORM_NAMES = {
+    "none": "no norm",
+    "bn": "BatchNorm",
+    "brn": "BatchRenorm",
+    "gn": "GroupNorm",
+    "ln": "LayerNorm",
+    "in": "InstanceNorm",
+    "bn-running": "BN, running stats",
+}
+
+
+def missing_layers(*kinds: str, image: bool = False) -> list[str]:
+    """The normlab.nn classes that the norm ``kinds`` need and that do not exist yet."""
+    missing = []
+    for kind in kinds:
+        if kind in ("none", "bn-running"):
+            kind = "bn" if kind == "bn-running" else None
+        if kind is None:
+            continue
+        name = _NORM_CLASSES[kind][1 if image else 0]
+        if not hasattr(nlnn, name) and name not in missing:
+            missing.append(name)
+    return missing
+
+
+class RunningStatsNorm(nn.Module):
+    """BatchNorm that normalises with its *running* statistics in training too.
+
+    In training each batch still updates the running mean/variance (torch's EMA, momentum
+    0.1), but the output is the eval-mode one, y = γ(x − μ_run)/sqrt(σ²_run + ε) + β, with
+    μ_run, σ²_run constants for backward. The layer keeps BN's re-scaling but removes the
+    per-batch noise of the statistics (and their gradient), which is the control the
+    noise-regularisation experiment needs.
+    """
+
+    def __init__(self, bn: nn.Module) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.bn(x)
+        with torch.no_grad():
+            self.bn(x)  # update the running statistics from this batch; output unused
+        self.bn.eval()
+        try:
+            return self.bn(x)
+        finally:
+            self.bn.train()
+
+
+def norm_layer(kind: str, num_features: int, *, image: bool = False, spatial=None, **kwargs):
+    """A normalization layer over ``num_features`` channels, or None for ``kind='none'``.
+
+    Args:
+        kind: 'none', 'bn', 'bn-running' (:class:`RunningStatsNorm`), 'brn', 'gn', 'ln',
+            'in'.
+        image: the input is (N, C, H, W) rather than (N, C).
+        spatial: (H, W) of the input, needed by 'ln' on images (LayerNorm over C·H·W).
+        kwargs: passed to the layer (e.g. ``num_groups`` for 'gn', the renorm schedule).
+    """
+    if kind == "none":
+        return None
+    if kind == "bn-running":
+        return RunningStatsNorm(norm_layer("bn", num_features, image=image, **kwargs))
+    missing = missing_layers(kind, image=image)
+    if missing:
+        raise RuntimeError(f"norm_layer({kind!r}): normlab.nn has no {missing[0]} yet")
+    cls = getattr(nlnn, _NORM_CLASSES[kind][1 if image else 0])
+    if kind == "gn":
+        groups = kwargs.pop("num_groups", min(32, num_features))
+        return cls(groups, num_features, **kwargs)
+    if kind == "ln":
+        shape = (num_features, *spatial) if image else (num_features,)
+        return cls(shape, **kwargs)
+    if kind == "in":
+        kwargs.setdefault("affine", True)
+        return cls(num_features, **kwargs)
+    return cls(num_features, **kwargs)
+
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+}
+_ACTIVATION_TYPES = tuple(_ACTIVATIONS.values())
+
+
+def mlp(
+    in_features: int,
+    widths: Sequence[int],
+    num_classes: int,
+    *,
+    norm: str = "none",
+    activation: str = "sigmoid",
+    init_std: float | None = None,
+    norm_kwargs: dict | None = None,
+) -> nn.Sequential:
+    """Linear → [norm] → activation for each width, then a Linear classifier.
+
+    The norm sits between the linear map and the activation, where Ioffe & Szegedy (2015)
+    and seed 000 put it. Linear layers keep their bias even with a norm after them, so that
+    a plain and a normalised net built from the same seed share every weight.
+
+    Args:
+        init_std: if given, hidden weights are N(0, init_std² / fan_in) and biases 0
+            (init_std = 1 is LeCun's init); None keeps torch's default
+            U(±1/sqrt(fan_in)).
+    """
+    layers: list[nn.Module] = []
+    fan_in = in_features
+    for width in widths:
+        linear = nn.Linear(fan_in, width)
+        if init_std is not None:
+            nn.init.normal_(linear.weight, 0.0, init_std / math.sqrt(fan_in))
+            nn.init.zeros_(linear.bias)
+        layers.append(linear)
+        n = norm_layer(norm, width, **(norm_kwargs or {}))
+        if n is not None:
+            layers.append(n)
+        layers.append(_ACTIVATIONS[activation]())
+        fan_in = width
+    layers.append(nn.Linear(fan_in, num_classes))
+    return nn.Sequential(*layers)
+
+
+def small_cnn(
+    num_classes: int = 10,
+    *,
+    channels: Sequence[int] = (16, 32, 32),
+    norm: str = "bn",
+    image_size: int = 8,
+    norm_kwargs: dict | None = None,
+) -> nn.Sequential:
+    """A small CNN for 1×8×8 digits: 3×3 conv → [norm] → ReLU blocks, the second one with
+    stride 2, then global average pooling and a Linear classifier. Convolutions have no
+    bias when a norm follows (its β plays that role)."""
+    layers: list[nn.Module] = []
+    in_ch, size = 1, image_size
+    for i, out_ch in enumerate(channels):
+        stride = 2 if i == 1 else 1
+        layers.append(nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=norm == "none"))
+        size = (size + 2 - 3) // stride + 1
+        n = norm_layer(norm, out_ch, image=True, spatial=(size, size), **(norm_kwargs or {}))
+        if n is not None:
+            layers.append(n)
+        layers.append(nn.ReLU())
+        in_ch = out_ch
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_ch, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def modules_of(model: nn.Module, *types: type) -> list[nn.Module]:
+    """The submodules of ``model`` that are instances of ``types``, in forward order."""
+    return [m for m in model.modules() if isinstance(m, types)]
+
+
+def copy_weights(src: nn.Module, dst: nn.Module) -> None:
+    """Copy the weights of src's Linear/Conv layers into dst's, in order (same shapes):
+    a plain and a normalised net then start from the same initialisation."""
+    kinds = (nn.Linear, nn.Conv2d)
+    pairs = list(zip(modules_of(src, *kinds), modules_of(dst, *kinds), strict=True))
+    with torch.no_grad():
+        for a, b in pairs:
+            b.weight.copy_(a.weight)
+            if a.bias is not None and b.bias is not None:
+                b.bias.copy_(a.bias)
+
+
+# -- batches ---------------------------------------------------------------------------
+
+
+def iid_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless index batches: a fresh permutation of range(n) per epoch, the last
+    incomplete batch of each epoch dropped."""
+    if not 0 < batch_size <= n:
+        raise ValueError(f"iid_batches: batch_size must be in [1, {n}], got {batch_size}")
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i : i + batch_size]
+
+
+def class_grouped_batches(
+    y: torch.Tensor, classes_per_batch: int, per_class: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Endless non-i.i.d. index batches: each holds ``per_class`` examples of each of
+    ``classes_per_batch`` random classes (Ioffe 2017 §4.3 used 16 classes × 2 images), so
+    a batch's statistics differ systematically from the population's."""
+    classes = torch.unique(y)
+    if not 0 < classes_per_batch <= len(classes):
+        raise ValueError(
+            f"class_grouped_batches: classes_per_batch must be in [1, {len(classes)}], got "
+            f"{classes_per_batch}"
+        )
+    pools = [torch.nonzero(y == c).flatten() for c in classes]
+    cursors = [0] * len(pools)
+    orders = [p[torch.randperm(len(p), generator=generator)] for p in pools]
+    while True:
+        chosen = torch.randperm(len(classes), generator=generator)[:classes_per_batch]
+        parts = []
+        for c in chosen.tolist():
+            if cursors[c] + per_class > len(orders[c]):
+                orders[c] = pools[c][torch.randperm(len(pools[c]), generator=generator)]
+                cursors[c] = 0
+            parts.append(orders[c][cursors[c] : cursors[c] + per_class])
+            cursors[c] += per_class
+        yield torch.cat(parts)
+
+
+# -- evaluation and training ------------------------------------------------------------
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train_mode=False) -> float:
+    """Share of correct argmax predictions, in eval mode (running statistics) unless
+    ``train_mode``; the model's mode is restored and, in train mode, a copy is evaluated
+    so its running statistics are not touched."""
+    if train_mode:
+        probe = copy.deepcopy(model).train()
+        return float((probe(x).argmax(1) == y).float().mean())
+    was = model.training
+    model.eval()
+    try:
+        return float((model(x).argmax(1) == y).float().mean())
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Eval-mode cross-entropy, mode restored."""
+    was = model.training
+    model.eval()
+    try:
+        return float(F.cross_entropy(model(x), y))
+    finally:
+        model.train(was)
+
+
+@dataclass
+class History:
+    """A training run: loss per step, and accuracies at the evaluation steps."""
+
+    loss: list[float] = field(default_factory=list)  # training-batch loss per step
+    eval_steps: list[int] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)  # eval mode, full train set
+    test_accuracy: list[float] = field(default_factory=list)  # eval mode, test set
+    diverged: bool = False  # a non-finite loss stopped the run
+
+    @property
+    def final_test_accuracy(self) -> float:
+        return self.test_accuracy[-1] if self.test_accuracy else float("nan")
+
+    @property
+    def final_train_accuracy(self) -> float:
+        return self.train_accuracy[-1] if self.train_accuracy else float("nan")
+
+
+def train(
+    model: nn.Module,
+    data: Split,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int = 64,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    eval_every: int = 0,
+    batch_stream: Iterator[torch.Tensor] | None = None,
+    on_eval: Callable[[int, nn.Module], None] | None = None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+    progress: Progress | None = None,
+    progress_span: tuple[float, float] = (0.0, 1.0),
+    label: str = "training",
+) -> History:
+    """Minibatch SGD (with momentum) on cross-entropy; deterministic for ``seed``.
+
+    Evaluates (eval mode) on the whole train and test sets at step 0, every
+    ``eval_every`` steps (0: only at the start and the end) and after the last step,
+    calling ``on_eval(step, model)`` each time. A non-finite loss stops the run with
+    ``diverged=True``. ``on_step(step, model)`` runs after each optimizer step.
+    ``progress`` gets fractions mapped into ``progress_span``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    stream = batch_stream or iid_batches(len(data.x_train), batch_size, gen)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    hist = History()
+    lo, hi = progress_span
+
+    def evaluate(step: int) -> None:
+        hist.eval_steps.append(step)
+        hist.train_accuracy.append(accuracy(model, data.x_train, data.y_train))
+        hist.test_accuracy.append(accuracy(model, data.x_test, data.y_test))
+        if on_eval is not None:
+            on_eval(step, model)
+
+    model.train()
+    evaluate(0)
+    report_every = max(1, steps // 20)
+    for step in range(1, steps + 1):
+        idx = next(stream)
+        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+        if not torch.isfinite(loss):
+            hist.diverged = True
+            hist.loss.append(float("nan"))
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist.loss.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, model)
+        if eval_every and step % eval_every == 0 and step != steps:
+            evaluate(step)
+        if progress is not None and step % report_every == 0:
+            progress(lo + (hi - lo) * step / steps, f"{label}: step {step}/{steps}")
+    # a diverged model is evaluated as it is (non-finite logits score about chance)
+    evaluate(len(hist.loss) if hist.diverged else steps)
+    return hist
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average (for loss curves in plots)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+@dataclass
+class LayerProbe:
+    """Per hidden layer k (the k-th Linear/Conv and the activation after it), on one batch
+    in training mode: the weight-gradient norm ‖∂L/∂W_k‖ and the activation's input z_k."""
+
+    grad_norm: list[float]
+    saturated_fraction: list[float]  # share of |z| > threshold
+    z_min: list[float]
+    z_max: list[float]
+    z_percentiles: list[list[float]]  # per layer: 15th, 50th, 85th percentile over the batch
+
+
+def probe_layers(
+    model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, *, saturation: float = 5.0
+) -> LayerProbe:
+    """One forward/backward of cross-entropy on (x, y) through a *copy* of the model in
+    training mode (batch statistics; the model's running statistics and gradients are not
+    touched). Only layers followed by an activation are reported (not the classifier).
+
+    Saturation: for a sigmoid, σ'(z) < σ'(5) ≈ 0.0066 once |z| > 5 (seed 000's threshold).
+    """
+    probe = copy.deepcopy(model).train()
+    probe.zero_grad(set_to_none=True)
+    acts = [m for m in probe if isinstance(m, _ACTIVATION_TYPES)]
+    linears = modules_of(probe, nn.Linear, nn.Conv2d)[: len(acts)]
+    inputs: list[torch.Tensor] = []
+    hooks = [a.register_forward_hook(lambda _m, i, _o: inputs.append(i[0].detach())) for a in acts]
+    try:
+        F.cross_entropy(probe(x), y).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    qs = torch.tensor([0.15, 0.50, 0.85])
+    return LayerProbe(
+        grad_norm=[float(lin.weight.grad.norm()) for lin in linears],
+        saturated_fraction=[float((z.abs() > saturation).float().mean()) for z in inputs],
+        z_min=[float(z.min()) for z in inputs],
+        z_max=[float(z.max()) for z in inputs],
+        z_percentiles=[torch.quantile(z.flatten(), qs).tolist() for z in inputs],
+    )
