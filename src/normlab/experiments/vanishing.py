@@ -61,6 +61,10 @@ class Vanishing(Experiment):
         )
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
+        with T.one_thread():
+            return self._run(config, progress)
+
+    def _run(self, config: Config, progress: Progress | None) -> Result:
         data = load_digits(seed=config.seed)
         xp, yp = data.x_train[: config.probe_size], data.y_train[: config.probe_size]
         widths = [config.width] * config.depth
