@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from torch import nn
 import normlab.nn as nlnn
 from normlab.data import Split
 from normlab.experiments.base import Progress
+from normlab.functional.batch_norm import NonFiniteStatisticsWarning
 
 
 @contextmanager
@@ -299,7 +301,7 @@ def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 class History:
     """A training run: loss per step, and accuracies at the evaluation steps."""
 
-    loss: list[float] = field(default_factory=list)  # training-batch loss per step
+    loss: list[float] = field(default_factory=list)  # training-batch loss per finite step
     eval_steps: list[int] = field(default_factory=list)
     train_accuracy: list[float] = field(default_factory=list)  # eval mode, full train set
     test_accuracy: list[float] = field(default_factory=list)  # eval mode, test set
@@ -346,6 +348,10 @@ def train(
     hist = History()
     lo, hi = progress_span
 
+    def report(step: int) -> None:
+        if progress is not None and (step % report_every == 0 or step == steps):
+            progress(lo + (hi - lo) * step / steps, f"{label}: step {step}/{steps}")
+
     def evaluate(step: int) -> None:
         hist.eval_steps.append(step)
         hist.train_accuracy.append(accuracy(model, data.x_train, data.y_train))
@@ -354,27 +360,29 @@ def train(
             on_eval(step, model)
 
     model.train()
-    evaluate(0)
     report_every = max(1, steps // 20)
-    for step in range(1, steps + 1):
-        idx = next(stream)
-        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-        if not torch.isfinite(loss):
-            hist.diverged = True
-            hist.loss.append(float("nan"))
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        hist.loss.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step, model)
-        if eval_every and step % eval_every == 0 and step != steps:
-            evaluate(step)
-        if progress is not None and step % report_every == 0:
-            progress(lo + (hi - lo) * step / steps, f"{label}: step {step}/{steps}")
-    # a diverged model is evaluated as it is (non-finite logits score about chance)
-    evaluate(len(hist.loss) if hist.diverged else steps)
+    with warnings.catch_warnings():
+        # a run at a learning rate too large for the net is an expected outcome of some
+        # experiments; the BN layers' warning about its non-finite batch is not news
+        warnings.simplefilter("ignore", NonFiniteStatisticsWarning)
+        evaluate(0)
+        for step in range(1, steps + 1):
+            idx = next(stream)
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            if not torch.isfinite(loss):
+                hist.diverged = True
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            hist.loss.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step, model)
+            if eval_every and step % eval_every == 0 and step != steps:
+                evaluate(step)
+            report(step)
+        # a diverged model is evaluated as it is (non-finite logits score about chance)
+        evaluate(len(hist.loss) if hist.diverged else steps)
     return hist
 
 
