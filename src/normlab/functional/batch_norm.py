@@ -22,6 +22,96 @@ def _param_shape(ndim: int, channel_dim: int, num_channels: int) -> list[int]:
     return shape
 
 
+def _check_running(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float | None,
+    training: bool,
+    num_batches_tracked: torch.Tensor | None,
+    where: str,
+) -> None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            f"{where}: running_mean and running_var must both be tensors or both be None"
+        )
+    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(
+            f"{where}: momentum=None (cumulative average) needs num_batches_tracked, a 0-d int64 "
+            f"tensor counting the batches seen; or pass a float momentum such as 0.1."
+        )
+
+
+def channel_layout(
+    input: torch.Tensor,
+    channel_dim: int,
+    params: dict[str, torch.Tensor | None],
+    where: str,
+) -> tuple[int, tuple[int, ...], list[int]]:
+    """Validate a per-channel normalization call and return its layout.
+
+    Checks the input (floating, at least (N, C)) and every per-channel tensor in
+    ``params`` (shape ``(C,)``). Returns ``(c, dims, shape)``: the canonical channel dim,
+    the reduction dims (all others) and the broadcast shape of a per-channel tensor.
+    """
+    _checks.check_floating(input, "input", where)
+    if input.dim() < 2:
+        raise ValueError(
+            f"{where}: input must have a batch dimension and a channel dimension, got shape "
+            f"{tuple(input.shape)}; for a single sample of C features use input.unsqueeze(0) "
+            f"(and eval mode)."
+        )
+    c = _checks.canonical_dim(channel_dim, input.dim(), "channel_dim", where)
+    num_channels = input.shape[c]
+    for name, t in params.items():
+        _checks.check_param(t, name, num_channels, where, f" (channel_dim={channel_dim})")
+    dims = tuple(d for d in range(input.dim()) if d != c)
+    return c, dims, _param_shape(input.dim(), c, num_channels)
+
+
+def update_running_stats_(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    unbiased_var: torch.Tensor,
+    momentum: float | None,
+    *,
+    num_batches_tracked: torch.Tensor | None = None,
+    nonfinite: str = "propagate",
+    where: str = "batch_norm",
+) -> bool:
+    """Fold one batch's statistics into the running estimates, in place.
+
+    ``running ← (1 − f)·running + f·batch`` with ``f = momentum``, or ``f = 1/t`` at the
+    t-th update when ``momentum`` is None (cumulative average; ``num_batches_tracked``
+    counts the updates and is incremented first). ``mean`` and ``unbiased_var`` have the
+    running buffers' number of elements; the caller decides what "the batch's" statistics
+    are (BN: the batch's mean and n/(n−1)-corrected variance; ghost BN and InstanceNorm:
+    their own pooling, documented there).
+
+    Non-finite statistics follow ``nonfinite``: 'propagate' (torch) updates anyway,
+    'skip' changes nothing (counter included) and returns True, 'raise' raises
+    ``FloatingPointError`` before any change. Returns whether the update was skipped.
+    """
+    if nonfinite != "propagate":
+        finite = bool(torch.isfinite(mean).all()) and bool(torch.isfinite(unbiased_var).all())
+        if not finite:
+            if nonfinite == "raise":
+                raise FloatingPointError(
+                    f"{where}: the batch statistics are not finite (the input holds NaN or Inf, "
+                    f"or overflows); running statistics were left unchanged. Find the source "
+                    f"(learning rate, data, loss scale), or construct the layer with "
+                    f"nonfinite='skip' to skip such batches."
+                )
+            return True
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        factor = momentum if momentum is not None else cumulative_factor(int(num_batches_tracked))
+        ema_update_(running_mean, mean.reshape(running_mean.shape), factor)
+        ema_update_(running_var, unbiased_var.reshape(running_var.shape), factor)
+    return False
+
+
 def _batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -40,36 +130,16 @@ def _batch_norm(
     where: str = "batch_norm",
 ) -> tuple[torch.Tensor, bool]:
     """:func:`batch_norm`, also returning whether a non-finite batch was skipped."""
-    _checks.check_floating(input, "input", where)
     _checks.check_eps(eps, where)
     _checks.check_momentum(momentum, where)
     _checks.check_nonfinite(nonfinite, where)
-    if input.dim() < 2:
-        raise ValueError(
-            f"{where}: input must have a batch dimension and a channel dimension, got shape "
-            f"{tuple(input.shape)}; for a single sample of C features use input.unsqueeze(0) "
-            f"(and eval mode)."
-        )
-    c = _checks.canonical_dim(channel_dim, input.dim(), "channel_dim", where)
-    num_channels = input.shape[c]
-    for name, t in (
-        ("weight", weight),
-        ("bias", bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        _checks.check_param(t, name, num_channels, where, f" (channel_dim={channel_dim})")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(
-            f"{where}: running_mean and running_var must both be tensors or both be None"
-        )
-    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
-        raise ValueError(
-            f"{where}: momentum=None (cumulative average) needs num_batches_tracked, a 0-d int64 "
-            f"tensor counting the batches seen; or pass a float momentum such as 0.1."
-        )
-    dims = tuple(d for d in range(input.dim()) if d != c)
-    shape = _param_shape(input.dim(), c, num_channels)
+    _, dims, shape = channel_layout(
+        input,
+        channel_dim,
+        {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
+        where,
+    )
+    _check_running(running_mean, running_var, momentum, training, num_batches_tracked, where)
     w = None if weight is None else weight.view(shape)
     b = None if bias is None else bias.view(shape)
 
@@ -100,25 +170,17 @@ def _batch_norm(
     )
     if running_mean is None or n == 0:
         return y, False  # nothing to track, or an empty batch: statistics untouched
-    mean, var = mean.view(num_channels), var.view(num_channels)
-    if nonfinite != "propagate":
-        finite = bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())
-        if not finite:
-            if nonfinite == "raise":
-                raise FloatingPointError(
-                    f"{where}: the batch statistics are not finite (the input holds NaN or Inf, "
-                    f"or overflows); running statistics were left unchanged. Find the source "
-                    f"(learning rate, data, loss scale), or construct the layer with "
-                    f"nonfinite='skip' to skip such batches."
-                )
-            return y, True
-    with torch.no_grad():
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        factor = momentum if momentum is not None else cumulative_factor(int(num_batches_tracked))
-        ema_update_(running_mean, mean, factor)
-        ema_update_(running_var, var * (n / (n - 1)), factor)
-    return y, False
+    skipped = update_running_stats_(
+        running_mean,
+        running_var,
+        mean,
+        var * (n / (n - 1)),
+        momentum,
+        num_batches_tracked=num_batches_tracked,
+        nonfinite=nonfinite,
+        where=where,
+    )
+    return y, skipped
 
 
 def batch_norm(

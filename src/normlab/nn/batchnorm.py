@@ -148,7 +148,28 @@ class _NormlabBatchNorm(_BatchNorm):
             mean = var = None
         if not use_batch_stats:
             mean, var = self.population_stats()
-        y, skipped = _batch_norm(
+        y, skipped = self._normalize(input, mean, var, use_batch_stats, tracking)
+        if skipped and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}: a training batch had non-finite statistics (NaN/Inf in "
+                f"its input); running statistics were left unchanged (nonfinite='skip'). "
+                f"Further skips by this layer are silent.",
+                NonFiniteStatisticsWarning,
+                stacklevel=2,
+            )
+        return y
+
+    def _normalize(
+        self,
+        input: torch.Tensor,
+        mean: torch.Tensor | None,
+        var: torch.Tensor | None,
+        use_batch_stats: bool,
+        tracking: bool,
+    ) -> tuple[torch.Tensor, bool]:
+        """The one functional call of this layer; variants (renorm, ghost) override it."""
+        return _batch_norm(
             input,
             mean,
             var,
@@ -164,16 +185,6 @@ class _NormlabBatchNorm(_BatchNorm):
             num_batches_tracked=self.num_batches_tracked if tracking else None,
             where=type(self).__name__,
         )
-        if skipped and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"{type(self).__name__}: a training batch had non-finite statistics (NaN/Inf in "
-                f"its input); running statistics were left unchanged (nonfinite='skip'). "
-                f"Further skips by this layer are silent.",
-                NonFiniteStatisticsWarning,
-                stacklevel=2,
-            )
-        return y
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -190,46 +201,64 @@ class _NormlabBatchNorm(_BatchNorm):
         return s
 
 
-class BatchNorm1d(_NormlabBatchNorm, torch.nn.BatchNorm1d):
-    """Batch normalization over a 2-D ``(N, C)`` or 3-D ``(N, C, L)`` input; statistics over
-    N (and L). Drop-in for :class:`torch.nn.BatchNorm1d`; see :class:`BatchNorm` for the
-    formula and the keyword-only extras."""
+class _Rank1d:
+    """Input rank check of the 1d layers of a family: (N, C) or (N, C, L)."""
 
     def _check_rank(self, input: torch.Tensor) -> None:
         if input.dim() not in (2, 3):
+            name = type(self).__name__
+            family = name[:-2]
             raise ValueError(
-                f"BatchNorm1d: expected 2-D (N, C) or 3-D (N, C, L) input, got {input.dim()}-D "
-                f"input of shape {tuple(input.shape)}. Use BatchNorm2d for (N, C, H, W), "
-                f"BatchNorm3d for (N, C, D, H, W), or normlab.nn.BatchNorm(num_features, "
+                f"{name}: expected 2-D (N, C) or 3-D (N, C, L) input, got {input.dim()}-D "
+                f"input of shape {tuple(input.shape)}. Use {family}2d for (N, C, H, W), "
+                f"{family}3d for (N, C, D, H, W), or normlab.nn.BatchNorm(num_features, "
                 f"channel_dim=...) for any rank."
             )
 
 
-class BatchNorm2d(_NormlabBatchNorm, torch.nn.BatchNorm2d):
-    """Batch normalization over a 4-D ``(N, C, H, W)`` input; statistics over N·H·W values
-    per channel. Drop-in for :class:`torch.nn.BatchNorm2d`; see :class:`BatchNorm`."""
+class _Rank2d:
+    """Input rank check of the 2d layers of a family: (N, C, H, W)."""
 
     def _check_rank(self, input: torch.Tensor) -> None:
         if input.dim() != 4:
+            name = type(self).__name__
+            family = name[:-2]
             raise ValueError(
-                f"BatchNorm2d: expected 4-D (N, C, H, W) input, got {input.dim()}-D input of "
-                f"shape {tuple(input.shape)}. Use BatchNorm1d for (N, C) or (N, C, L), "
-                f"BatchNorm3d for 5-D, or normlab.nn.BatchNorm for any rank; a single image "
+                f"{name}: expected 4-D (N, C, H, W) input, got {input.dim()}-D input of "
+                f"shape {tuple(input.shape)}. Use {family}1d for (N, C) or (N, C, L), "
+                f"{family}3d for 5-D, or normlab.nn.BatchNorm for any rank; a single image "
                 f"(C, H, W) needs input.unsqueeze(0)."
             )
 
 
-class BatchNorm3d(_NormlabBatchNorm, torch.nn.BatchNorm3d):
-    """Batch normalization over a 5-D ``(N, C, D, H, W)`` input. Drop-in for
-    :class:`torch.nn.BatchNorm3d`; see :class:`BatchNorm`."""
+class _Rank3d:
+    """Input rank check of the 3d layers of a family: (N, C, D, H, W)."""
 
     def _check_rank(self, input: torch.Tensor) -> None:
         if input.dim() != 5:
+            name = type(self).__name__
+            family = name[:-2]
             raise ValueError(
-                f"BatchNorm3d: expected 5-D (N, C, D, H, W) input, got {input.dim()}-D input "
-                f"of shape {tuple(input.shape)}. Use BatchNorm1d/2d for lower ranks or "
+                f"{name}: expected 5-D (N, C, D, H, W) input, got {input.dim()}-D input "
+                f"of shape {tuple(input.shape)}. Use {family}1d/2d for lower ranks or "
                 f"normlab.nn.BatchNorm for any rank."
             )
+
+
+class BatchNorm1d(_Rank1d, _NormlabBatchNorm, torch.nn.BatchNorm1d):
+    """Batch normalization over a 2-D ``(N, C)`` or 3-D ``(N, C, L)`` input; statistics over
+    N (and L). Drop-in for :class:`torch.nn.BatchNorm1d`; see :class:`BatchNorm` for the
+    formula and the keyword-only extras."""
+
+
+class BatchNorm2d(_Rank2d, _NormlabBatchNorm, torch.nn.BatchNorm2d):
+    """Batch normalization over a 4-D ``(N, C, H, W)`` input; statistics over N·H·W values
+    per channel. Drop-in for :class:`torch.nn.BatchNorm2d`; see :class:`BatchNorm`."""
+
+
+class BatchNorm3d(_Rank3d, _NormlabBatchNorm, torch.nn.BatchNorm3d):
+    """Batch normalization over a 5-D ``(N, C, D, H, W)`` input. Drop-in for
+    :class:`torch.nn.BatchNorm3d`; see :class:`BatchNorm`."""
 
 
 class BatchNorm(_NormlabBatchNorm):

@@ -1,0 +1,347 @@
+"""Per-sample normalization: LayerNorm, RMSNorm, GroupNorm and InstanceNorm, on the engine.
+
+Each normalises every sample with its own statistics over a set of its dims — trailing
+``normalized_shape`` dims (LayerNorm, RMSNorm), groups of channels × positions
+(GroupNorm), positions of one channel (InstanceNorm) — so training and eval are the same
+computation, except for InstanceNorm's optional running statistics (torch's semantics).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from normlab.functional import _checks
+from normlab.functional.batch_norm import (
+    NonFiniteStatisticsWarning,
+    _param_shape,
+    update_running_stats_,
+)
+from normlab.functional.engine import normalize_batch, normalize_with_stats
+from normlab.functional.stats import reduce_count, work_dtype
+
+
+def normalized_dims(
+    input: torch.Tensor, normalized_shape: int | Sequence[int], where: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(normalized_shape, dims)`` for a reduction over the input's trailing dims.
+
+    Raises a ValueError naming both shapes when the input's trailing dims differ from
+    ``normalized_shape`` (reliability case 3).
+    """
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k :]) != shape:
+        raise ValueError(
+            f"{where}: normalized_shape={list(shape)} must equal the last {k} dim(s) of the "
+            f"input, got input of shape {list(input.shape)}. Construct the layer with "
+            f"normalized_shape=input.shape[-{max(k, 1)}:] (e.g. (C, H, W) for images, (D,) for "
+            f"tokens), or move the normalized dims to the end."
+        )
+    return shape, tuple(range(input.dim() - k, input.dim()))
+
+
+def _check_affine(p: torch.Tensor | None, name: str, shape: tuple[int, ...], where: str) -> None:
+    if p is not None and tuple(p.shape) != shape:
+        raise ValueError(
+            f"{where}: {name} must have shape {shape} (= normalized_shape), got {tuple(p.shape)}"
+        )
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """Layer normalization: ``y = act(γ ⊙ (x − μ) / sqrt(σ² + ε) + β)``, with μ and the
+    biased σ² over the trailing ``normalized_shape`` dims of each sample.
+
+    Drop-in for :func:`torch.nn.functional.layer_norm` (same positional arguments).
+
+    Args:
+        input: ``(*, *normalized_shape)``, floating point.
+        normalized_shape: the trailing shape reduced over (an int for the last dim).
+        weight, bias: elementwise γ, β of shape ``normalized_shape``, or None.
+        eps: added to the variance (≥ 0).
+        activation, negative_slope: fused activation after the affine (keyword-only).
+
+    Numerics: the engine's shifted two-pass statistics (float32 for half inputs),
+    closed-form backward.
+
+    Reference: Ba, Kiros & Hinton, "Layer Normalization", 2016, eq. (4).
+    """
+    where = "layer_norm"
+    _checks.check_floating(input, "input", where)
+    _checks.check_eps(eps, where)
+    shape, dims = normalized_dims(input, normalized_shape, where)
+    _check_affine(weight, "weight", shape, where)
+    _check_affine(bias, "bias", shape, where)
+    y, _, _ = normalize_batch(
+        input, dims, weight, bias, eps=eps, activation=activation, negative_slope=negative_slope
+    )
+    return y
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    *,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """Root-mean-square normalization: ``y = act(γ ⊙ x / sqrt(mean(x²) + ε))``, the mean
+    over the trailing ``normalized_shape`` dims; no centring, no bias.
+
+    Drop-in for :func:`torch.nn.functional.rms_norm`. ``eps=None`` is the machine epsilon
+    of the computation dtype, as torch: ``torch.finfo(float32).eps`` for float16/bfloat16/
+    float32 input, ``torch.finfo(float64).eps`` for float64.
+
+    Backward (engine, ``center=False``): dx = (g − x̂·mean(g·x̂)) / rms with g = dy·γ.
+
+    Reference: Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019,
+    eq. (4).
+    """
+    where = "rms_norm"
+    _checks.check_floating(input, "input", where)
+    if eps is None:
+        eps = torch.finfo(work_dtype(input.dtype)).eps
+    _checks.check_eps(eps, where)
+    shape, dims = normalized_dims(input, normalized_shape, where)
+    _check_affine(weight, "weight", shape, where)
+    y, _, _ = normalize_batch(
+        input,
+        dims,
+        weight,
+        None,
+        eps=eps,
+        center=False,
+        activation=activation,
+        negative_slope=negative_slope,
+    )
+    return y
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_groups(num_groups: int, num_channels: int, where: str) -> None:
+    for name, v in (("num_groups", num_groups), ("num_channels", num_channels)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{where}: {name} must be a positive int, got {v!r}")
+    if num_channels % num_groups:
+        raise ValueError(
+            f"{where}: num_channels={num_channels} is not divisible by num_groups={num_groups}; "
+            f"each group must hold the same number of channels. Choose num_groups from "
+            f"{divisors(num_channels)} (1 is LayerNorm over (C, *), {num_channels} is "
+            f"InstanceNorm)."
+        )
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """Group normalization: the C channels of each sample split into ``num_groups`` groups
+    of C/G; each group normalised with its own mean and biased variance over its C/G·S
+    values; then a per-channel affine ``γ_c·x̂ + β_c`` and optional activation.
+
+    Drop-in for :func:`torch.nn.functional.group_norm` (same positional arguments).
+
+    Shapes: input ``(N, C, *S)``; weight, bias ``(C,)``. The input is viewed as
+    ``(N, G, C/G, *S)`` (splitting one dim is a view for any strides, so channels-last
+    input is not copied) and reduced over every dim after G. The output keeps the input's
+    memory format. G = 1 is LayerNorm over ``(C, *S)`` with per-channel affine; G = C is
+    InstanceNorm.
+
+    Reference: Wu & He, "Group Normalization", ECCV 2018, eq. (1)-(2), §3.1.
+    """
+    where = "group_norm"
+    _checks.check_floating(input, "input", where)
+    _checks.check_eps(eps, where)
+    if input.dim() < 2:
+        raise ValueError(
+            f"{where}: expected an input of shape (N, C, *), got shape {list(input.shape)}; "
+            f"for one sample use input.unsqueeze(0)."
+        )
+    n, c = input.shape[0], input.shape[1]
+    check_groups(num_groups, c, where)
+    for name, p in (("weight", weight), ("bias", bias)):
+        _checks.check_param(p, name, c, where, " (one per channel)")
+    spatial = tuple(input.shape[2:])
+    grouped = input.view(n, num_groups, c // num_groups, *spatial)  # splitting a dim: a view
+    pshape = (1, num_groups, c // num_groups) + (1,) * len(spatial)
+    w = None if weight is None else weight.view(pshape)
+    b = None if bias is None else bias.view(pshape)
+    dims = tuple(range(2, grouped.dim()))
+    y, _, _ = normalize_batch(
+        grouped, dims, w, b, eps=eps, activation=activation, negative_slope=negative_slope
+    )
+    return y.reshape(input.shape)
+
+
+def _instance_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    nonfinite: str = "propagate",
+    where: str = "instance_norm",
+) -> tuple[torch.Tensor, bool]:
+    """:func:`instance_norm`, also returning whether a non-finite update was skipped."""
+    _checks.check_floating(input, "input", where)
+    _checks.check_eps(eps, where)
+    if momentum is None:
+        raise ValueError(
+            f"{where}: momentum must be a number in [0, 1], got None; the InstanceNorm layers "
+            f"map momentum=None to 0 (running statistics never updated), as torch does."
+        )
+    _checks.check_momentum(momentum, where)
+    _checks.check_nonfinite(nonfinite, where)
+    if input.dim() < 3:
+        raise ValueError(
+            f"{where}: expected an input of shape (N, C, *S) with at least one spatial dim, got "
+            f"shape {list(input.shape)}. InstanceNorm normalises each sample's channel over its "
+            f"spatial positions; for (N, C) features use LayerNorm or BatchNorm1d."
+        )
+    c = input.shape[1]
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        _checks.check_param(t, name, c, where)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            f"{where}: running_mean and running_var must both be tensors or both be None"
+        )
+    shape = _param_shape(input.dim(), 1, c)
+    w = None if weight is None else weight.view(shape)
+    b = None if bias is None else bias.view(shape)
+    if not use_input_stats:
+        if running_mean is None:
+            raise ValueError(
+                f"{where}: use_input_stats=False normalises with running statistics, but "
+                f"running_mean/running_var are None. Construct the layer with "
+                f"track_running_stats=True, or use the input's own statistics."
+            )
+        y = normalize_with_stats(
+            input,
+            running_mean.view(shape),
+            running_var.view(shape),
+            w,
+            b,
+            eps=eps,
+            activation=activation,
+            negative_slope=negative_slope,
+        )
+        return y, False
+    dims = tuple(range(2, input.dim()))
+    n = reduce_count(input.shape, dims)
+    if n == 1:
+        raise ValueError(
+            f"{where}: expected more than 1 spatial element when training, got input of size "
+            f"{list(input.shape)}. Instance statistics of a single value are undefined (the "
+            f"output would be all beta). Use a larger spatial size, BatchNorm (statistics over "
+            f"the batch), or eval mode with track_running_stats=True."
+        )
+    y, mean, var = normalize_batch(
+        input, dims, w, b, eps=eps, activation=activation, negative_slope=negative_slope
+    )
+    if running_mean is None or input.numel() == 0:
+        return y, False
+    # torch's rule (ATen instance_norm): every (sample, channel) pair updates a copy of
+    # the running statistics with its own mean and unbiased variance, and the copies are
+    # averaged over the batch, i.e. one EMA step with the batch-average of the instance
+    # statistics. torch does not increment num_batches_tracked here; neither do we.
+    mean = mean.reshape(input.shape[0], c).mean(0)
+    unbiased = (var * (n / (n - 1))).reshape(input.shape[0], c).mean(0)
+    skipped = update_running_stats_(
+        running_mean, running_var, mean, unbiased, momentum, nonfinite=nonfinite, where=where
+    )
+    return y, skipped
+
+
+def instance_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    nonfinite: str = "propagate",
+) -> torch.Tensor:
+    """Instance normalization: each (sample, channel) slice ``x[n, c]`` normalised by its
+    own mean and biased variance over the spatial dims; per-channel affine; activation.
+
+    Drop-in for :func:`torch.nn.functional.instance_norm` (same positional arguments).
+
+    Args:
+        input: ``(N, C, *S)`` with at least one spatial dim, floating point.
+        running_mean, running_var: optional ``(C,)`` buffers. With ``use_input_stats`` they
+            are updated (torch's rule): one EMA step toward the batch average of the
+            instance means and of the instance *unbiased* variances. Without, they are the
+            statistics normalised with.
+        weight, bias: ``(C,)`` affine parameters or None.
+        use_input_stats: normalise with instance statistics (training, or a layer that
+            does not track); False uses the running statistics.
+        momentum: EMA weight of the new statistics, in [0, 1] (no None here: the module
+            maps None to 0, as torch's does).
+        eps: added to the variance.
+        activation, negative_slope: fused activation (keyword-only).
+        nonfinite: running-statistics policy for NaN/Inf batches ('propagate' is torch;
+            see :func:`normlab.functional.batch_norm`).
+
+    Raises ValueError for one spatial element with ``use_input_stats`` (reliability 3).
+
+    Reference: Ulyanov, Vedaldi & Lempitsky, "Instance Normalization: The Missing
+    Ingredient for Fast Stylization", 2016, eq. (2).
+    """
+    y, skipped = _instance_norm(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        use_input_stats,
+        momentum,
+        eps,
+        activation=activation,
+        negative_slope=negative_slope,
+        nonfinite=nonfinite,
+    )
+    if skipped:
+        warnings.warn(
+            "instance_norm: non-finite statistics; running statistics not updated",
+            NonFiniteStatisticsWarning,
+            stacklevel=2,
+        )
+    return y
