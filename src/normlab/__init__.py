@@ -5,8 +5,21 @@ bn = nl.nn.BatchNorm2d(64, activation="relu")      # drop-in for torch.nn.BatchN
 y = nl.functional.batch_norm(x, rm, rv, training=True)
 """
 
-from normlab import functional, nn
+from normlab import functional, nn, tools
+from normlab.tools import accumulate_stats, adapt, convert, fold, freeze, recalibrate, unfreeze
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "functional", "nn"]
+__all__ = [
+    "__version__",
+    "accumulate_stats",
+    "adapt",
+    "convert",
+    "fold",
+    "freeze",
+    "functional",
+    "nn",
+    "recalibrate",
+    "tools",
+    "unfreeze",
+]

@@ -173,6 +173,16 @@ CASES: list[Case] = [
         errors=(((4, 3, 3), ValueError, r"expected 4-D"),),
     ),
     Case(
+        # no process group: SyncBatchNorm is plain BatchNorm (the multi-rank cases live in
+        # tests/nn/test_syncbatchnorm.py)
+        "SyncBatchNorm-single-process",
+        _made(lambda: nl.nn.SyncBatchNorm(3)),
+        (4, 3, 3, 2),
+        via_torch(lambda: torch.nn.BatchNorm2d(3)),
+        batch_stats=True,
+        channels_last=True,
+    ),
+    Case(
         "BatchNorm3d",
         _made(lambda: nl.nn.BatchNorm3d(2)),
         (3, 2, 2, 2, 2),

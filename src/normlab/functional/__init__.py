@@ -9,6 +9,7 @@ from normlab.functional.batch_norm import (
 )
 from normlab.functional.ema import cumulative_factor, ema_debias, ema_update_
 from normlab.functional.engine import StatsSource, normalize_batch, normalize_with_stats
+from normlab.functional.fold import fold_weights
 from normlab.functional.ghost import ghost_batch_norm
 from normlab.functional.jacobian import batch_norm_jacobian
 from normlab.functional.renorm import batch_renorm, renorm_clip_limits
@@ -25,6 +26,7 @@ __all__ = [
     "cumulative_factor",
     "ema_debias",
     "ema_update_",
+    "fold_weights",
     "get_activation",
     "ghost_batch_norm",
     "group_norm",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 
 from normlab.functional import _checks
 from normlab.functional.ema import cumulative_factor, ema_update_
-from normlab.functional.engine import normalize_batch, normalize_with_stats
+from normlab.functional.engine import StatsSource, normalize_batch, normalize_with_stats
 from normlab.functional.stats import reduce_count
 
 
@@ -128,8 +129,14 @@ def _batch_norm(
     nonfinite: str = "propagate",
     num_batches_tracked: torch.Tensor | None = None,
     where: str = "batch_norm",
+    source_fn: Callable[[torch.Tensor, tuple[int, ...]], tuple[StatsSource, int]] | None = None,
 ) -> tuple[torch.Tensor, bool]:
-    """:func:`batch_norm`, also returning whether a non-finite batch was skipped."""
+    """:func:`batch_norm`, also returning whether a non-finite batch was skipped.
+
+    ``source_fn(input, dims) -> (StatsSource, count)``: where training statistics come from
+    when they are not this tensor's alone (SyncBatchNorm: the global batch); the running
+    statistics are then updated from those statistics and their count.
+    """
     _checks.check_eps(eps, where)
     _checks.check_momentum(momentum, where)
     _checks.check_nonfinite(nonfinite, where)
@@ -162,11 +169,22 @@ def _batch_norm(
         )
         return y, False
 
-    n = reduce_count(input.shape, dims)
+    source = None
+    if source_fn is not None:
+        source, n = source_fn(input, dims)  # every rank gets the same n: all raise or none
+    else:
+        n = reduce_count(input.shape, dims)
     if n == 1:
         raise _checks.one_value_per_channel_error(tuple(input.shape), where)
     y, mean, var = normalize_batch(
-        input, dims, w, b, eps=eps, activation=activation, negative_slope=negative_slope
+        input,
+        dims,
+        w,
+        b,
+        eps=eps,
+        activation=activation,
+        negative_slope=negative_slope,
+        source=source,
     )
     if running_mean is None or n == 0:
         return y, False  # nothing to track, or an empty batch: statistics untouched

@@ -6,6 +6,7 @@ from normlab.nn.frozen_batch_norm import FrozenBatchNorm1d, FrozenBatchNorm2d, F
 from normlab.nn.ghost_batch_norm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.nn.normalization import GroupNorm, LayerNorm, RMSNorm
+from normlab.nn.syncbatchnorm import SyncBatchNorm
 
 __all__ = [
     "BatchNorm",
@@ -27,4 +28,5 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "RMSNorm",
+    "SyncBatchNorm",
 ]

@@ -138,6 +138,11 @@ class _NormlabBatchNorm(_BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
+        return self._forward_with(input)
+
+    def _forward_with(self, input: torch.Tensor, source_fn=None) -> torch.Tensor:
+        """Forward after input checks; ``source_fn`` supplies training statistics computed
+        elsewhere (see ``normlab.functional.batch_norm._batch_norm``), e.g. across ranks."""
         tracking = self.training and self.track_running_stats
         # torch's rules (_BatchNorm.forward): batch statistics in training, or in eval when
         # there are no buffers; buffers updated only while tracking.
@@ -148,7 +153,13 @@ class _NormlabBatchNorm(_BatchNorm):
             mean = var = None
         if not use_batch_stats:
             mean, var = self.population_stats()
-        y, skipped = self._normalize(input, mean, var, use_batch_stats, tracking)
+        args = (input, mean, var, use_batch_stats, tracking)
+        # Only SyncBatchNorm passes a source_fn; variants overriding _normalize take 5 args.
+        y, skipped = (
+            self._normalize(*args, source_fn=source_fn)
+            if source_fn is not None
+            else self._normalize(*args)
+        )
         if skipped and not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
@@ -167,6 +178,7 @@ class _NormlabBatchNorm(_BatchNorm):
         var: torch.Tensor | None,
         use_batch_stats: bool,
         tracking: bool,
+        source_fn=None,
     ) -> tuple[torch.Tensor, bool]:
         """The one functional call of this layer; variants (renorm, ghost) override it."""
         return _batch_norm(
@@ -184,6 +196,7 @@ class _NormlabBatchNorm(_BatchNorm):
             nonfinite=self.nonfinite,
             num_batches_tracked=self.num_batches_tracked if tracking else None,
             where=type(self).__name__,
+            source_fn=source_fn if use_batch_stats else None,
         )
 
     def extra_repr(self) -> str:
