@@ -14,7 +14,6 @@ are not there yet so it can report ``inconclusive: needs X`` instead of a fake n
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -26,25 +25,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import normlab.nn as nlnn
+from normlab import diagnostics
 from normlab.data import Split
 from normlab.experiments.base import Progress
 from normlab.functional.batch_norm import NonFiniteStatisticsWarning
 
 
 @contextmanager
-def one_thread():
-    """Run torch on one intra-op thread inside the block, restoring the count after.
-
-    These models are tiny (100-wide layers, 8×8 images): a second thread saves almost
-    nothing, and on a loaded machine its synchronisation made a run 5x slower (measured:
-    mnist-fig1 quick, 10 s on one thread vs 58 s on two, at load 8 on 2 cores).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+def own_rng():
+    """Inside the block experiments may seed torch's global RNG (``torch.manual_seed``,
+    for model construction); the caller's RNG state is restored after it."""
+    with torch.random.fork_rng(devices=[]):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # norm kind → the normlab.nn classes it needs (1-D/MLP form, 2-D/CNN form)
@@ -142,7 +134,6 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
 }
-_ACTIVATION_TYPES = tuple(_ACTIVATIONS.values())
 
 
 def mlp(
@@ -271,13 +262,9 @@ def class_grouped_batches(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train_mode=False) -> float:
-    """Share of correct argmax predictions, in eval mode (running statistics) unless
-    ``train_mode``; the model's mode is restored and, in train mode, a copy is evaluated
-    so its running statistics are not touched."""
-    if train_mode:
-        probe = copy.deepcopy(model).train()
-        return float((probe(x).argmax(1) == y).float().mean())
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of correct argmax predictions in eval mode (running statistics); the model's
+    mode is restored."""
     was = model.training
     model.eval()
     try:
@@ -403,43 +390,38 @@ class LayerProbe:
     in training mode: the weight-gradient norm ‖∂L/∂W_k‖ and the activation's input z_k."""
 
     grad_norm: list[float]
-    saturated_fraction: list[float]  # share of |z| > threshold
+    saturated_fraction: list[float]  # share of |z| > threshold (sigmoid/tanh sites)
     z_min: list[float]
     z_max: list[float]
-    unit_percentiles: list[list[list[float]]]  # [layer][unit] → 15th, 50th, 85th percentile
 
 
 def probe_layers(
-    model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, *, saturation: float = 5.0
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, saturation: float = 5.0
 ) -> LayerProbe:
-    """One forward/backward of cross-entropy on (x, y) through a *copy* of the model in
-    training mode (batch statistics; the model's running statistics and gradients are not
-    touched). Only layers followed by an activation are reported (not the classifier).
-
-    Saturation: for a sigmoid, σ'(z) < σ'(5) ≈ 0.0066 once |z| > 5 (seed 000's threshold).
-    """
-    probe = copy.deepcopy(model).train()
-    probe.zero_grad(set_to_none=True)
-    acts = [m for m in probe if isinstance(m, _ACTIVATION_TYPES)]
-    linears = modules_of(probe, nn.Linear, nn.Conv2d)[: len(acts)]
-    inputs: list[torch.Tensor] = []
-    hooks = [a.register_forward_hook(lambda _m, i, _o: inputs.append(i[0].detach())) for a in acts]
-    try:
-        F.cross_entropy(probe(x), y).backward()
-    finally:
-        for h in hooks:
-            h.remove()
-    qs = torch.tensor([0.15, 0.50, 0.85])
+    """:func:`normlab.diagnostics.gradient_flow` on (x, y) in training mode (batch
+    statistics; running statistics, modes and ``.grad`` untouched), reduced to one entry
+    per hidden layer: layers followed by an activation, not the classifier."""
+    flow = diagnostics.gradient_flow(model, (x, y), training=True, saturation_threshold=saturation)
+    sites = [rec.preact for rec in flow.layers if rec.preact is not None]
+    weights = [rec for rec in flow.layers if rec.kind in ("Linear", "Conv2d")][: len(sites)]
     return LayerProbe(
-        grad_norm=[float(lin.weight.grad.norm()) for lin in linears],
-        saturated_fraction=[float((z.abs() > saturation).float().mean()) for z in inputs],
-        z_min=[float(z.min()) for z in inputs],
-        z_max=[float(z.max()) for z in inputs],
-        unit_percentiles=[_unit_percentiles(z, qs) for z in inputs],
+        grad_norm=[rec.weight_grad_norm for rec in weights],
+        saturated_fraction=[site.saturated_fraction or 0.0 for site in sites],
+        z_min=[site.min for site in sites],
+        z_max=[site.max for site in sites],
     )
 
 
-def _unit_percentiles(z: torch.Tensor, qs: torch.Tensor) -> list[list[float]]:
-    """Per unit (channel, dim 1) percentiles over every other dimension: (C, len(qs))."""
-    per_unit = z.transpose(0, 1).reshape(z.shape[1], -1)  # (C, N·spatial)
-    return torch.quantile(per_unit, qs, dim=1).T.tolist()
+def unit_percentiles(
+    model: nn.Module, x: torch.Tensor, q: Sequence[float] = (0.15, 0.50, 0.85)
+) -> list[list[float]]:
+    """Percentiles over the batch x of every unit of the last hidden layer's activation
+    input, in training mode (running statistics untouched): ``[unit][len(q)]``.
+
+    One no-grad forward through :func:`normlab.diagnostics.preactivations`; all units at
+    once (``diagnostics.unit_percentiles`` takes one unit per forward).
+    """
+    pre = diagnostics.preactivations(model, x, training=True)
+    z = list(pre.values())[-1]  # forward order: the last activation site
+    per_unit = z.transpose(0, 1).reshape(z.shape[1], -1).double()  # (C, N·spatial)
+    return torch.quantile(per_unit, torch.tensor(list(q), dtype=torch.float64), dim=1).T.tolist()

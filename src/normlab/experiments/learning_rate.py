@@ -48,7 +48,7 @@ class LearningRate(Experiment):
         return Config(seed=seed, multiples=(3.0, 30.0), steps=60, trains_accuracy=0.5)
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
-        with T.one_thread():
+        with T.own_rng():
             return self._run(config, progress)
 
     def _run(self, config: Config, progress: Progress | None) -> Result:

@@ -71,7 +71,7 @@ class MnistFig1(Experiment):
         return Config(seed=seed, steps=300, num_probes=6)
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
-        with T.one_thread():
+        with T.own_rng():
             return self._run(config, progress)
 
     def _run(self, config: Config, progress: Progress | None) -> Result:
@@ -86,8 +86,7 @@ class MnistFig1(Experiment):
             per_probe: list[list[list[float]]] = []  # [probe][unit] → (p15, p50, p85)
 
             def on_eval(_step, m, per_probe=per_probe):
-                probe = T.probe_layers(m, data.x_test, data.y_test)
-                per_probe.append(probe.unit_percentiles[-1])
+                per_probe.append(T.unit_percentiles(m, data.x_test))
 
             hist[norm] = T.train(
                 model,

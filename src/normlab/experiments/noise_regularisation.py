@@ -62,7 +62,7 @@ class NoiseRegularisation(Experiment):
         return Config(seed=seed, batch_sizes=(16, 64), seeds=2, train_size=300, epochs=4)
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
-        with T.one_thread():
+        with T.own_rng():
             return self._run(config, progress)
 
     def _run(self, config: Config, progress: Progress | None) -> Result:

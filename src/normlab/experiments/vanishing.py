@@ -61,7 +61,7 @@ class Vanishing(Experiment):
         )
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
-        with T.one_thread():
+        with T.own_rng():
             return self._run(config, progress)
 
     def _run(self, config: Config, progress: Progress | None) -> Result:
