@@ -6,10 +6,7 @@ reads the global RNG during training. Nothing prints or writes files.
 
 Models are plain ``torch.nn.Sequential`` stacks of ``Linear``/``Conv2d`` → optional norm
 → activation, so an experiment can find the k-th linear map, norm layer or activation by
-type (see :func:`modules_of`). Normalization layers are normlab's own
-(:func:`norm_layer`); variants another branch adds (batch renorm, group/layer/instance
-norm) are looked up at call time, and :func:`missing_layers` tells an experiment which
-are not there yet so it can report ``inconclusive: needs X`` instead of a fake number.
+type (see :func:`modules_of`). Normalization layers are normlab's own (:func:`norm_layer`).
 """
 
 from __future__ import annotations
@@ -59,20 +56,6 @@ NORM_NAMES = {
 }
 
 
-def missing_layers(*kinds: str, image: bool = False) -> list[str]:
-    """The normlab.nn classes that the norm ``kinds`` need and that do not exist yet."""
-    missing = []
-    for kind in kinds:
-        if kind in ("none", "bn-running"):
-            kind = "bn" if kind == "bn-running" else None
-        if kind is None:
-            continue
-        name = _NORM_CLASSES[kind][1 if image else 0]
-        if not hasattr(nlnn, name) and name not in missing:
-            missing.append(name)
-    return missing
-
-
 class RunningStatsNorm(nn.Module):
     """BatchNorm that normalises with its *running* statistics in training too.
 
@@ -113,9 +96,6 @@ def norm_layer(kind: str, num_features: int, *, image: bool = False, spatial=Non
         return None
     if kind == "bn-running":
         return RunningStatsNorm(norm_layer("bn", num_features, image=image, **kwargs))
-    missing = missing_layers(kind, image=image)
-    if missing:
-        raise RuntimeError(f"norm_layer({kind!r}): normlab.nn has no {missing[0]} yet")
     cls = getattr(nlnn, _NORM_CLASSES[kind][1 if image else 0])
     if kind == "gn":
         groups = kwargs.pop("num_groups", min(32, num_features))
