@@ -160,15 +160,15 @@ def small_cnn(
     channels: Sequence[int] = (16, 32, 32),
     norm: str = "bn",
     image_size: int = 8,
+    strides: Sequence[int] = (1, 2, 1),
     norm_kwargs: dict | None = None,
 ) -> nn.Sequential:
-    """A small CNN for 1×8×8 digits: 3×3 conv → [norm] → ReLU blocks, the second one with
-    stride 2, then global average pooling and a Linear classifier. Convolutions have no
+    """A small CNN for 1×8×8 digits: 3×3 conv (padding 1, the given strides) → [norm] →
+    ReLU blocks, then global average pooling and a Linear classifier. Convolutions have no
     bias when a norm follows (its β plays that role)."""
     layers: list[nn.Module] = []
     in_ch, size = 1, image_size
-    for i, out_ch in enumerate(channels):
-        stride = 2 if i == 1 else 1
+    for out_ch, stride in zip(channels, strides, strict=True):
         layers.append(nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=norm == "none"))
         size = (size + 2 - 3) // stride + 1
         n = norm_layer(norm, out_ch, image=True, spatial=(size, size), **(norm_kwargs or {}))
@@ -292,6 +292,7 @@ def train(
     batch_size: int = 64,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    cosine_decay: bool = False,
     seed: int = 0,
     eval_every: int = 0,
     batch_stream: Iterator[torch.Tensor] | None = None,
@@ -307,11 +308,14 @@ def train(
     ``eval_every`` steps (0: only at the start and the end) and after the last step,
     calling ``on_eval(step, model)`` each time. A non-finite loss stops the run with
     ``diverged=True``. ``on_step(step, model)`` runs after each optimizer step.
-    ``progress`` gets fractions mapped into ``progress_span``.
+    ``progress`` gets fractions mapped into ``progress_span``. With ``cosine_decay`` the
+    rate follows lr·(1 + cos(π·t/steps))/2, reaching 0 at the last step (Loshchilov &
+    Hutter 2017), so the final weights are not a noisy snapshot of a constant-rate walk.
     """
     gen = torch.Generator().manual_seed(seed)
     stream = batch_stream or iid_batches(len(data.x_train), batch_size, gen)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine_decay else None
     hist = History()
     lo, hi = progress_span
 
@@ -342,6 +346,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             hist.loss.append(float(loss.detach()))
             if on_step is not None:
                 on_step(step, model)
