@@ -93,13 +93,13 @@ class Vanishing(Experiment):
         plain = build("none", None)
         bn = build("bn", None)
         T.copy_weights(plain, bn)
-        init = {"plain": T.probe_layers(plain, xp, yp, saturation=config.saturation)}
+        init = {"none": T.probe_layers(plain, xp, yp, saturation=config.saturation)}
         init["bn"] = T.probe_layers(bn, xp, yp, saturation=config.saturation)
         hist = {
-            "plain": fit(plain, config.steps, (0.0, 0.25), "plain"),
+            "none": fit(plain, config.steps, (0.0, 0.25), "plain"),
             "bn": fit(bn, config.steps, (0.25, 0.7), "BN"),
         }
-        trained = {"plain": T.probe_layers(plain, xp, yp, saturation=config.saturation)}
+        trained = {"none": T.probe_layers(plain, xp, yp, saturation=config.saturation)}
         trained["bn"] = T.probe_layers(bn, xp, yp, saturation=config.saturation)
 
         # -- saturation vs initial weight scale ----------------------------------------
@@ -127,12 +127,12 @@ class Vanishing(Experiment):
                 )
 
         g1 = {k: init[k].grad_norm[0] for k in init}
-        gain = g1["bn"] / g1["plain"] if g1["plain"] > 0 else float("inf")
+        gain = g1["bn"] / g1["none"] if g1["none"] > 0 else float("inf")
         ratio = {k: init[k].grad_norm[0] / init[k].grad_norm[-1] for k in init}
         acc = {k: hist[k].final_test_accuracy for k in hist}
         sat_init = {k: init[k].saturated_fraction[layer - 1] for k in init}
         sat_trained = {k: trained[k].saturated_fraction[layer - 1] for k in trained}
-        g = init["plain"].grad_norm
+        g = init["none"].grad_norm
         shrink = (g[-1] / g[0]) ** (1 / (len(g) - 1)) if g[0] > 0 else float("inf")
         max_sweep_sat = max((r[3] for r in sweep_rows if r[1] == "no norm"), default=0.0)
 
@@ -145,23 +145,23 @@ class Vanishing(Experiment):
         )
         if acc["bn"] < 0.5:
             verdict = "inconclusive"
-        elif gain >= self.MIN_GRADIENT_GAIN and acc["bn"] - acc["plain"] >= self.MIN_ACCURACY_GAIN:
+        elif gain >= self.MIN_GRADIENT_GAIN and acc["bn"] - acc["none"] >= self.MIN_ACCURACY_GAIN:
             verdict = "holds"
         else:
             verdict = "fails"
 
         measured = (
-            f"layer-1 gradient at init: BN {g1['bn']:.2g} vs plain {g1['plain']:.2g} "
-            f"({gain:.2g}x); layer 1/layer {config.depth} ratio: plain {ratio['plain']:.2g}, "
+            f"layer-1 gradient at init: BN {g1['bn']:.2g} vs plain {g1['none']:.2g} "
+            f"({gain:.2g}x); layer 1/layer {config.depth} ratio: plain {ratio['none']:.2g}, "
             f"BN {ratio['bn']:.2g}; test accuracy after {config.steps} steps: BN "
-            f"{acc['bn']:.1%} vs plain {acc['plain']:.1%}; layer-{layer} saturated fraction "
-            f"at torch's init: plain {sat_init['plain']:.0%}"
+            f"{acc['bn']:.1%} vs plain {acc['none']:.1%}; layer-{layer} saturated fraction "
+            f"at torch's init: plain {sat_init['none']:.0%}"
             + (f", up to {max_sweep_sat:.0%} with larger init" if sweep_rows else "")
         )
         notes = (
             "At torch's default initialisation the plain net's pre-activations stay small "
-            f"(layer {layer}: [{init['plain'].z_min[layer - 1]:.2f}, "
-            f"{init['plain'].z_max[layer - 1]:.2f}]), so almost nothing is saturated: the "
+            f"(layer {layer}: [{init['none'].z_min[layer - 1]:.2f}, "
+            f"{init['none'].z_max[layer - 1]:.2f}]), so almost nothing is saturated: the "
             f"gradient vanishes because each sigmoid layer multiplies it by σ'(z) ≤ 1/4 and a "
             f"small weight matrix (measured: ÷{shrink:.1f} per layer), not "
             "because of saturation. Saturation as the seed "
@@ -176,12 +176,12 @@ class Vanishing(Experiment):
         per_layer_rows = [
             [
                 k,
-                f"{init['plain'].grad_norm[k - 1]:.3g}",
+                f"{init['none'].grad_norm[k - 1]:.3g}",
                 f"{init['bn'].grad_norm[k - 1]:.3g}",
-                f"{trained['plain'].grad_norm[k - 1]:.3g}",
+                f"{trained['none'].grad_norm[k - 1]:.3g}",
                 f"{trained['bn'].grad_norm[k - 1]:.3g}",
-                round(init["plain"].saturated_fraction[k - 1], 3),
-                round(trained["plain"].saturated_fraction[k - 1], 3),
+                round(init["none"].saturated_fraction[k - 1], 3),
+                round(trained["none"].saturated_fraction[k - 1], 3),
                 round(trained["bn"].saturated_fraction[k - 1], 3),
             ]
             for k in layers
@@ -192,9 +192,9 @@ class Vanishing(Experiment):
                 "layer",
                 "‖∂L/∂W‖",
                 [
-                    Line("plain, init", layers, init["plain"].grad_norm, "o-"),
+                    Line("plain, init", layers, init["none"].grad_norm, "o-"),
                     Line("BN, init", layers, init["bn"].grad_norm, "s-"),
-                    Line(f"plain, step {config.steps}", layers, trained["plain"].grad_norm, "o--"),
+                    Line(f"plain, step {config.steps}", layers, trained["none"].grad_norm, "o--"),
                     Line(f"BN, step {config.steps}", layers, trained["bn"].grad_norm, "s--"),
                 ],
                 logy=True,
@@ -204,7 +204,7 @@ class Vanishing(Experiment):
                 "step",
                 "test accuracy",
                 [
-                    Line("plain", hist["plain"].eval_steps, hist["plain"].test_accuracy, "o-"),
+                    Line("plain", hist["none"].eval_steps, hist["none"].test_accuracy, "o-"),
                     Line("BN", hist["bn"].eval_steps, hist["bn"].test_accuracy, "s-"),
                 ],
             ),
@@ -213,12 +213,12 @@ class Vanishing(Experiment):
                 "layer",
                 "fraction of sigmoid inputs",
                 [
-                    Line("plain, init", layers, init["plain"].saturated_fraction, "o-"),
+                    Line("plain, init", layers, init["none"].saturated_fraction, "o-"),
                     Line("BN, init", layers, init["bn"].saturated_fraction, "s-"),
                     Line(
                         f"plain, step {config.steps}",
                         layers,
-                        trained["plain"].saturated_fraction,
+                        trained["none"].saturated_fraction,
                         "o--",
                     ),
                 ],
