@@ -117,7 +117,8 @@ class FamilyBatchSize(Experiment):
         reading = []
         if not bn_degrades:
             reading.append(
-                f"BN does not degrade at batch {small} here. Its statistics pool every spatial "
+                f"BN does not degrade at batch {small} here. Likely reasons (not tested "
+                "separately): its statistics pool every spatial "
                 f"position of a channel (at batch {small}: {small}×64 values in the first "
                 f"layer, {small}×16 in the others), and on 8×8 digits, which every net fits "
                 "almost perfectly, batch "

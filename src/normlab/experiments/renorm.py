@@ -197,6 +197,8 @@ class Renorm(Experiment):
             notes=(
                 "Digits are easy, so absolute accuracies are near the ceiling and far above "
                 "the paper's ImageNet figures; the comparison is the direction and the size of "
-                "the gap between BN and BRN in each condition."
+                "the gap between BN and BRN in each condition. Every condition runs the same "
+                "number of steps, so batch 4 sees 8x fewer examples than batch 32: compare the "
+                "norms within a condition, not across conditions."
             ),
         )
