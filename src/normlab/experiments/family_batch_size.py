@@ -110,9 +110,8 @@ class FamilyBatchSize(Experiment):
 
         bs = "/".join(str(b) for b in config.batch_sizes)
         measured = (
-            f"test error (%) at batch {bs}: BN {row('bn')}, GN {row('gn')}, LN {row('ln')}, "
-            f"IN {row('in')}; rise from {big} to {small}: BN {rise['bn'] * 100:+.1f}, GN "
-            f"{rise['gn'] * 100:+.1f} points"
+            f"error (%) at batch {bs}: BN {row('bn')}, GN {row('gn')}; at batch {big}: LN "
+            f"{err['ln'][big] * 100:.1f}, IN {err['in'][big] * 100:.1f}"
         )
         reading = []
         if not bn_degrades:

@@ -175,13 +175,10 @@ class Landscape(Experiment):
             verdict = "inconclusive"
         shown = ("gradient_predictiveness", "beta_smoothness", "top_eigenvalue")
         measured = (
-            "plain/BN at equal steps: "
-            + ", ".join(
-                f"{QUANTITIES[q]} {median['none'][q]:.3g}/{median['bn'][q]:.3g} = {ratio[q]:.2g}x"
-                for q in shown
-            )
-            + f"; at equal loss ({pairs} BN probes matched): "
-            + ", ".join(f"{QUANTITIES[q]} {matched[q]:.2g}x" for q in shown)
+            "plain/BN for ‖Δ∇L‖, β-smoothness, top eigenvalue: at equal steps "
+            + ", ".join(f"{ratio[q]:.2g}x" for q in shown)
+            + f"; at equal loss ({pairs} probes) "
+            + ", ".join(f"{matched[q]:.2g}x" for q in shown)
         )
         plots = [
             Plot(

@@ -98,28 +98,25 @@ class LearningRate(Experiment):
                 "holds" if ratio >= self.MIN_RATIO else "fails" if ratio <= 1 else "inconclusive"
             )
 
-        def at(mult: float, norm: str) -> str:
-            if mult not in config.multiples:
-                return "not run"
-            j = config.multiples.index(mult)
-            tail = " (diverged)" if diverged[norm][j] else ""
-            return f"{acc[norm][j]:.1%}{tail}"
+        def at(j: int, norm: str) -> str:
+            return f"{acc[norm][j]:.1%}" + (" (diverged)" if diverged[norm][j] else "")
 
         def fmt(lr):
             return "none" if lr is None else f"{lr:g} ({lr / config.base_lr:g}x base)"
 
-        measured = (
-            f"largest rate that trains: BN {fmt(best['bn'])} vs plain {fmt(best['none'])}"
-            + (f", {ratio:g}x" if ratio is not None else "")
-            + f"; at 5x base: plain {at(5.0, 'none')}, BN {at(5.0, 'bn')}; at 30x: plain "
-            f"{at(30.0, 'none')}, BN {at(30.0, 'bn')}"
-        )
+        measured = f"largest rate that trains: BN {fmt(best['bn'])} vs plain {fmt(best['none'])}"
+        if ratio is not None:
+            measured += f", {ratio:g}x"
+        for mult in (5.0, 30.0):  # Ioffe & Szegedy's BN-x5 and BN-x30
+            if mult in config.multiples:
+                j = config.multiples.index(mult)
+                measured += f"; at {mult:g}x: plain {at(j, 'none')}, BN {at(j, 'bn')}"
         rows = [
             [
                 f"{lr:g}",
                 f"{m:g}x",
-                f"{acc['none'][j]:.3f}" + (" (diverged)" if diverged["none"][j] else ""),
-                f"{acc['bn'][j]:.3f}" + (" (diverged)" if diverged["bn"][j] else ""),
+                at(j, "none"),
+                at(j, "bn"),
             ]
             for j, (lr, m) in enumerate(zip(rates, config.multiples, strict=True))
         ]

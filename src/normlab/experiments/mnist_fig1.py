@@ -141,12 +141,10 @@ class MnistFig1(Experiment):
             return f"step {s}" if s is not None else "never"
 
         measured = (
-            f"test accuracy after {config.steps} steps: BN {acc['bn']:.3f} vs plain "
-            f"{acc['none']:.3f}; {config.target_accuracy:.0%} reached at "
-            f"{fmt_steps(reach['bn'])} (BN) vs {fmt_steps(reach['none'])} (plain); median unit "
-            f"drift {median_drift['bn']:.2f} (BN) vs {median_drift['none']:.2f} (plain), "
-            f"{ratio:.1f}x (relative to the unit's width: {median_rel['bn']:.2f} vs "
-            f"{median_rel['none']:.2f})"
+            f"test accuracy BN {acc['bn']:.3f} vs plain {acc['none']:.3f}; "
+            f"{config.target_accuracy:.0%} at {fmt_steps(reach['bn'])} vs "
+            f"{fmt_steps(reach['none'])}; median input drift BN {median_drift['bn']:.2f} vs "
+            f"plain {median_drift['none']:.2f} ({ratio:.1f}x)"
         )
         u = config.unit
         plots = [

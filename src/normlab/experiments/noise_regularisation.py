@@ -131,14 +131,16 @@ class NoiseRegularisation(Experiment):
         else:
             verdict = "inconclusive"
 
-        def pm(pair, scale=1.0, unit=""):
-            return f"{pair[0] * scale:+.3g}{unit} ± {pair[1] * scale:.2g} (s.e.)"
+        def pm(pair, scale=1.0):
+            return f"{pair[0] * scale:+.2g}±{pair[1] * scale:.1g}"
 
+        bs_text = "/".join(str(b) for b in config.batch_sizes)
         measured = (
-            "BN − running-stats control, gap in test−train cross-entropy: "
-            + ", ".join(f"batch {b}: {pm(d_gap[b])}" for b in config.batch_sizes)
-            + "; test accuracy: "
-            + ", ".join(f"batch {b}: {pm(d_acc[b], 100, ' pt')}" for b in config.batch_sizes)
+            f"BN − running-stats control at batch {bs_text}: CE gap "
+            + "/".join(pm(d_gap[b]) for b in config.batch_sizes)
+            + ", test accuracy "
+            + "/".join(pm(d_acc[b], 100) for b in config.batch_sizes)
+            + " points (± 1 s.e.)"
         )
         rows = []
         for b in config.batch_sizes:

@@ -83,10 +83,10 @@ class Renorm(Experiment):
         schedule = self._schedule(config)
         (fc, fp), (pc, pp) = config.few_classes, config.pairs
         conditions = {
-            f"i.i.d., batch {config.normal_batch}": (config.normal_batch, None),
-            f"i.i.d., batch {config.tiny_batch}": (config.tiny_batch, None),
-            f"{fc} classes × {fp} per batch": (fc * fp, config.few_classes),
-            f"{pc} classes × {pp} per batch": (pc * pp, config.pairs),
+            f"iid, batch {config.normal_batch}": (config.normal_batch, None),
+            f"iid, batch {config.tiny_batch}": (config.tiny_batch, None),
+            f"{fc} classes × {fp}": (fc * fp, config.few_classes),
+            f"{pc} classes × {pp}": (pc * pp, config.pairs),
         }
         kwargs = {
             "bn": {"momentum": config.stats_momentum},
@@ -144,10 +144,10 @@ class Renorm(Experiment):
         else:
             verdict = "inconclusive"
 
-        measured = "; ".join(
-            f"{name}: BN {acc[name]['bn']:.1%} vs BRN {acc[name]['brn']:.1%} "
-            f"(GN {acc[name]['gn']:.1%})"
-            for name in conditions
+        measured = (
+            f"BN vs BRN: batch {config.tiny_batch} {acc[tiny]['bn']:.1%} vs "
+            f"{acc[tiny]['brn']:.1%}; {few} {acc[few]['bn']:.1%} vs {acc[few]['brn']:.1%}; "
+            f"batch {config.normal_batch} {acc[normal]['bn']:.1%} vs {acc[normal]['brn']:.1%}"
         )
         names = list(conditions)
         return self.result(
@@ -181,7 +181,13 @@ class Renorm(Experiment):
             ],
             tables={
                 "eval-mode test accuracy": {
-                    "header": ["batches", "BatchNorm", "BatchRenorm", "GroupNorm", "BRN − BN"],
+                    "header": [
+                        "batches (classes × examples each)",
+                        "BatchNorm",
+                        "BatchRenorm",
+                        "GroupNorm",
+                        "BRN − BN",
+                    ],
                     "rows": [
                         [
                             c,

@@ -151,12 +151,11 @@ class Vanishing(Experiment):
             verdict = "fails"
 
         measured = (
-            f"layer-1 gradient at init: BN {g1['bn']:.2g} vs plain {g1['none']:.2g} "
-            f"({gain:.2g}x); layer 1/layer {config.depth} ratio: plain {ratio['none']:.2g}, "
-            f"BN {ratio['bn']:.2g}; test accuracy after {config.steps} steps: BN "
-            f"{acc['bn']:.1%} vs plain {acc['none']:.1%}; layer-{layer} saturated fraction "
-            f"at torch's init: plain {sat_init['none']:.0%}"
-            + (f", up to {max_sweep_sat:.0%} with larger init" if sweep_rows else "")
+            f"layer-1 gradient at init BN/plain {gain:.1g}x (layer 1/{config.depth}: plain "
+            f"{ratio['none']:.1g}, BN {ratio['bn']:.2g}); accuracy after {config.steps} steps "
+            f"BN {acc['bn']:.1%} vs plain {acc['none']:.1%}; saturated at layer {layer}: "
+            f"{sat_init['none']:.0%} at torch's init"
+            + (f", {max_sweep_sat:.0%} with larger init" if sweep_rows else "")
         )
         notes = (
             "At torch's default initialisation the plain net's pre-activations stay small "
