@@ -1,0 +1,306 @@
+"""Fast fused CPU kernels for batch normalization, and the rule for when to use them.
+
+Only :mod:`normlab.functional.engine` calls this package: it asks for a *plan*
+(:func:`plan_batch`, :func:`plan_affine`) and, if it gets one, runs the kernels instead of
+its torch-op path, which stays the reference. A plan exists only for the BatchNorm case:
+
+* statistics per channel over every other dim (training), or per-channel constants
+  (eval), with weight/bias per channel;
+* a plain CPU float32/float64 ``torch.Tensor`` (no subclass, not meta, not traced by
+  ``torch.compile``) with at least :data:`MIN_NUMEL` elements;
+* channels-first contiguous (viewed as ``(N, C, S)``) or channels-last contiguous
+  (``(M, C)``); other strides are copied to contiguous first, which is still far faster
+  than the torch-op path;
+* training statistics from the batch itself (no ``StatsSource``), and no double backward
+  (the engine's differentiable path handles ``create_graph=True``);
+* eval only when nothing asks for gradients (inference).
+
+``NORMLAB_KERNELS`` selects the path: ``auto`` (default) as above, ``torch`` never uses
+the kernels, ``numba`` uses them whenever they apply, whatever the size (tests, bench).
+
+Numerics and the formulas are in :mod:`normlab.kernels._numba`; the kernels run on
+``torch.get_num_threads()`` threads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from normlab.kernels._memory import empty_like
+
+KERNELS_ENV = "NORMLAB_KERNELS"
+MODES = ("auto", "torch", "numba")
+
+# Below this many elements, `auto` keeps the torch-op path. Measured with `normlab bench`
+# on the development machine; see benchmarks/README.md.
+MIN_NUMEL = 0
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def mode() -> str:
+    """The path selection from ``NORMLAB_KERNELS`` (read on every call, so tests and
+    users can switch it at run time)."""
+    value = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(
+            f"{KERNELS_ENV}={value!r} is not one of {MODES}: 'auto' (default) picks the fused "
+            f"kernels or torch's ops by size, 'torch' always uses torch's ops, 'numba' uses the "
+            f"kernels wherever they apply."
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to view a tensor for the kernels.
+
+    ``layout`` 'cf': ``(N, C, S)`` of the contiguous tensor; 'cl': ``(M, C)`` of the
+    tensor with the channel dim moved last. ``copy``: the input is in neither layout and
+    is made contiguous first.
+    """
+
+    layout: str
+    channel_dim: int
+    shape: tuple[int, ...]
+    copy: bool
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (shaped like the planned input) as the kernel's 2-D/3-D array, copying
+        only if its strides differ from the layout."""
+        if self.layout == "cf":
+            return t.contiguous().view(self.shape)
+        return t.movedim(self.channel_dim, -1).contiguous().view(self.shape)
+
+    def empty(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new tensor shaped like ``like`` in this layout, and its kernel view."""
+        out = empty_like(like, torch.contiguous_format if self.copy else torch.preserve_format)
+        return out, self.view(out)
+
+
+def _eligible_tensor(x: torch.Tensor) -> bool:
+    return (
+        type(x) is torch.Tensor
+        and x.dtype in _KERNEL_DTYPES
+        and x.device.type == "cpu"
+        and x.layout == torch.strided
+        and x.dim() >= 2
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _per_channel(p: torch.Tensor | None, keep_shape: list[int]) -> bool:
+    return p is None or (
+        isinstance(p, torch.Tensor)
+        and p.device.type == "cpu"
+        and p.is_floating_point()
+        and list(p.shape) == keep_shape
+    )
+
+
+def _layout(x: torch.Tensor, c: int) -> Plan:
+    shape = x.shape
+    n = 1
+    for s in shape[:c]:
+        n *= s
+    s_inner = x.numel() // (n * shape[c])
+    if x.is_contiguous():
+        if s_inner == 1:  # (N, C) or (N, C, 1, ...): the channels-last loop fits better
+            return Plan("cl", c, (n, shape[c]), False)
+        return Plan("cf", c, (n, shape[c], s_inner), False)
+    if x.movedim(c, -1).is_contiguous():
+        return Plan("cl", c, (x.numel() // shape[c], shape[c]), False)
+    return Plan("cf", c, (n, shape[c], s_inner), True)
+
+
+def _use(x: torch.Tensor) -> bool:
+    m = mode()
+    return m == "numba" or (m == "auto" and x.numel() >= MIN_NUMEL)
+
+
+def plan_batch(
+    x: torch.Tensor,
+    dims: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    center: bool,
+) -> Plan | None:
+    """A plan for training-mode batch norm of ``x`` over ``dims``, or None for the
+    torch-op path."""
+    if not center or not _eligible_tensor(x) or x.numel() == 0 or len(dims) != x.dim() - 1:
+        return None
+    c = next(d for d in range(x.dim()) if d not in dims)
+    keep = [x.shape[d] if d == c else 1 for d in range(x.dim())]
+    if not (_per_channel(weight, keep) and _per_channel(bias, keep)) or not _use(x):
+        return None
+    return _layout(x, c)
+
+
+def plan_affine(
+    x: torch.Tensor,
+    mean: torch.Tensor | None,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> Plan | None:
+    """A plan for eval-mode (given statistics) batch norm, or None for the torch-op path.
+    Only for inference: nothing may require a gradient."""
+    if mean is None or not _eligible_tensor(x) or x.numel() == 0:
+        return None
+    params = [t for t in (mean, var, weight, bias) if t is not None]
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
+        return None
+    if mean.dim() != x.dim():
+        return None
+    wide = [d for d in range(x.dim()) if mean.shape[d] != 1]
+    if len(wide) != 1 or mean.shape[wide[0]] != x.shape[wide[0]]:
+        return None  # not per channel (or a single channel: torch's ops do fine)
+    c = wide[0]
+    keep = list(mean.shape)
+    if not all(_per_channel(t, keep) for t in params) or not _use(x):
+        return None
+    return _layout(x, c)
+
+
+# -- running the kernels -----------------------------------------------------------------
+def _kernels():
+    from normlab.kernels import _numba  # first use compiles or loads the cache
+
+    return _numba
+
+
+def _threads() -> int:
+    import numba
+
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
+
+
+def _vector(p: torch.Tensor | None, c: int, fill: float) -> np.ndarray:
+    if p is None:
+        return np.full(c, fill)
+    return p.detach().reshape(c).to(torch.float64).numpy()
+
+
+def _activation(activation: str | None, negative_slope: float) -> np.ndarray:
+    from normlab.functional.activations import get_activation  # validates, as the torch path
+
+    return _kernels().activation_params(get_activation(activation).name, negative_slope)
+
+
+def _split(plan: Plan, threads: int) -> bool:
+    """Channels-first: one task per channel unless that leaves threads idle."""
+    c = plan.channels
+    return threads > 1 and (c < 2 * threads and c % threads != 0)
+
+
+def batch_forward(
+    plan: Plan,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward: ``(y, mean, var, stats)``; ``mean``/``var`` keepdim in x's dtype,
+    ``stats`` the float64 (4, C) tensor [shift, delta, var, invstd] for backward."""
+    k = _kernels()
+    threads = _threads()
+    c = plan.channels
+    xv = plan.view(x.detach())
+    y, yv = plan.empty(x)
+    stats = torch.empty((4, c), dtype=torch.float64)
+    w, b = _vector(weight, c, 1.0), _vector(bias, c, 0.0)
+    act = _activation(activation, negative_slope)
+    if plan.layout == "cf":
+        k.forward_cf(xv.numpy(), w, b, float(eps), act, _split(plan, threads), yv.numpy(), stats.numpy())
+    else:
+        nblocks = max(1, min(threads, plan.shape[0]))
+        k.forward_cl(xv.numpy(), w, b, float(eps), act, nblocks, yv.numpy(), stats.numpy())
+    keep = [c if d == plan.channel_dim else 1 for d in range(x.dim())]
+    mean = (stats[0] + stats[1]).to(x.dtype).view(keep)
+    var = stats[2].to(x.dtype).view(keep)
+    return y, mean, var, stats
+
+
+def batch_backward(
+    plan: Plan,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stats: torch.Tensor,
+    activation: str | None,
+    negative_slope: float,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Closed-form training backward: ``(dx, dweight, dbias)`` (None where not needed)."""
+    k = _kernels()
+    threads = _threads()
+    c = plan.channels
+    xv = plan.view(x.detach())
+    dyv = plan.view(dy.to(x.dtype))
+    need_dx = bool(needs[0])
+    if need_dx:
+        dx, dxv = plan.empty(x)
+        dx_arr = dxv.numpy()
+    else:
+        dx = None
+        dx_arr = np.empty((1,) * len(plan.shape), dtype=xv.numpy().dtype)
+    sums = torch.empty((2, c), dtype=torch.float64)
+    w, b = _vector(weight, c, 1.0), _vector(bias, c, 0.0)
+    act = _activation(activation, negative_slope)
+    s, dyn = stats.numpy(), dyv.numpy()
+    if plan.layout == "cf":
+        split = _split(plan, threads)
+        k.backward_cf(dyn, xv.numpy(), w, b, s, act, split, need_dx, dx_arr, sums.numpy())
+    else:
+        nblocks = max(1, min(threads, plan.shape[0]))
+        k.backward_cl(dyn, xv.numpy(), w, b, s, act, nblocks, need_dx, dx_arr, sums.numpy())
+    dw = db = None
+    if weight is not None and needs[1]:
+        dw = sums[1].to(weight.dtype).view(weight.shape)
+    if bias is not None and needs[2]:
+        db = sums[0].to(bias.dtype).view(bias.shape)
+    return dx, dw, db
+
+
+def affine_forward(
+    plan: Plan,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+) -> torch.Tensor:
+    """Eval forward ``act((x − mean)·γ/sqrt(var + ε) + β)`` with per-channel constants."""
+    k = _kernels()
+    threads = _threads()
+    c = plan.channels
+    m = _vector(mean, c, 0.0)
+    scale = 1.0 / np.sqrt(_vector(var, c, 1.0) + float(eps))
+    if weight is not None:
+        scale = scale * _vector(weight, c, 1.0)
+    b = _vector(bias, c, 0.0)
+    act = _activation(activation, negative_slope)
+    xv = plan.view(x.detach())
+    y, yv = plan.empty(x)
+    if plan.layout == "cf":
+        k.affine_cf(xv.numpy(), m, scale, b, act, yv.numpy())
+    else:
+        nblocks = max(1, min(threads, plan.shape[0]))
+        k.affine_cl(xv.numpy(), m, scale, b, act, nblocks, yv.numpy())
+    return y

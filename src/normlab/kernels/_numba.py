@@ -1,0 +1,458 @@
+"""The Numba kernels: fused batch normalization + activation on CPU.
+
+Layouts (the caller makes the views; nothing here knows about torch):
+
+* ``cf`` (channels-first): ``x`` is a C-contiguous ``(N, C, S)`` array; channel ``c`` is
+  the N rows ``x[n, c, :]`` of S contiguous values.
+* ``cl`` (channels-last): ``x`` is a C-contiguous ``(M, C)`` array; channel ``c`` is the
+  column ``x[:, c]``.
+
+One kernel per (direction, layout), compiled for float32 and float64 on first use and
+cached on disk. The activation is data, not code: ``act`` is a float64 array (see
+:func:`activation_params`), so the six activations add no specialisations. They come in
+two families, each with one loop the compiler vectorises:
+
+* piecewise linear (identity, relu, leaky_relu): ``y = z if z > 0 else slope·z``;
+* logistic (sigmoid, tanh, silu): ``s = σ(a·z)``, ``y = c1·s + c2 + c3·z·s``
+  (tanh z = 2σ(2z) − 1, silu z = z·σ(z)), with a vectorisable ``exp``.
+
+Every kernel computes in float64 registers (statistics, z, the activation, the gradient
+sums) whatever the storage dtype; float32 storage only rounds the final store.
+
+Statistics (shifted one-pass sums; Chan, Golub & LeVeque 1983, "Algorithms for computing
+the sample variance: analysis and recommendations", §3): with ``k`` a value of the
+channel itself (its first element),
+
+    d = x − k,   Σd, Σd²  (float64)   →   mean = k + Σd/n,   var = Σd²/n − (Σd/n)²
+
+``x − k`` is exact in float64 for float32 input, and the cancellation in the variance is
+bounded by (mean − k)²/var, which a sample of the channel keeps small. The output is
+formed as ``(x − k)·scale + shift`` with ``scale = γ·invstd`` and
+``shift = β − (Σd/n)·scale``, so a large offset never meets a rounded mean: float32 input
+at offset 1e6 with std 1e-2 normalises within ~1e-7 of a float64 two-pass reference.
+
+Backward (closed form, Ioffe & Szegedy 2015 §3, fused with the activation derivative):
+
+    dz = dy · act'(z),  A = Σ dz,  B = Σ dz · x̂
+    dx = γ · invstd · (dz − A/n − x̂ · B/n),   dγ = B,   dβ = A
+
+x̂ and z are recomputed from the saved x; nothing else activation-sized is kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+# Reassociation lets LLVM vectorise the float64 sums; no 'nnan'/'ninf', so NaN and Inf
+# propagate as in torch's ops (the running-statistics policy depends on it).
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+_JIT = {"cache": True, "fastmath": _FASTMATH, "error_model": "numpy", "nogil": True}
+_HELPER = {"cache": True, "fastmath": _FASTMATH, "error_model": "numpy", "inline": "always"}
+
+# act[...] slots
+_SMOOTH, _SLOPE, _A, _C1, _C2, _C3, _G1 = range(7)
+
+
+def activation_params(name: str, negative_slope: float = 0.01) -> np.ndarray:
+    """The float64 ``act`` array the kernels take for activation ``name``."""
+    table = {  # smooth, slope, a, c1, c2, c3, g1 (= c1·a: the σ' coefficient)
+        "identity": (0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        "relu": (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        "leaky_relu": (0.0, float(negative_slope), 0.0, 0.0, 0.0, 0.0, 0.0),
+        "sigmoid": (1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0),
+        "tanh": (1.0, 0.0, 2.0, 2.0, -1.0, 0.0, 4.0),
+        "silu": (1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0),
+    }
+    return np.array(table[name], dtype=np.float64)
+
+
+# -- a vectorisable exp ------------------------------------------------------------------
+@intrinsic
+def _int64_bits_as_float64(typingctx, bits):
+    if bits != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of ln 2: k·_LN2_HI is exact
+_LN2_LO = 1.90821492927058770002e-10
+
+
+# Not inlined by Numba and without 'reassoc': LLVM still inlines and vectorises it, but
+# keeps the Cody-Waite reduction in order (reassociated, it loses ~100 ulp near ±700).
+@njit(cache=True, fastmath={"contract"}, error_model="numpy")
+def _exp(x):
+    """exp(x) within ~1 ulp for |x| ≤ 708; 0 below −708, inf above 709, NaN for NaN.
+
+    Cody & Waite range reduction x = k·ln2 + r, |r| ≤ ln2/2, then the degree-13 Taylor
+    polynomial of exp(r) (truncation < 1e-17) and 2^k from the exponent bits. Only the
+    logistic activations use it, where the clipped tails (σ < 1e-307) do not matter.
+    """
+    xc = min(max(x, -708.0), 709.0)
+    kf = math.floor(xc * _LOG2E + 0.5)
+    r = (xc - kf * _LN2_HI) - kf * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    res = p * _int64_bits_as_float64((np.int64(kf) + 1023) << 52)
+    if x > 709.0:
+        res = math.inf
+    if x < -708.0:
+        res = 0.0
+    if x != x:
+        res = x
+    return res
+
+
+# -- elementwise pieces ------------------------------------------------------------------
+@njit(**_HELPER)
+def _pwl(z, slope):
+    return z if z > 0.0 else z * slope  # NaN stays NaN, as torch.relu
+
+
+@njit(**_HELPER)
+def _pwl_grad(z, slope):
+    return 1.0 if z > 0.0 else slope
+
+
+@njit(**_HELPER)
+def _smooth(z, act):
+    s = 1.0 / (1.0 + _exp(-act[_A] * z))
+    return act[_C1] * s + act[_C2] + act[_C3] * z * s
+
+
+@njit(**_HELPER)
+def _smooth_grad(z, act):
+    s = 1.0 / (1.0 + _exp(-act[_A] * z))
+    q = s * (1.0 - s)
+    return act[_G1] * q + act[_C3] * (s + z * q)
+
+
+@njit(**_HELPER)
+def _finish_stats(s1, s2, n, eps):
+    """(delta, var, invstd) from the shifted sums Σd, Σd² over n values."""
+    delta = s1 / n
+    var = s2 / n - delta * delta
+    if var < 0.0:  # rounding of an (almost) constant channel
+        var = 0.0
+    return delta, var, 1.0 / math.sqrt(var + eps)
+
+
+# -- one row, channels-first: S contiguous values of one channel (scalar parameters) -----
+@njit(**_HELPER)
+def _sums_row(xr, k):
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(xr.shape[0]):
+        d = np.float64(xr[j]) - k
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@njit(**_HELPER)
+def _out_row(xr, yr, k, scale, shift, act):
+    if act[_SMOOTH] != 0.0:
+        for j in range(xr.shape[0]):
+            yr[j] = _smooth((np.float64(xr[j]) - k) * scale + shift, act)
+    else:
+        slope = act[_SLOPE]
+        for j in range(xr.shape[0]):
+            yr[j] = _pwl((np.float64(xr[j]) - k) * scale + shift, slope)
+
+
+@njit(**_HELPER)
+def _grad_sums_row(dyr, xr, k, delta, invstd, scale, shift, act):
+    a_sum = 0.0
+    b_sum = 0.0
+    if act[_SMOOTH] != 0.0:
+        for j in range(xr.shape[0]):
+            d = np.float64(xr[j]) - k
+            dz = np.float64(dyr[j]) * _smooth_grad(d * scale + shift, act)
+            a_sum += dz
+            b_sum += dz * ((d - delta) * invstd)
+    else:
+        slope = act[_SLOPE]
+        for j in range(xr.shape[0]):
+            d = np.float64(xr[j]) - k
+            dz = np.float64(dyr[j]) * _pwl_grad(d * scale + shift, slope)
+            a_sum += dz
+            b_sum += dz * ((d - delta) * invstd)
+    return a_sum, b_sum
+
+
+@njit(**_HELPER)
+def _grad_row(dyr, xr, dxr, k, delta, invstd, scale, shift, ma, mb, act):
+    if act[_SMOOTH] != 0.0:
+        for j in range(xr.shape[0]):
+            d = np.float64(xr[j]) - k
+            dz = np.float64(dyr[j]) * _smooth_grad(d * scale + shift, act)
+            dxr[j] = scale * (dz - ma - ((d - delta) * invstd) * mb)
+    else:
+        slope = act[_SLOPE]
+        for j in range(xr.shape[0]):
+            d = np.float64(xr[j]) - k
+            dz = np.float64(dyr[j]) * _pwl_grad(d * scale + shift, slope)
+            dxr[j] = scale * (dz - ma - ((d - delta) * invstd) * mb)
+
+
+# -- one row, channels-last: all C channels of one position (vector parameters) ---------
+@njit(**_HELPER)
+def _sums_row_cl(xr, k, acc1, acc2):
+    for c in range(xr.shape[0]):
+        d = np.float64(xr[c]) - k[c]
+        acc1[c] += d
+        acc2[c] += d * d
+
+
+@njit(**_HELPER)
+def _out_row_cl(xr, yr, k, scale, shift, act):
+    if act[_SMOOTH] != 0.0:
+        for c in range(xr.shape[0]):
+            yr[c] = _smooth((np.float64(xr[c]) - k[c]) * scale[c] + shift[c], act)
+    else:
+        slope = act[_SLOPE]
+        for c in range(xr.shape[0]):
+            yr[c] = _pwl((np.float64(xr[c]) - k[c]) * scale[c] + shift[c], slope)
+
+
+@njit(**_HELPER)
+def _grad_sums_row_cl(dyr, xr, k, delta, invstd, scale, shift, act, acc_a, acc_b):
+    if act[_SMOOTH] != 0.0:
+        for c in range(xr.shape[0]):
+            d = np.float64(xr[c]) - k[c]
+            dz = np.float64(dyr[c]) * _smooth_grad(d * scale[c] + shift[c], act)
+            acc_a[c] += dz
+            acc_b[c] += dz * ((d - delta[c]) * invstd[c])
+    else:
+        slope = act[_SLOPE]
+        for c in range(xr.shape[0]):
+            d = np.float64(xr[c]) - k[c]
+            dz = np.float64(dyr[c]) * _pwl_grad(d * scale[c] + shift[c], slope)
+            acc_a[c] += dz
+            acc_b[c] += dz * ((d - delta[c]) * invstd[c])
+
+
+@njit(**_HELPER)
+def _grad_row_cl(dyr, xr, dxr, k, delta, invstd, scale, shift, ma, mb, act):
+    if act[_SMOOTH] != 0.0:
+        for c in range(xr.shape[0]):
+            d = np.float64(xr[c]) - k[c]
+            dz = np.float64(dyr[c]) * _smooth_grad(d * scale[c] + shift[c], act)
+            dxr[c] = scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c])
+    else:
+        slope = act[_SLOPE]
+        for c in range(xr.shape[0]):
+            d = np.float64(xr[c]) - k[c]
+            dz = np.float64(dyr[c]) * _pwl_grad(d * scale[c] + shift[c], slope)
+            dxr[c] = scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c])
+
+
+@njit(**_HELPER)
+def _scale_shift(weight, bias, stats):
+    """Per-channel scale = γ·invstd and shift = β − delta·scale (stats: k, delta, var,
+    invstd rows)."""
+    scale = weight * stats[3]
+    return scale, bias - stats[1] * scale
+
+
+# -- training forward --------------------------------------------------------------------
+@njit(parallel=True, **_JIT)
+def forward_cf(x, weight, bias, eps, act, split, y, stats):
+    """Training forward, channels-first ``x`` (N, C, S) → ``y`` (N, C, S).
+
+    ``weight``/``bias``: float64 (C,). ``stats`` (out, float64 (4, C)): shift k, delta,
+    biased var, invstd. ``split`` False: one task per channel, statistics and output in
+    one visit (the second read of a channel hits the core's cache); True: parallel over
+    the N·C rows with per-row partial sums, for fewer channels than threads.
+    """
+    N, C, S = x.shape
+    n = N * S
+    if not split:
+        for c in prange(C):
+            k = np.float64(x[0, c, 0])
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(N):
+                r1, r2 = _sums_row(x[i, c], k)
+                s1 += r1
+                s2 += r2
+            delta, var, invstd = _finish_stats(s1, s2, n, eps)
+            scale = weight[c] * invstd
+            shift = bias[c] - delta * scale
+            for i in range(N):
+                _out_row(x[i, c], y[i, c], k, scale, shift, act)
+            stats[0, c] = k
+            stats[1, c] = delta
+            stats[2, c] = var
+            stats[3, c] = invstd
+        return
+    part = np.empty((2, N * C))
+    for r in prange(N * C):
+        i, c = r // C, r % C
+        part[0, r], part[1, r] = _sums_row(x[i, c], np.float64(x[0, c, 0]))
+    for c in range(C):
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(N):
+            s1 += part[0, i * C + c]
+            s2 += part[1, i * C + c]
+        stats[0, c] = np.float64(x[0, c, 0])
+        stats[1, c], stats[2, c], stats[3, c] = _finish_stats(s1, s2, n, eps)
+    scale, shift = _scale_shift(weight, bias, stats)
+    for r in prange(N * C):
+        i, c = r // C, r % C
+        _out_row(x[i, c], y[i, c], stats[0, c], scale[c], shift[c], act)
+
+
+@njit(parallel=True, **_JIT)
+def forward_cl(x, weight, bias, eps, act, nblocks, y, stats):
+    """Training forward, channels-last ``x`` (M, C) → ``y`` (M, C).
+
+    ``nblocks`` row blocks run in parallel, each summing every channel into its own
+    float64 accumulators (vectorised over C); the blocks' sums are then added.
+    """
+    M, C = x.shape
+    k = np.empty(C)
+    for c in range(C):
+        k[c] = np.float64(x[0, c])
+    part = np.zeros((nblocks, 2, C))
+    rows = (M + nblocks - 1) // nblocks
+    for blk in prange(nblocks):
+        for i in range(blk * rows, min(M, (blk + 1) * rows)):
+            _sums_row_cl(x[i], k, part[blk, 0], part[blk, 1])
+    for c in range(C):
+        s1 = 0.0
+        s2 = 0.0
+        for blk in range(nblocks):
+            s1 += part[blk, 0, c]
+            s2 += part[blk, 1, c]
+        stats[0, c] = k[c]
+        stats[1, c], stats[2, c], stats[3, c] = _finish_stats(s1, s2, M, eps)
+    scale, shift = _scale_shift(weight, bias, stats)
+    for blk in prange(nblocks):
+        for i in range(blk * rows, min(M, (blk + 1) * rows)):
+            _out_row_cl(x[i], y[i], k, scale, shift, act)
+
+
+# -- training backward -------------------------------------------------------------------
+@njit(parallel=True, **_JIT)
+def backward_cf(dy, x, weight, bias, stats, act, split, need_dx, dx, sums):
+    """Closed-form training backward, channels-first (N, C, S).
+
+    ``stats``: the forward's (4, C) float64 statistics. ``sums`` (out, float64 (2, C)):
+    A = Σdz (dβ) and B = Σdz·x̂ (dγ). ``dx`` is written only if ``need_dx``.
+    """
+    N, C, S = x.shape
+    n = N * S
+    scale, shift = _scale_shift(weight, bias, stats)
+    if not split:
+        for c in prange(C):
+            k, delta, invstd = stats[0, c], stats[1, c], stats[3, c]
+            a_sum = 0.0
+            b_sum = 0.0
+            for i in range(N):
+                ra, rb = _grad_sums_row(dy[i, c], x[i, c], k, delta, invstd, scale[c], shift[c], act)
+                a_sum += ra
+                b_sum += rb
+            sums[0, c] = a_sum
+            sums[1, c] = b_sum
+            if need_dx:
+                for i in range(N):
+                    _grad_row(
+                        dy[i, c], x[i, c], dx[i, c], k, delta, invstd, scale[c], shift[c],
+                        a_sum / n, b_sum / n, act,
+                    )  # fmt: skip
+        return
+    part = np.empty((2, N * C))
+    for r in prange(N * C):
+        i, c = r // C, r % C
+        part[0, r], part[1, r] = _grad_sums_row(
+            dy[i, c], x[i, c], stats[0, c], stats[1, c], stats[3, c], scale[c], shift[c], act
+        )
+    for c in range(C):
+        a_sum = 0.0
+        b_sum = 0.0
+        for i in range(N):
+            a_sum += part[0, i * C + c]
+            b_sum += part[1, i * C + c]
+        sums[0, c] = a_sum
+        sums[1, c] = b_sum
+    if need_dx:
+        for r in prange(N * C):
+            i, c = r // C, r % C
+            _grad_row(
+                dy[i, c], x[i, c], dx[i, c], stats[0, c], stats[1, c], stats[3, c], scale[c],
+                shift[c], sums[0, c] / n, sums[1, c] / n, act,
+            )  # fmt: skip
+
+
+@njit(parallel=True, **_JIT)
+def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
+    """Closed-form training backward, channels-last (M, C); see :func:`backward_cf`."""
+    M, C = x.shape
+    scale, shift = _scale_shift(weight, bias, stats)
+    k, delta, invstd = stats[0], stats[1], stats[3]
+    part = np.zeros((nblocks, 2, C))
+    rows = (M + nblocks - 1) // nblocks
+    for blk in prange(nblocks):
+        for i in range(blk * rows, min(M, (blk + 1) * rows)):
+            _grad_sums_row_cl(
+                dy[i], x[i], k, delta, invstd, scale, shift, act, part[blk, 0], part[blk, 1]
+            )
+    for c in range(C):
+        a_sum = 0.0
+        b_sum = 0.0
+        for blk in range(nblocks):
+            a_sum += part[blk, 0, c]
+            b_sum += part[blk, 1, c]
+        sums[0, c] = a_sum
+        sums[1, c] = b_sum
+    if need_dx:
+        ma = sums[0] / M
+        mb = sums[1] / M
+        for blk in prange(nblocks):
+            for i in range(blk * rows, min(M, (blk + 1) * rows)):
+                _grad_row_cl(dy[i], x[i], dx[i], k, delta, invstd, scale, shift, ma, mb, act)
+
+
+# -- eval forward ------------------------------------------------------------------------
+@njit(parallel=True, **_JIT)
+def affine_cf(x, mean, scale, bias, act, y):
+    """Eval forward, channels-first (N, C, S): y = act((x − mean)·scale + bias), with
+    per-channel float64 ``mean``, ``scale = γ/sqrt(var + ε)`` and ``bias``."""
+    N, C, S = x.shape
+    for r in prange(N * C):
+        i, c = r // C, r % C
+        _out_row(x[i, c], y[i, c], mean[c], scale[c], bias[c], act)
+
+
+@njit(parallel=True, **_JIT)
+def affine_cl(x, mean, scale, bias, act, nblocks, y):
+    """Eval forward, channels-last (M, C); see :func:`affine_cf`."""
+    M, C = x.shape
+    rows = (M + nblocks - 1) // nblocks
+    for blk in prange(nblocks):
+        for i in range(blk * rows, min(M, (blk + 1) * rows)):
+            _out_row_cl(x[i], y[i], mean, scale, bias, act)
