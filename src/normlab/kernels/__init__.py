@@ -223,7 +223,9 @@ def batch_forward(
     w, b = _vector(weight, c, 1.0), _vector(bias, c, 0.0)
     act = _activation(activation, negative_slope)
     if plan.layout == "cf":
-        k.forward_cf(xv.numpy(), w, b, float(eps), act, _split(plan, threads), yv.numpy(), stats.numpy())
+        k.forward_cf(
+            xv.numpy(), w, b, float(eps), act, _split(plan, threads), yv.numpy(), stats.numpy()
+        )
     else:
         nblocks = max(1, min(threads, plan.shape[0]))
         k.forward_cl(xv.numpy(), w, b, float(eps), act, nblocks, yv.numpy(), stats.numpy())

@@ -373,7 +373,9 @@ def backward_cf(dy, x, weight, bias, stats, act, split, need_dx, dx, sums):
             a_sum = 0.0
             b_sum = 0.0
             for i in range(N):
-                ra, rb = _grad_sums_row(dy[i, c], x[i, c], k, delta, invstd, scale[c], shift[c], act)
+                ra, rb = _grad_sums_row(
+                    dy[i, c], x[i, c], k, delta, invstd, scale[c], shift[c], act
+                )
                 a_sum += ra
                 b_sum += rb
             sums[0, c] = a_sum
@@ -442,7 +444,7 @@ def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
 def affine_cf(x, mean, scale, bias, act, y):
     """Eval forward, channels-first (N, C, S): y = act((x − mean)·scale + bias), with
     per-channel float64 ``mean``, ``scale = γ/sqrt(var + ε)`` and ``bias``."""
-    N, C, S = x.shape
+    N, C = x.shape[0], x.shape[1]
     for r in prange(N * C):
         i, c = r // C, r % C
         _out_row(x[i, c], y[i, c], mean[c], scale[c], bias[c], act)
@@ -451,7 +453,7 @@ def affine_cf(x, mean, scale, bias, act, y):
 @njit(parallel=True, **_JIT)
 def affine_cl(x, mean, scale, bias, act, nblocks, y):
     """Eval forward, channels-last (M, C); see :func:`affine_cf`."""
-    M, C = x.shape
+    M = x.shape[0]
     rows = (M + nblocks - 1) // nblocks
     for blk in prange(nblocks):
         for i in range(blk * rows, min(M, (blk + 1) * rows)):
