@@ -12,6 +12,7 @@ import sys
 import typer
 
 from normlab.cli import _output
+from normlab.cli.bench import bench
 from normlab.cli.demo import demo
 
 app = typer.Typer(
@@ -41,6 +42,7 @@ def _root(
 
 
 app.command("demo")(demo)
+app.command("bench")(bench)
 
 
 def main(argv: list[str] | None = None) -> None:

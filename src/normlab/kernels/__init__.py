@@ -197,12 +197,6 @@ def _activation(activation: str | None, negative_slope: float) -> np.ndarray:
     return _kernels().activation_params(get_activation(activation).name, negative_slope)
 
 
-def _split(plan: Plan, threads: int) -> bool:
-    """Channels-first: one task per channel unless that leaves threads idle."""
-    c = plan.channels
-    return threads > 1 and (c < 2 * threads and c % threads != 0)
-
-
 def batch_forward(
     plan: Plan,
     x: torch.Tensor,
@@ -223,9 +217,7 @@ def batch_forward(
     w, b = _vector(weight, c, 1.0), _vector(bias, c, 0.0)
     act = _activation(activation, negative_slope)
     if plan.layout == "cf":
-        k.forward_cf(
-            xv.numpy(), w, b, float(eps), act, _split(plan, threads), yv.numpy(), stats.numpy()
-        )
+        k.forward_cf(xv.numpy(), w, b, float(eps), act, yv.numpy(), stats.numpy())
     else:
         nblocks = max(1, min(threads, plan.shape[0]))
         k.forward_cl(xv.numpy(), w, b, float(eps), act, nblocks, yv.numpy(), stats.numpy())
@@ -264,8 +256,7 @@ def batch_backward(
     act = _activation(activation, negative_slope)
     s, dyn = stats.numpy(), dyv.numpy()
     if plan.layout == "cf":
-        split = _split(plan, threads)
-        k.backward_cf(dyn, xv.numpy(), w, b, s, act, split, need_dx, dx_arr, sums.numpy())
+        k.backward_cf(dyn, xv.numpy(), w, b, s, act, need_dx, dx_arr, sums.numpy())
     else:
         nblocks = max(1, min(threads, plan.shape[0]))
         k.backward_cl(dyn, xv.numpy(), w, b, s, act, nblocks, need_dx, dx_arr, sums.numpy())
