@@ -24,6 +24,7 @@ Numerics and the formulas are in :mod:`normlab.kernels._numba`; the kernels run 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -38,8 +39,12 @@ MODES = ("auto", "torch", "numba")
 # Below this many elements, `auto` keeps the torch-op path. Measured with `normlab bench`
 # on the development machine; see benchmarks/README.md.
 MIN_NUMEL = 0
+# Below this many elements the kernels run on the calling thread only (torch's own grain
+# size for elementwise CPU kernels is 32768 per thread).
+PARALLEL_MIN_NUMEL = 1 << 16
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 def mode() -> str:
@@ -177,7 +182,11 @@ def _kernels():
     return _numba
 
 
-def _threads() -> int:
+def _threads(numel: int) -> int:
+    """Threads for a kernel over ``numel`` elements: torch's count, or 1 (the serial
+    twin, no thread team at all) below :data:`PARALLEL_MIN_NUMEL`."""
+    if numel < PARALLEL_MIN_NUMEL:
+        return 1
     import numba
 
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
@@ -185,16 +194,35 @@ def _threads() -> int:
     return n
 
 
-def _vector(p: torch.Tensor | None, c: int, fill: float) -> np.ndarray:
+def _kernel(name: str, threads: int):
+    return getattr(_kernels(), name if threads > 1 else name + "_serial")
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(c: int, dtype: np.dtype, value: float) -> np.ndarray:
+    out = np.full(c, value, dtype=dtype)
+    out.flags.writeable = False
+    return out
+
+
+def _param(p: torch.Tensor | None, c: int, dtype: torch.dtype, fill: float) -> np.ndarray:
+    """A per-channel parameter as a (C,) array in the kernel's dtype (a view if it is
+    one already: parameters of the input's dtype cost no copy)."""
     if p is None:
-        return np.full(c, fill)
-    return p.detach().reshape(c).to(torch.float64).numpy()
+        return _constant(c, _NUMPY_DTYPES[dtype], fill)
+    p = p.detach()
+    if p.dtype != dtype:
+        p = p.to(dtype)
+    return p.reshape(c).numpy()
 
 
+@functools.lru_cache(maxsize=64)
 def _activation(activation: str | None, negative_slope: float) -> np.ndarray:
     from normlab.functional.activations import get_activation  # validates, as the torch path
 
-    return _kernels().activation_params(get_activation(activation).name, negative_slope)
+    params = _kernels().activation_params(get_activation(activation).name, negative_slope)
+    params.flags.writeable = False
+    return params
 
 
 def batch_forward(
@@ -208,23 +236,24 @@ def batch_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training forward: ``(y, mean, var, stats)``; ``mean``/``var`` keepdim in x's dtype,
     ``stats`` the float64 (4, C) tensor [shift, delta, var, invstd] for backward."""
-    k = _kernels()
-    threads = _threads()
-    c = plan.channels
-    xv = plan.view(x.detach())
-    y, yv = plan.empty(x)
-    stats = torch.empty((4, c), dtype=torch.float64)
-    w, b = _vector(weight, c, 1.0), _vector(bias, c, 0.0)
     act = _activation(activation, negative_slope)
+    threads = _threads(x.numel())
+    c = plan.channels
+    xv = plan.view(x.detach()).numpy()
+    y, yv = plan.empty(x)
+    stats = np.empty((4, c))
+    moments = np.empty((2, c), dtype=xv.dtype)
+    w, b = _param(weight, c, x.dtype, 1.0), _param(bias, c, x.dtype, 0.0)
     if plan.layout == "cf":
-        k.forward_cf(xv.numpy(), w, b, float(eps), act, yv.numpy(), stats.numpy())
+        kernel = _kernel("forward_cf", threads)
+        kernel(xv, w, b, float(eps), act, yv.numpy(), stats, moments)
     else:
         nblocks = max(1, min(threads, plan.shape[0]))
-        k.forward_cl(xv.numpy(), w, b, float(eps), act, nblocks, yv.numpy(), stats.numpy())
+        kernel = _kernel("forward_cl", threads)
+        kernel(xv, w, b, float(eps), act, nblocks, yv.numpy(), stats, moments)
     keep = [c if d == plan.channel_dim else 1 for d in range(x.dim())]
-    mean = (stats[0] + stats[1]).to(x.dtype).view(keep)
-    var = stats[2].to(x.dtype).view(keep)
-    return y, mean, var, stats
+    mv = torch.from_numpy(moments)
+    return y, mv[0].view(keep), mv[1].view(keep), torch.from_numpy(stats)
 
 
 def batch_backward(
@@ -239,32 +268,34 @@ def batch_backward(
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Closed-form training backward: ``(dx, dweight, dbias)`` (None where not needed)."""
-    k = _kernels()
-    threads = _threads()
+    act = _activation(activation, negative_slope)
+    threads = _threads(x.numel())
     c = plan.channels
-    xv = plan.view(x.detach())
-    dyv = plan.view(dy.to(x.dtype))
+    xv = plan.view(x.detach()).numpy()
+    dyv = plan.view(dy if dy.dtype == x.dtype else dy.to(x.dtype)).numpy()
     need_dx = bool(needs[0])
     if need_dx:
         dx, dxv = plan.empty(x)
         dx_arr = dxv.numpy()
     else:
         dx = None
-        dx_arr = np.empty((1,) * len(plan.shape), dtype=xv.numpy().dtype)
-    sums = torch.empty((2, c), dtype=torch.float64)
-    w, b = _vector(weight, c, 1.0), _vector(bias, c, 0.0)
-    act = _activation(activation, negative_slope)
-    s, dyn = stats.numpy(), dyv.numpy()
+        dx_arr = np.empty((1,) * len(plan.shape), dtype=xv.dtype)
+    sums = np.empty((2, c), dtype=xv.dtype)  # [dβ, dγ]
+    w, b = _param(weight, c, x.dtype, 1.0), _param(bias, c, x.dtype, 0.0)
+    s = stats.numpy()
     if plan.layout == "cf":
-        k.backward_cf(dyn, xv.numpy(), w, b, s, act, need_dx, dx_arr, sums.numpy())
+        kernel = _kernel("backward_cf", threads)
+        kernel(dyv, xv, w, b, s, act, need_dx, dx_arr, sums)
     else:
         nblocks = max(1, min(threads, plan.shape[0]))
-        k.backward_cl(dyn, xv.numpy(), w, b, s, act, nblocks, need_dx, dx_arr, sums.numpy())
+        kernel = _kernel("backward_cl", threads)
+        kernel(dyv, xv, w, b, s, act, nblocks, need_dx, dx_arr, sums)
     dw = db = None
+    grads = torch.from_numpy(sums)
     if weight is not None and needs[1]:
-        dw = sums[1].to(weight.dtype).view(weight.shape)
+        dw = grads[1].view(weight.shape).to(weight.dtype)
     if bias is not None and needs[2]:
-        db = sums[0].to(bias.dtype).view(bias.shape)
+        db = grads[0].view(bias.shape).to(bias.dtype)
     return dx, dw, db
 
 
@@ -280,20 +311,16 @@ def affine_forward(
     negative_slope: float,
 ) -> torch.Tensor:
     """Eval forward ``act((x − mean)·γ/sqrt(var + ε) + β)`` with per-channel constants."""
-    k = _kernels()
-    threads = _threads()
-    c = plan.channels
-    m = _vector(mean, c, 0.0)
-    scale = 1.0 / np.sqrt(_vector(var, c, 1.0) + float(eps))
-    if weight is not None:
-        scale = scale * _vector(weight, c, 1.0)
-    b = _vector(bias, c, 0.0)
     act = _activation(activation, negative_slope)
-    xv = plan.view(x.detach())
+    threads = _threads(x.numel())
+    c, dt = plan.channels, x.dtype
+    m, v = _param(mean, c, dt, 0.0), _param(var, c, dt, 1.0)
+    w, b = _param(weight, c, dt, 1.0), _param(bias, c, dt, 0.0)
+    xv = plan.view(x.detach()).numpy()
     y, yv = plan.empty(x)
     if plan.layout == "cf":
-        k.affine_cf(xv.numpy(), m, scale, b, act, yv.numpy())
+        _kernel("affine_cf", threads)(xv, m, v, w, b, float(eps), act, yv.numpy())
     else:
         nblocks = max(1, min(threads, plan.shape[0]))
-        k.affine_cl(xv.numpy(), m, scale, b, act, nblocks, yv.numpy())
+        _kernel("affine_cl", threads)(xv, m, v, w, b, float(eps), act, nblocks, yv.numpy())
     return y

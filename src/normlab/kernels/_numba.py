@@ -42,6 +42,7 @@ x̂ and z are recomputed from the saved x; nothing else activation-sized is kept
 from __future__ import annotations
 
 import math
+import types as types_module
 
 import numpy as np
 from llvmlite import ir
@@ -126,6 +127,8 @@ def _exp(x):
 
 
 # -- elementwise pieces ------------------------------------------------------------------
+# The activation constants are read into scalars before each loop: loads from the `act`
+# array inside the loop could alias the output and would block vectorisation.
 @njit(**_HELPER)
 def _pwl(z, slope):
     return z if z > 0.0 else z * slope  # NaN stays NaN, as torch.relu
@@ -137,16 +140,16 @@ def _pwl_grad(z, slope):
 
 
 @njit(**_HELPER)
-def _smooth(z, act):
-    s = 1.0 / (1.0 + _exp(-act[_A] * z))
-    return act[_C1] * s + act[_C2] + act[_C3] * z * s
+def _smooth(z, a, c1, c2, c3):
+    s = 1.0 / (1.0 + _exp(-a * z))
+    return c1 * s + c2 + c3 * z * s
 
 
 @njit(**_HELPER)
-def _smooth_grad(z, act):
-    s = 1.0 / (1.0 + _exp(-act[_A] * z))
+def _smooth_grad(z, a, g1, c3):
+    s = 1.0 / (1.0 + _exp(-a * z))
     q = s * (1.0 - s)
-    return act[_G1] * q + act[_C3] * (s + z * q)
+    return g1 * q + c3 * (s + z * q)
 
 
 @njit(**_HELPER)
@@ -159,131 +162,154 @@ def _finish_stats(s1, s2, n, eps):
     return delta, var, 1.0 / math.sqrt(var + eps)
 
 
-# -- one row, channels-first: S contiguous values of one channel (scalar parameters) -----
+# -- one row, channels-first: x[i, c, :], S contiguous values (scalar parameters) --------
+# Rows are addressed by index, not sliced: a slice per row costs more than a short row.
 @njit(**_HELPER)
-def _sums_row(xr, k):
+def _sums_row(x, i, c, k):
     s1 = 0.0
     s2 = 0.0
-    for j in range(xr.shape[0]):
-        d = np.float64(xr[j]) - k
+    for j in range(x.shape[2]):
+        d = np.float64(x[i, c, j]) - k
         s1 += d
         s2 += d * d
     return s1, s2
 
 
 @njit(**_HELPER)
-def _out_row(xr, yr, k, scale, shift, act):
+def _out_row(x, y, i, c, k, scale, shift, act):
     if act[_SMOOTH] != 0.0:
-        for j in range(xr.shape[0]):
-            yr[j] = _smooth((np.float64(xr[j]) - k) * scale + shift, act)
+        a, c1, c2, c3 = act[_A], act[_C1], act[_C2], act[_C3]
+        for j in range(x.shape[2]):
+            y[i, c, j] = _smooth((np.float64(x[i, c, j]) - k) * scale + shift, a, c1, c2, c3)
     else:
         slope = act[_SLOPE]
-        for j in range(xr.shape[0]):
-            yr[j] = _pwl((np.float64(xr[j]) - k) * scale + shift, slope)
+        for j in range(x.shape[2]):
+            y[i, c, j] = _pwl((np.float64(x[i, c, j]) - k) * scale + shift, slope)
 
 
 @njit(**_HELPER)
-def _grad_sums_row(dyr, xr, k, delta, invstd, scale, shift, act):
+def _grad_sums_row(dy, x, i, c, k, delta, invstd, scale, shift, act):
     a_sum = 0.0
     b_sum = 0.0
     if act[_SMOOTH] != 0.0:
-        for j in range(xr.shape[0]):
-            d = np.float64(xr[j]) - k
-            dz = np.float64(dyr[j]) * _smooth_grad(d * scale + shift, act)
+        a, g1, c3 = act[_A], act[_G1], act[_C3]
+        for j in range(x.shape[2]):
+            d = np.float64(x[i, c, j]) - k
+            dz = np.float64(dy[i, c, j]) * _smooth_grad(d * scale + shift, a, g1, c3)
             a_sum += dz
             b_sum += dz * ((d - delta) * invstd)
     else:
         slope = act[_SLOPE]
-        for j in range(xr.shape[0]):
-            d = np.float64(xr[j]) - k
-            dz = np.float64(dyr[j]) * _pwl_grad(d * scale + shift, slope)
+        for j in range(x.shape[2]):
+            d = np.float64(x[i, c, j]) - k
+            dz = np.float64(dy[i, c, j]) * _pwl_grad(d * scale + shift, slope)
             a_sum += dz
             b_sum += dz * ((d - delta) * invstd)
     return a_sum, b_sum
 
 
 @njit(**_HELPER)
-def _grad_row(dyr, xr, dxr, k, delta, invstd, scale, shift, ma, mb, act):
+def _grad_row(dy, x, dx, i, c, k, delta, invstd, scale, shift, ma, mb, act):
     if act[_SMOOTH] != 0.0:
-        for j in range(xr.shape[0]):
-            d = np.float64(xr[j]) - k
-            dz = np.float64(dyr[j]) * _smooth_grad(d * scale + shift, act)
-            dxr[j] = scale * (dz - ma - ((d - delta) * invstd) * mb)
+        a, g1, c3 = act[_A], act[_G1], act[_C3]
+        for j in range(x.shape[2]):
+            d = np.float64(x[i, c, j]) - k
+            dz = np.float64(dy[i, c, j]) * _smooth_grad(d * scale + shift, a, g1, c3)
+            dx[i, c, j] = scale * (dz - ma - ((d - delta) * invstd) * mb)
     else:
         slope = act[_SLOPE]
-        for j in range(xr.shape[0]):
-            d = np.float64(xr[j]) - k
-            dz = np.float64(dyr[j]) * _pwl_grad(d * scale + shift, slope)
-            dxr[j] = scale * (dz - ma - ((d - delta) * invstd) * mb)
+        for j in range(x.shape[2]):
+            d = np.float64(x[i, c, j]) - k
+            dz = np.float64(dy[i, c, j]) * _pwl_grad(d * scale + shift, slope)
+            dx[i, c, j] = scale * (dz - ma - ((d - delta) * invstd) * mb)
 
 
-# -- one row, channels-last: all C channels of one position (vector parameters) ---------
+# -- one row, channels-last: x[i, :], all C channels of one position (vector parameters) -
 @njit(**_HELPER)
-def _sums_row_cl(xr, k, acc1, acc2):
-    for c in range(xr.shape[0]):
-        d = np.float64(xr[c]) - k[c]
+def _sums_row_cl(x, i, k, acc1, acc2):
+    for c in range(x.shape[1]):
+        d = np.float64(x[i, c]) - k[c]
         acc1[c] += d
         acc2[c] += d * d
 
 
 @njit(**_HELPER)
-def _out_row_cl(xr, yr, k, scale, shift, act):
+def _out_row_cl(x, y, i, k, scale, shift, act):
     if act[_SMOOTH] != 0.0:
-        for c in range(xr.shape[0]):
-            yr[c] = _smooth((np.float64(xr[c]) - k[c]) * scale[c] + shift[c], act)
+        a, c1, c2, c3 = act[_A], act[_C1], act[_C2], act[_C3]
+        for c in range(x.shape[1]):
+            z = (np.float64(x[i, c]) - k[c]) * scale[c] + shift[c]
+            y[i, c] = _smooth(z, a, c1, c2, c3)
     else:
         slope = act[_SLOPE]
-        for c in range(xr.shape[0]):
-            yr[c] = _pwl((np.float64(xr[c]) - k[c]) * scale[c] + shift[c], slope)
+        for c in range(x.shape[1]):
+            y[i, c] = _pwl((np.float64(x[i, c]) - k[c]) * scale[c] + shift[c], slope)
 
 
 @njit(**_HELPER)
-def _grad_sums_row_cl(dyr, xr, k, delta, invstd, scale, shift, act, acc_a, acc_b):
+def _grad_sums_row_cl(dy, x, i, k, delta, invstd, scale, shift, act, acc_a, acc_b):
     if act[_SMOOTH] != 0.0:
-        for c in range(xr.shape[0]):
-            d = np.float64(xr[c]) - k[c]
-            dz = np.float64(dyr[c]) * _smooth_grad(d * scale[c] + shift[c], act)
+        a, g1, c3 = act[_A], act[_G1], act[_C3]
+        for c in range(x.shape[1]):
+            d = np.float64(x[i, c]) - k[c]
+            dz = np.float64(dy[i, c]) * _smooth_grad(d * scale[c] + shift[c], a, g1, c3)
             acc_a[c] += dz
             acc_b[c] += dz * ((d - delta[c]) * invstd[c])
     else:
         slope = act[_SLOPE]
-        for c in range(xr.shape[0]):
-            d = np.float64(xr[c]) - k[c]
-            dz = np.float64(dyr[c]) * _pwl_grad(d * scale[c] + shift[c], slope)
+        for c in range(x.shape[1]):
+            d = np.float64(x[i, c]) - k[c]
+            dz = np.float64(dy[i, c]) * _pwl_grad(d * scale[c] + shift[c], slope)
             acc_a[c] += dz
             acc_b[c] += dz * ((d - delta[c]) * invstd[c])
 
 
 @njit(**_HELPER)
-def _grad_row_cl(dyr, xr, dxr, k, delta, invstd, scale, shift, ma, mb, act):
+def _grad_row_cl(dy, x, dx, i, k, delta, invstd, scale, shift, ma, mb, act):
     if act[_SMOOTH] != 0.0:
-        for c in range(xr.shape[0]):
-            d = np.float64(xr[c]) - k[c]
-            dz = np.float64(dyr[c]) * _smooth_grad(d * scale[c] + shift[c], act)
-            dxr[c] = scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c])
+        a, g1, c3 = act[_A], act[_G1], act[_C3]
+        for c in range(x.shape[1]):
+            d = np.float64(x[i, c]) - k[c]
+            dz = np.float64(dy[i, c]) * _smooth_grad(d * scale[c] + shift[c], a, g1, c3)
+            dx[i, c] = scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c])
     else:
         slope = act[_SLOPE]
-        for c in range(xr.shape[0]):
-            d = np.float64(xr[c]) - k[c]
-            dz = np.float64(dyr[c]) * _pwl_grad(d * scale[c] + shift[c], slope)
-            dxr[c] = scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c])
+        for c in range(x.shape[1]):
+            d = np.float64(x[i, c]) - k[c]
+            dz = np.float64(dy[i, c]) * _pwl_grad(d * scale[c] + shift[c], slope)
+            dx[i, c] = scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c])
+
+
+@njit(**_HELPER)
+def _eval_constants(mean, var, weight, bias, eps):
+    """float64 (mean, γ/sqrt(var + ε), β) per channel."""
+    C = mean.shape[0]
+    m = np.empty(C)
+    scale = np.empty(C)
+    b = np.empty(C)
+    for c in range(C):
+        m[c] = mean[c]
+        scale[c] = np.float64(weight[c]) / math.sqrt(np.float64(var[c]) + eps)
+        b[c] = bias[c]
+    return m, scale, b
 
 
 @njit(**_HELPER)
 def _scale_shift(weight, bias, stats):
     """Per-channel scale = γ·invstd and shift = β − delta·scale (stats: k, delta, var,
     invstd rows)."""
-    scale = weight * stats[3]
-    return scale, bias - stats[1] * scale
+    scale = weight.astype(np.float64) * stats[3]
+    return scale, bias.astype(np.float64) - stats[1] * scale
 
 
 # -- training forward --------------------------------------------------------------------
 @njit(parallel=True, **_JIT)
-def forward_cf(x, weight, bias, eps, act, y, stats):
+def forward_cf(x, weight, bias, eps, act, y, stats, moments):
     """Training forward, channels-first ``x`` (N, C, S) → ``y`` (N, C, S).
 
-    ``weight``/``bias``: float64 (C,). ``stats`` (out, float64 (4, C)): shift k, delta,
-    biased var, invstd. One task per channel: its statistics, then its output, so the
+    ``weight``/``bias``: (C,) in x's dtype. ``stats`` (out, float64 (4, C)): shift k,
+    delta, biased var, invstd, for backward. ``moments`` (out, (2, C) in x's dtype): mean
+    and biased var, for the caller. One task per channel: its statistics, then its output, so the
     second read of the channel comes from the core's cache when it fits (N·S·4 bytes
     against a 1-2 MiB L2). Fewer channels than threads leave threads idle; that case is
     rare and still far faster than the torch-op path.
@@ -295,22 +321,24 @@ def forward_cf(x, weight, bias, eps, act, y, stats):
         s1 = 0.0
         s2 = 0.0
         for i in range(N):
-            r1, r2 = _sums_row(x[i, c], k)
+            r1, r2 = _sums_row(x, i, c, k)
             s1 += r1
             s2 += r2
         delta, var, invstd = _finish_stats(s1, s2, n, eps)
-        scale = weight[c] * invstd
-        shift = bias[c] - delta * scale
+        scale = np.float64(weight[c]) * invstd
+        shift = np.float64(bias[c]) - delta * scale
         for i in range(N):
-            _out_row(x[i, c], y[i, c], k, scale, shift, act)
+            _out_row(x, y, i, c, k, scale, shift, act)
         stats[0, c] = k
         stats[1, c] = delta
         stats[2, c] = var
         stats[3, c] = invstd
+        moments[0, c] = k + delta
+        moments[1, c] = var
 
 
 @njit(parallel=True, **_JIT)
-def forward_cl(x, weight, bias, eps, act, nblocks, y, stats):
+def forward_cl(x, weight, bias, eps, act, nblocks, y, stats, moments):
     """Training forward, channels-last ``x`` (M, C) → ``y`` (M, C).
 
     ``nblocks`` row blocks run in parallel, each summing every channel into its own
@@ -320,11 +348,15 @@ def forward_cl(x, weight, bias, eps, act, nblocks, y, stats):
     k = np.empty(C)
     for c in range(C):
         k[c] = np.float64(x[0, c])
-    part = np.zeros((nblocks, 2, C))
+    part = np.empty((nblocks, 2, C))
     rows = (M + nblocks - 1) // nblocks
     for blk in prange(nblocks):
+        acc1 = np.zeros(C)
+        acc2 = np.zeros(C)
         for i in range(blk * rows, min(M, (blk + 1) * rows)):
-            _sums_row_cl(x[i], k, part[blk, 0], part[blk, 1])
+            _sums_row_cl(x, i, k, acc1, acc2)
+        part[blk, 0] = acc1
+        part[blk, 1] = acc2
     for c in range(C):
         s1 = 0.0
         s2 = 0.0
@@ -333,10 +365,12 @@ def forward_cl(x, weight, bias, eps, act, nblocks, y, stats):
             s2 += part[blk, 1, c]
         stats[0, c] = k[c]
         stats[1, c], stats[2, c], stats[3, c] = _finish_stats(s1, s2, M, eps)
+        moments[0, c] = k[c] + stats[1, c]
+        moments[1, c] = stats[2, c]
     scale, shift = _scale_shift(weight, bias, stats)
     for blk in prange(nblocks):
         for i in range(blk * rows, min(M, (blk + 1) * rows)):
-            _out_row_cl(x[i], y[i], k, scale, shift, act)
+            _out_row_cl(x, y, i, k, scale, shift, act)
 
 
 # -- training backward -------------------------------------------------------------------
@@ -344,8 +378,8 @@ def forward_cl(x, weight, bias, eps, act, nblocks, y, stats):
 def backward_cf(dy, x, weight, bias, stats, act, need_dx, dx, sums):
     """Closed-form training backward, channels-first (N, C, S), one task per channel.
 
-    ``stats``: the forward's (4, C) float64 statistics. ``sums`` (out, float64 (2, C)):
-    A = Σdz (dβ) and B = Σdz·x̂ (dγ). ``dx`` is written only if ``need_dx``.
+    ``stats``: the forward's (4, C) float64 statistics. ``sums`` (out, (2, C) in x's
+    dtype): A = Σdz (dβ) and B = Σdz·x̂ (dγ). ``dx`` is written only if ``need_dx``.
     """
     N, C, S = x.shape
     n = N * S
@@ -355,7 +389,7 @@ def backward_cf(dy, x, weight, bias, stats, act, need_dx, dx, sums):
         a_sum = 0.0
         b_sum = 0.0
         for i in range(N):
-            ra, rb = _grad_sums_row(dy[i, c], x[i, c], k, delta, invstd, scale[c], shift[c], act)
+            ra, rb = _grad_sums_row(dy, x, i, c, k, delta, invstd, scale[c], shift[c], act)
             a_sum += ra
             b_sum += rb
         sums[0, c] = a_sum
@@ -363,7 +397,7 @@ def backward_cf(dy, x, weight, bias, stats, act, need_dx, dx, sums):
         if need_dx:
             for i in range(N):
                 _grad_row(
-                    dy[i, c], x[i, c], dx[i, c], k, delta, invstd, scale[c], shift[c],
+                    dy, x, dx, i, c, k, delta, invstd, scale[c], shift[c],
                     a_sum / n, b_sum / n, act,
                 )  # fmt: skip
 
@@ -374,13 +408,15 @@ def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
     M, C = x.shape
     scale, shift = _scale_shift(weight, bias, stats)
     k, delta, invstd = stats[0], stats[1], stats[3]
-    part = np.zeros((nblocks, 2, C))
+    part = np.empty((nblocks, 2, C))
     rows = (M + nblocks - 1) // nblocks
     for blk in prange(nblocks):
+        acc_a = np.zeros(C)
+        acc_b = np.zeros(C)
         for i in range(blk * rows, min(M, (blk + 1) * rows)):
-            _grad_sums_row_cl(
-                dy[i], x[i], k, delta, invstd, scale, shift, act, part[blk, 0], part[blk, 1]
-            )
+            _grad_sums_row_cl(dy, x, i, k, delta, invstd, scale, shift, act, acc_a, acc_b)
+        part[blk, 0] = acc_a
+        part[blk, 1] = acc_b
     for c in range(C):
         a_sum = 0.0
         b_sum = 0.0
@@ -394,25 +430,60 @@ def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
         mb = sums[1] / M
         for blk in prange(nblocks):
             for i in range(blk * rows, min(M, (blk + 1) * rows)):
-                _grad_row_cl(dy[i], x[i], dx[i], k, delta, invstd, scale, shift, ma, mb, act)
+                _grad_row_cl(dy, x, dx, i, k, delta, invstd, scale, shift, ma, mb, act)
 
 
 # -- eval forward ------------------------------------------------------------------------
 @njit(parallel=True, **_JIT)
-def affine_cf(x, mean, scale, bias, act, y):
-    """Eval forward, channels-first (N, C, S): y = act((x − mean)·scale + bias), with
-    per-channel float64 ``mean``, ``scale = γ/sqrt(var + ε)`` and ``bias``."""
+def affine_cf(x, mean, var, weight, bias, eps, act, y):
+    """Eval forward, channels-first (N, C, S): y = act((x − mean)·γ/sqrt(var + ε) + β),
+    per-channel parameters (C,) in x's dtype, combined in float64."""
     N, C = x.shape[0], x.shape[1]
+    m, scale, b = _eval_constants(mean, var, weight, bias, eps)
     for r in prange(N * C):
         i, c = r // C, r % C
-        _out_row(x[i, c], y[i, c], mean[c], scale[c], bias[c], act)
+        _out_row(x, y, i, c, m[c], scale[c], b[c], act)
 
 
 @njit(parallel=True, **_JIT)
-def affine_cl(x, mean, scale, bias, act, nblocks, y):
+def affine_cl(x, mean, var, weight, bias, eps, act, nblocks, y):
     """Eval forward, channels-last (M, C); see :func:`affine_cf`."""
     M = x.shape[0]
+    m, scale, b = _eval_constants(mean, var, weight, bias, eps)
     rows = (M + nblocks - 1) // nblocks
     for blk in prange(nblocks):
         for i in range(blk * rows, min(M, (blk + 1) * rows)):
-            _out_row_cl(x[i], y[i], mean, scale, bias, act)
+            _out_row_cl(x, y, i, m, scale, b, act)
+
+
+# -- serial twins for small tensors -------------------------------------------------------
+def _serial_twin(kernel):
+    """The same kernel compiled without threads (``prange`` runs as ``range``).
+
+    A parallel launch costs microseconds on an idle machine and milliseconds on a busy
+    one (every thread of the team must be scheduled), so small tensors run on the calling
+    thread only, as torch's own CPU kernels do below their grain size. The twin gets its
+    own name so that Numba's on-disk cache keeps the two apart.
+    """
+    f = kernel.py_func
+    twin = types_module.FunctionType(
+        f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__
+    )
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__doc__ = f.__doc__
+    return njit(**_JIT)(twin)
+
+
+forward_cf_serial = _serial_twin(forward_cf)
+forward_cl_serial = _serial_twin(forward_cl)
+backward_cf_serial = _serial_twin(backward_cf)
+backward_cl_serial = _serial_twin(backward_cl)
+affine_cf_serial = _serial_twin(affine_cf)
+affine_cl_serial = _serial_twin(affine_cl)
+
+KERNELS = tuple(
+    f"{direction}_{layout}{suffix}"
+    for direction in ("forward", "backward", "affine")
+    for layout in ("cf", "cl")
+    for suffix in ("", "_serial")
+)
