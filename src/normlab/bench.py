@@ -193,34 +193,29 @@ def _sample(fn: TimedFn, inner: int) -> float:
 
 
 def jit_warmup() -> dict:
-    """Run every kernel once on tiny inputs (float32 and float64): the first call's cost
-    (compilation, or loading Numba's on-disk cache) and the cache statistics."""
+    """Run every kernel once (float32 and float64, both layouts, the threaded kernels and
+    their serial twins): the first calls' cost, which is Numba's compilation on a fresh
+    install and a load of its on-disk cache afterwards, and the cache statistics."""
     import normlab.nn as nln
 
     start = time.perf_counter()
     with _kernel_mode("numba"):
         for dtype in (torch.float32, torch.float64):
-            for cl in (False, True):
-                x = torch.randn(4, 3, 2, 2, dtype=dtype)
-                if cl:
-                    x = x.to(memory_format=torch.channels_last)
-                bn = nln.BatchNorm2d(3, activation="relu", dtype=dtype)
-                out = bn(x.requires_grad_())
-                torch.autograd.grad(out, (x, bn.weight, bn.bias), torch.ones_like(out))
-                with torch.no_grad():
-                    bn.eval()(x)
+            for numel in (64, max(kernels.PARALLEL_MIN_NUMEL, 4096)):
+                for cl in (False, True):
+                    x = torch.randn(numel // 16, 4, 2, 2, dtype=dtype)
+                    if cl:
+                        x = x.to(memory_format=torch.channels_last)
+                    bn = nln.BatchNorm2d(4, activation="relu", dtype=dtype)
+                    out = bn(x.requires_grad_())
+                    torch.autograd.grad(out, (x, bn.weight, bn.bias), torch.ones_like(out))
+                    with torch.no_grad():
+                        bn.eval()(x)
     seconds = time.perf_counter() - start
     from normlab.kernels import _numba
 
     hits = misses = 0
-    for name in (
-        "forward_cf",
-        "forward_cl",
-        "backward_cf",
-        "backward_cl",
-        "affine_cf",
-        "affine_cl",
-    ):
+    for name in _numba.KERNELS:
         stats = getattr(_numba, name).stats
         hits += sum(stats.cache_hits.values())
         misses += sum(stats.cache_misses.values())

@@ -200,9 +200,7 @@ def _kernel(name: str, threads: int):
 
 @functools.lru_cache(maxsize=64)
 def _constant(c: int, dtype: np.dtype, value: float) -> np.ndarray:
-    out = np.full(c, value, dtype=dtype)
-    out.flags.writeable = False
-    return out
+    return np.full(c, value, dtype=dtype)  # shared: the kernels only read parameters
 
 
 def _param(p: torch.Tensor | None, c: int, dtype: torch.dtype, fill: float) -> np.ndarray:
@@ -220,9 +218,7 @@ def _param(p: torch.Tensor | None, c: int, dtype: torch.dtype, fill: float) -> n
 def _activation(activation: str | None, negative_slope: float) -> np.ndarray:
     from normlab.functional.activations import get_activation  # validates, as the torch path
 
-    params = _kernels().activation_params(get_activation(activation).name, negative_slope)
-    params.flags.writeable = False
-    return params
+    return _kernels().activation_params(get_activation(activation).name, negative_slope)
 
 
 def batch_forward(

@@ -226,58 +226,148 @@ def _grad_row(dy, x, dx, i, c, k, delta, invstd, scale, shift, ma, mb, act):
 
 # -- one row, channels-last: x[i, :], all C channels of one position (vector parameters) -
 @njit(**_HELPER)
-def _sums_row_cl(x, i, k, acc1, acc2):
-    for c in range(x.shape[1]):
-        d = np.float64(x[i, c]) - k[c]
-        acc1[c] += d
-        acc2[c] += d * d
+def _sums_rows_cl(x, i0, i1, k, acc1, acc2):
+    """Add rows i0..i1 of x − k into the per-channel sums; four rows per pass over the
+    accumulators, so they are loaded and stored a quarter as often."""
+    i = i0
+    while i + 4 <= i1:
+        for c in range(x.shape[1]):
+            kc = k[c]
+            d0 = np.float64(x[i, c]) - kc
+            d1 = np.float64(x[i + 1, c]) - kc
+            d2 = np.float64(x[i + 2, c]) - kc
+            d3 = np.float64(x[i + 3, c]) - kc
+            acc1[c] += (d0 + d1) + (d2 + d3)
+            acc2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        i += 4
+    while i < i1:
+        for c in range(x.shape[1]):
+            d = np.float64(x[i, c]) - k[c]
+            acc1[c] += d
+            acc2[c] += d * d
+        i += 1
 
 
 @njit(**_HELPER)
-def _out_row_cl(x, y, i, k, scale, shift, act):
+def _act_value(z, smooth, slope, a, c1, c2, c3):
+    return _smooth(z, a, c1, c2, c3) if smooth else _pwl(z, slope)
+
+
+@njit(**_HELPER)
+def _out_rows_cl(x, y, i0, i1, k, scale, shift, act):
+    """y = act((x − k)·scale + shift) for rows i0..i1 (four rows per load of the
+    per-channel constants)."""
     if act[_SMOOTH] != 0.0:
-        a, c1, c2, c3 = act[_A], act[_C1], act[_C2], act[_C3]
+        _out_rows_cl_impl(
+            x, y, i0, i1, k, scale, shift, True, 0.0, act[_A], act[_C1], act[_C2], act[_C3]
+        )
+    else:
+        _out_rows_cl_impl(x, y, i0, i1, k, scale, shift, False, act[_SLOPE], 0.0, 0.0, 0.0, 0.0)
+
+
+@njit(**_HELPER)
+def _out_rows_cl_impl(x, y, i0, i1, k, scale, shift, smooth, slope, a, c1, c2, c3):
+    i = i0
+    while i + 4 <= i1:
+        for c in range(x.shape[1]):
+            kc, sc, sh = k[c], scale[c], shift[c]
+            for r in range(4):
+                z = (np.float64(x[i + r, c]) - kc) * sc + sh
+                y[i + r, c] = _act_value(z, smooth, slope, a, c1, c2, c3)
+        i += 4
+    while i < i1:
         for c in range(x.shape[1]):
             z = (np.float64(x[i, c]) - k[c]) * scale[c] + shift[c]
-            y[i, c] = _smooth(z, a, c1, c2, c3)
-    else:
-        slope = act[_SLOPE]
-        for c in range(x.shape[1]):
-            y[i, c] = _pwl((np.float64(x[i, c]) - k[c]) * scale[c] + shift[c], slope)
+            y[i, c] = _act_value(z, smooth, slope, a, c1, c2, c3)
+        i += 1
 
 
 @njit(**_HELPER)
-def _grad_sums_row_cl(dy, x, i, k, delta, invstd, scale, shift, act, acc_a, acc_b):
-    if act[_SMOOTH] != 0.0:
-        a, g1, c3 = act[_A], act[_G1], act[_C3]
-        for c in range(x.shape[1]):
-            d = np.float64(x[i, c]) - k[c]
-            dz = np.float64(dy[i, c]) * _smooth_grad(d * scale[c] + shift[c], a, g1, c3)
-            acc_a[c] += dz
-            acc_b[c] += dz * ((d - delta[c]) * invstd[c])
-    else:
-        slope = act[_SLOPE]
-        for c in range(x.shape[1]):
-            d = np.float64(x[i, c]) - k[c]
-            dz = np.float64(dy[i, c]) * _pwl_grad(d * scale[c] + shift[c], slope)
-            acc_a[c] += dz
-            acc_b[c] += dz * ((d - delta[c]) * invstd[c])
+def _dz_cl(dy, x, i, c, k, scale, shift, smooth, slope, a, g1, c3):
+    d = np.float64(x[i, c]) - k
+    z = d * scale + shift
+    g = _smooth_grad(z, a, g1, c3) if smooth else _pwl_grad(z, slope)
+    return np.float64(dy[i, c]) * g, d
 
 
 @njit(**_HELPER)
-def _grad_row_cl(dy, x, dx, i, k, delta, invstd, scale, shift, ma, mb, act):
+def _grad_sums_rows_cl(dy, x, i0, i1, k, delta, invstd, scale, shift, act, acc_a, acc_b):
+    """A = Σdz and B = Σdz·x̂ over rows i0..i1, per channel, four rows per pass."""
     if act[_SMOOTH] != 0.0:
-        a, g1, c3 = act[_A], act[_G1], act[_C3]
-        for c in range(x.shape[1]):
-            d = np.float64(x[i, c]) - k[c]
-            dz = np.float64(dy[i, c]) * _smooth_grad(d * scale[c] + shift[c], a, g1, c3)
-            dx[i, c] = scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c])
+        _grad_sums_rows_cl_impl(
+            dy, x, i0, i1, k, delta, invstd, scale, shift, True, 0.0, act[_A], act[_G1],
+            act[_C3], acc_a, acc_b,
+        )  # fmt: skip
     else:
-        slope = act[_SLOPE]
+        _grad_sums_rows_cl_impl(
+            dy, x, i0, i1, k, delta, invstd, scale, shift, False, act[_SLOPE], 0.0, 0.0, 0.0,
+            acc_a, acc_b,
+        )  # fmt: skip
+
+
+@njit(**_HELPER)
+def _grad_sums_rows_cl_impl(
+    dy, x, i0, i1, k, delta, invstd, scale, shift, smooth, slope, a, g1, c3, acc_a, acc_b
+):
+    i = i0
+    while i + 4 <= i1:
         for c in range(x.shape[1]):
-            d = np.float64(x[i, c]) - k[c]
-            dz = np.float64(dy[i, c]) * _pwl_grad(d * scale[c] + shift[c], slope)
+            kc, sc, sh, de, iv = k[c], scale[c], shift[c], delta[c], invstd[c]
+            z0, d0 = _dz_cl(dy, x, i, c, kc, sc, sh, smooth, slope, a, g1, c3)
+            z1, d1 = _dz_cl(dy, x, i + 1, c, kc, sc, sh, smooth, slope, a, g1, c3)
+            z2, d2 = _dz_cl(dy, x, i + 2, c, kc, sc, sh, smooth, slope, a, g1, c3)
+            z3, d3 = _dz_cl(dy, x, i + 3, c, kc, sc, sh, smooth, slope, a, g1, c3)
+            acc_a[c] += (z0 + z1) + (z2 + z3)
+            acc_b[c] += ((z0 * (d0 - de) + z1 * (d1 - de)) + (z2 * (d2 - de) + z3 * (d3 - de))) * iv
+        i += 4
+    while i < i1:
+        for c in range(x.shape[1]):
+            z, d = _dz_cl(dy, x, i, c, k[c], scale[c], shift[c], smooth, slope, a, g1, c3)
+            acc_a[c] += z
+            acc_b[c] += z * ((d - delta[c]) * invstd[c])
+        i += 1
+
+
+@njit(**_HELPER)
+def _grad_rows_cl(dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, act):
+    """dx = scale·(dz − A/n − x̂·B/n) for rows i0..i1, four rows per constants load."""
+    if act[_SMOOTH] != 0.0:
+        _grad_rows_cl_impl(
+            dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, True, 0.0, act[_A],
+            act[_G1], act[_C3],
+        )  # fmt: skip
+    else:
+        _grad_rows_cl_impl(
+            dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, False, act[_SLOPE],
+            0.0, 0.0, 0.0,
+        )  # fmt: skip
+
+
+@njit(**_HELPER)
+def _grad_rows_cl_impl(
+    dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, smooth, slope, a, g1, c3
+):
+    i = i0
+    while i + 4 <= i1:
+        for c in range(x.shape[1]):
+            kc, sc, sh, de, iv, mac, mbc = (
+                k[c],
+                scale[c],
+                shift[c],
+                delta[c],
+                invstd[c],
+                ma[c],
+                mb[c],
+            )
+            for r in range(4):
+                dz, d = _dz_cl(dy, x, i + r, c, kc, sc, sh, smooth, slope, a, g1, c3)
+                dx[i + r, c] = sc * (dz - mac - ((d - de) * iv) * mbc)
+        i += 4
+    while i < i1:
+        for c in range(x.shape[1]):
+            dz, d = _dz_cl(dy, x, i, c, k[c], scale[c], shift[c], smooth, slope, a, g1, c3)
             dx[i, c] = scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c])
+        i += 1
 
 
 @njit(**_HELPER)
@@ -353,8 +443,7 @@ def forward_cl(x, weight, bias, eps, act, nblocks, y, stats, moments):
     for blk in prange(nblocks):
         acc1 = np.zeros(C)
         acc2 = np.zeros(C)
-        for i in range(blk * rows, min(M, (blk + 1) * rows)):
-            _sums_row_cl(x, i, k, acc1, acc2)
+        _sums_rows_cl(x, blk * rows, min(M, (blk + 1) * rows), k, acc1, acc2)
         part[blk, 0] = acc1
         part[blk, 1] = acc2
     for c in range(C):
@@ -369,8 +458,7 @@ def forward_cl(x, weight, bias, eps, act, nblocks, y, stats, moments):
         moments[1, c] = stats[2, c]
     scale, shift = _scale_shift(weight, bias, stats)
     for blk in prange(nblocks):
-        for i in range(blk * rows, min(M, (blk + 1) * rows)):
-            _out_row_cl(x, y, i, k, scale, shift, act)
+        _out_rows_cl(x, y, blk * rows, min(M, (blk + 1) * rows), k, scale, shift, act)
 
 
 # -- training backward -------------------------------------------------------------------
@@ -413,8 +501,8 @@ def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
     for blk in prange(nblocks):
         acc_a = np.zeros(C)
         acc_b = np.zeros(C)
-        for i in range(blk * rows, min(M, (blk + 1) * rows)):
-            _grad_sums_row_cl(dy, x, i, k, delta, invstd, scale, shift, act, acc_a, acc_b)
+        i0, i1 = blk * rows, min(M, (blk + 1) * rows)
+        _grad_sums_rows_cl(dy, x, i0, i1, k, delta, invstd, scale, shift, act, acc_a, acc_b)
         part[blk, 0] = acc_a
         part[blk, 1] = acc_b
     for c in range(C):
@@ -429,8 +517,8 @@ def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
         ma = sums[0] / M
         mb = sums[1] / M
         for blk in prange(nblocks):
-            for i in range(blk * rows, min(M, (blk + 1) * rows)):
-                _grad_row_cl(dy, x, dx, i, k, delta, invstd, scale, shift, ma, mb, act)
+            i0, i1 = blk * rows, min(M, (blk + 1) * rows)
+            _grad_rows_cl(dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, act)
 
 
 # -- eval forward ------------------------------------------------------------------------
@@ -452,8 +540,7 @@ def affine_cl(x, mean, var, weight, bias, eps, act, nblocks, y):
     m, scale, b = _eval_constants(mean, var, weight, bias, eps)
     rows = (M + nblocks - 1) // nblocks
     for blk in prange(nblocks):
-        for i in range(blk * rows, min(M, (blk + 1) * rows)):
-            _out_row_cl(x, y, i, m, scale, b, act)
+        _out_rows_cl(x, y, blk * rows, min(M, (blk + 1) * rows), m, scale, b, act)
 
 
 # -- serial twins for small tensors -------------------------------------------------------
