@@ -41,7 +41,7 @@ MODES = ("auto", "torch", "numba")
 MIN_NUMEL = 0
 # Below this many elements the kernels run on the calling thread only (torch's own grain
 # size for elementwise CPU kernels is 32768 per thread).
-PARALLEL_MIN_NUMEL = 1 << 16
+PARALLEL_MIN_NUMEL = 1 << 18
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
@@ -78,17 +78,20 @@ class Plan:
     def channels(self) -> int:
         return self.shape[1]
 
-    def view(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (shaped like the planned input) as the kernel's 2-D/3-D array, copying
-        only if its strides differ from the layout."""
-        if self.layout == "cf":
-            return t.contiguous().view(self.shape)
-        return t.movedim(self.channel_dim, -1).contiguous().view(self.shape)
+    def array(self, t: torch.Tensor) -> np.ndarray:
+        """``t`` (shaped like the planned input) as the kernel's C-contiguous 2-D/3-D
+        array, sharing memory unless its strides differ from the layout (then a copy)."""
+        if self.layout == "cl" and self.channel_dim != t.dim() - 1:
+            t = t.movedim(self.channel_dim, -1)
+        if not t.is_contiguous():
+            t = t.contiguous()
+        # numpy's reshape of a C-contiguous array is always a view
+        return t.numpy(force=True).reshape(self.shape)
 
-    def empty(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A new tensor shaped like ``like`` in this layout, and its kernel view."""
+    def empty(self, like: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """A new tensor shaped like ``like`` in this layout, and its kernel array."""
         out = empty_like(like, torch.contiguous_format if self.copy else torch.preserve_format)
-        return out, self.view(out)
+        return out, self.array(out)
 
 
 def _eligible_tensor(x: torch.Tensor) -> bool:
@@ -208,10 +211,9 @@ def _param(p: torch.Tensor | None, c: int, dtype: torch.dtype, fill: float) -> n
     one already: parameters of the input's dtype cost no copy)."""
     if p is None:
         return _constant(c, _NUMPY_DTYPES[dtype], fill)
-    p = p.detach()
     if p.dtype != dtype:
-        p = p.to(dtype)
-    return p.reshape(c).numpy()
+        p = p.detach().to(dtype)
+    return p.numpy(force=True).reshape(c)
 
 
 @functools.lru_cache(maxsize=64)
@@ -235,18 +237,16 @@ def batch_forward(
     act = _activation(activation, negative_slope)
     threads = _threads(x.numel())
     c = plan.channels
-    xv = plan.view(x.detach()).numpy()
+    xv = plan.array(x)
     y, yv = plan.empty(x)
     stats = np.empty((4, c))
     moments = np.empty((2, c), dtype=xv.dtype)
     w, b = _param(weight, c, x.dtype, 1.0), _param(bias, c, x.dtype, 0.0)
     if plan.layout == "cf":
-        kernel = _kernel("forward_cf", threads)
-        kernel(xv, w, b, float(eps), act, yv.numpy(), stats, moments)
+        _kernel("forward_cf", threads)(xv, w, b, float(eps), act, yv, stats, moments)
     else:
         nblocks = max(1, min(threads, plan.shape[0]))
-        kernel = _kernel("forward_cl", threads)
-        kernel(xv, w, b, float(eps), act, nblocks, yv.numpy(), stats, moments)
+        _kernel("forward_cl", threads)(xv, w, b, float(eps), act, nblocks, yv, stats, moments)
     keep = [c if d == plan.channel_dim else 1 for d in range(x.dim())]
     mv = torch.from_numpy(moments)
     return y, mv[0].view(keep), mv[1].view(keep), torch.from_numpy(stats)
@@ -267,12 +267,11 @@ def batch_backward(
     act = _activation(activation, negative_slope)
     threads = _threads(x.numel())
     c = plan.channels
-    xv = plan.view(x.detach()).numpy()
-    dyv = plan.view(dy if dy.dtype == x.dtype else dy.to(x.dtype)).numpy()
+    xv = plan.array(x)
+    dyv = plan.array(dy if dy.dtype == x.dtype else dy.to(x.dtype))
     need_dx = bool(needs[0])
     if need_dx:
-        dx, dxv = plan.empty(x)
-        dx_arr = dxv.numpy()
+        dx, dx_arr = plan.empty(x)
     else:
         dx = None
         dx_arr = np.empty((1,) * len(plan.shape), dtype=xv.dtype)
@@ -312,11 +311,11 @@ def affine_forward(
     c, dt = plan.channels, x.dtype
     m, v = _param(mean, c, dt, 0.0), _param(var, c, dt, 1.0)
     w, b = _param(weight, c, dt, 1.0), _param(bias, c, dt, 0.0)
-    xv = plan.view(x.detach()).numpy()
+    xv = plan.array(x)
     y, yv = plan.empty(x)
     if plan.layout == "cf":
-        _kernel("affine_cf", threads)(xv, m, v, w, b, float(eps), act, yv.numpy())
+        _kernel("affine_cf", threads)(xv, m, v, w, b, float(eps), act, yv)
     else:
         nblocks = max(1, min(threads, plan.shape[0]))
-        _kernel("affine_cl", threads)(xv, m, v, w, b, float(eps), act, nblocks, yv.numpy())
+        _kernel("affine_cl", threads)(xv, m, v, w, b, float(eps), act, nblocks, yv)
     return y

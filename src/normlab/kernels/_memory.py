@@ -38,8 +38,8 @@ def empty_like(
 ) -> torch.Tensor:
     """``torch.empty_like(x, memory_format=...)``, advised into huge pages."""
     out = torch.empty_like(x, memory_format=memory_format)
-    nbytes = out.untyped_storage().nbytes()
-    if _madvise is not None and nbytes >= _MIN_BYTES:
+    if _madvise is not None and x.numel() * x.element_size() >= _MIN_BYTES:
+        nbytes = out.untyped_storage().nbytes()
         start = out.data_ptr()
         lo = (start + _PAGE - 1) // _PAGE * _PAGE
         hi = (start + nbytes) // _PAGE * _PAGE
