@@ -111,8 +111,10 @@ def _bn(module: torch.nn.Module) -> torch.nn.Module:
     return module[0] if isinstance(module, torch.nn.Sequential) else module
 
 
-def _train_step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> TimedFn:
-    bn = _bn(module)
+def _train_step(
+    module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, params_of=None
+) -> TimedFn:
+    bn = _bn(module if params_of is None else params_of)
     xg = x.detach().requires_grad_()
     inputs = (xg, bn.weight, bn.bias)
 
@@ -256,7 +258,7 @@ def run_case(
     if compile:
         compiled = torch.compile(theirs)
         contenders["compile"] = {
-            "train": _train_step(compiled, x, dy),
+            "train": _train_step(compiled, x, dy, params_of=theirs),
             "eval": _eval_step(compiled, x),
         }
     copy = {"train": lambda: out.copy_(x), "eval": lambda: out.copy_(x)}

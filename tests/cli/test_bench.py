@@ -64,3 +64,12 @@ def test_bench_quick_writes_valid_json(tmp_path, capsys, monkeypatch):
         assert case["saved"]["normlab"]["activation_sized"] == 1
         assert case["saved"]["torch"]["activation_sized"] == 2
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temporary behind
+
+
+def test_bench_unknown_case_names_the_choices(capsys):
+    try:
+        main(["bench", "--quick", "--case", "resnet"])
+    except SystemExit as e:
+        assert e.code != 0
+    err = capsys.readouterr().err
+    assert "unknown case" in err and "'conv'" in err

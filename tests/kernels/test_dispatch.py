@@ -181,3 +181,32 @@ def test_thread_count_follows_torch(numba_mode):
         torch.set_num_threads(before)
     # small tensors run serially on the calling thread, whatever torch's count
     assert kernels._threads(kernels.PARALLEL_MIN_NUMEL - 1) == 1
+
+
+def test_concurrent_calls_from_python_threads(numba_mode):
+    import threading
+
+    x = torch.randn(kernels.PARALLEL_MIN_NUMEL // 8, 8)  # the threaded kernels
+    want = NF.batch_norm(x, None, None, training=True, activation="relu")
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                results.append(NF.batch_norm(x, None, None, training=True, activation="relu"))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_num_threads(before)
+    assert not errors and len(results) == 9
+    for y in results:
+        torch.testing.assert_close(y, want, rtol=0, atol=0)

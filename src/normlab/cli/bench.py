@@ -82,6 +82,10 @@ def bench(
         0, "--repeats", help="Samples per contender (default 15, quick 3)."
     ),
     threads: int = typer.Option(0, "--threads", help="torch threads (default: torch's own)."),
+    case: Annotated[
+        list[str] | None,
+        typer.Option("--case", help="Only this case (repeatable), e.g. --case resnet-stem."),
+    ] = None,
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Time normlab's BatchNorm+ReLU against torch eager, torch.compile and a plain copy_
@@ -96,6 +100,12 @@ def bench(
     if threads:
         torch.set_num_threads(threads)
     cases = nb.QUICK_CASES if quick else nb.CASES
+    if case:
+        names = [c.name for c in cases]
+        unknown = sorted(set(case) - set(names))
+        if unknown:
+            raise typer.BadParameter(f"unknown case {unknown}; choose from {names}")
+        cases = tuple(c for c in cases if c.name in case)
     repeats = repeats or (3 if quick else 15)
     start = time.perf_counter()
     results: dict = {"environment": nb.environment(), "repeats": repeats, "quick": quick}

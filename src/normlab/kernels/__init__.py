@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,6 +95,11 @@ class Plan:
         return out, self.array(out)
 
 
+# Under torch.compile the engine's autograd.Function is traced with fake tensors: the
+# kernels (which read real memory) must not run there.
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
 def _eligible_tensor(x: torch.Tensor) -> bool:
     return (
         type(x) is torch.Tensor
@@ -101,7 +107,7 @@ def _eligible_tensor(x: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.layout == torch.strided
         and x.dim() >= 2
-        and not torch.compiler.is_compiling()
+        and not _is_compiling()
     )
 
 
@@ -197,8 +203,23 @@ def _threads(numel: int) -> int:
     return n
 
 
+# One threaded launch at a time: Numba's fallback 'workqueue' threading layer (used where
+# OpenMP is missing) aborts the process on concurrent launches; callers from several
+# Python threads then queue here, each launch using every thread anyway.
+_LAUNCH = threading.Lock()
+
+
 def _kernel(name: str, threads: int):
-    return getattr(_kernels(), name if threads > 1 else name + "_serial")
+    """The threaded kernel (serialised by a lock) or its serial twin."""
+    if threads == 1:
+        return getattr(_kernels(), name + "_serial")
+    kernel = getattr(_kernels(), name)
+
+    def launch(*args):
+        with _LAUNCH:
+            return kernel(*args)
+
+    return launch
 
 
 @functools.lru_cache(maxsize=64)
