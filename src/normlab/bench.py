@@ -256,10 +256,14 @@ def run_case(
                 k: _with_mode(v, mode) for k, v in contenders["normlab"].items()
             }
     if compile:
-        compiled = torch.compile(theirs)
+        # One compiled module per phase: grad mode and train/eval are guards, and sharing
+        # one across them (and across cases: dynamo caches by code object) runs into the
+        # recompile limit, after which dynamo silently falls back to eager.
+        torch._dynamo.reset()
+        train_mod, eval_mod = torch.compile(theirs), torch.compile(theirs)
         contenders["compile"] = {
-            "train": _train_step(compiled, x, dy, params_of=theirs),
-            "eval": _eval_step(compiled, x),
+            "train": _train_step(train_mod, x, dy, params_of=theirs),
+            "eval": _eval_step(eval_mod, x),
         }
     copy = {"train": lambda: out.copy_(x), "eval": lambda: out.copy_(x)}
 

@@ -99,6 +99,12 @@ def bench(
         raise typer.BadParameter("--repeats and --threads must be >= 0 (0: the default)")
     if threads:
         torch.set_num_threads(threads)
+    if compile:
+        # Inductor compiles in a pool of worker processes that outlive the compilation and
+        # compete with the timed contenders on a small machine; compile in-process.
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
     cases = nb.QUICK_CASES if quick else nb.CASES
     if case:
         names = [c.name for c in cases]

@@ -37,11 +37,14 @@ from normlab.kernels._memory import empty_like
 KERNELS_ENV = "NORMLAB_KERNELS"
 MODES = ("auto", "torch", "numba")
 
-# Below this many elements, `auto` keeps the torch-op path. Measured with `normlab bench`
-# on the development machine; see benchmarks/README.md.
+# Below this many elements, `auto` keeps the torch-op path. `normlab bench --paths` on the
+# development machine (2 cores, shared) found the kernel path at least as fast as the
+# torch-op path at every size, down to (64, 100), in training and eval: each torch op
+# costs as much Python and dispatch as a whole kernel call. Hence 0.
 MIN_NUMEL = 0
-# Below this many elements the kernels run on the calling thread only (torch's own grain
-# size for elementwise CPU kernels is 32768 per thread).
+# Below this many elements the kernels run on the calling thread only. A threaded launch
+# costs ~10 µs on an idle machine and milliseconds on a busy one (the whole team must be
+# scheduled); 2^18 elements are ~0.3 ms of work per pass, enough to amortise it.
 PARALLEL_MIN_NUMEL = 1 << 18
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
