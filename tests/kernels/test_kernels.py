@@ -234,3 +234,37 @@ def test_vectorised_exp_within_two_ulp():
     edge = many(np.array([np.inf, -np.inf, np.nan, 800.0, -800.0]))
     assert edge[0] == np.inf and edge[1] == 0.0 and np.isnan(edge[2])
     assert edge[3] == np.inf and edge[4] == 0.0
+
+
+@pytest.mark.parametrize(
+    "shape, channel_dim, channels_last",
+    [((4, 7, 5), -1, False), ((3, 5, 2, 4, 3), 1, True), ((6, 3, 4, 5), 2, False)],
+    ids=["NLC", "channels_last_3d", "channel-dim-2"],
+)
+def test_other_channel_dims_and_ranks(shape, channel_dim, channels_last, calls):
+    import normlab.nn as nln
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g) * 3 + 2
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
+    c = shape[channel_dim]
+    bn = nln.BatchNorm(c, channel_dim=channel_dim, activation="silu")
+    y = bn(x)
+    x64 = x.detach().double().requires_grad_()
+    y_ref = ref.ACTIVATIONS["silu"](ref.batch_norm_train(x64, channel_dim=channel_dim))
+    torch.testing.assert_close(y.double(), y_ref, **TOL[torch.float32])
+    dy = torch.randn(shape, generator=g)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    (dx_ref,) = torch.autograd.grad(y_ref, x64, dy.double())
+    torch.testing.assert_close(dx.double(), dx_ref, **TOL[torch.float32])
+    assert calls["batch_forward"] == 1 and calls["batch_backward"] == 1
+    with torch.inference_mode():  # eval kernel under inference mode too
+        bn.eval()
+        y_eval = bn(x.detach())
+    assert calls["affine_forward"] == 1
+    want = ref.ACTIVATIONS["silu"](
+        ref.batch_norm_eval(x.detach(), bn.running_mean, bn.running_var, channel_dim=channel_dim)
+    )
+    torch.testing.assert_close(y_eval.double(), want, **TOL[torch.float32])
