@@ -194,16 +194,18 @@ def _sample(fn: TimedFn, inner: int) -> float:
     return (time.perf_counter() - start) / inner
 
 
-def jit_warmup() -> dict:
-    """Run every kernel once (float32 and float64, both layouts, the threaded kernels and
-    their serial twins): the first calls' cost, which is Numba's compilation on a fresh
-    install and a load of its on-disk cache afterwards, and the cache statistics."""
+def jit_warmup(threaded: bool = True) -> dict:
+    """Run every kernel once (float32 and float64, both layouts, the serial twins and,
+    if ``threaded``, the threaded kernels): the first calls' cost, which is Numba's
+    compilation on a fresh install and a load of its on-disk cache afterwards, and the
+    cache statistics."""
     import normlab.nn as nln
 
+    sizes = (64, max(kernels.PARALLEL_MIN_NUMEL, 4096)) if threaded else (64,)
     start = time.perf_counter()
     with _kernel_mode("numba"):
         for dtype in (torch.float32, torch.float64):
-            for numel in (64, max(kernels.PARALLEL_MIN_NUMEL, 4096)):
+            for numel in sizes:
                 for cl in (False, True):
                     x = torch.randn(numel // 16, 4, 2, 2, dtype=dtype)
                     if cl:

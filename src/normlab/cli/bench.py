@@ -115,7 +115,7 @@ def bench(
     repeats = repeats or (3 if quick else 15)
     start = time.perf_counter()
     results: dict = {"environment": nb.environment(), "repeats": repeats, "quick": quick}
-    results["jit"] = nb.jit_warmup()
+    results["jit"] = nb.jit_warmup(threaded=not quick)  # quick shapes run serially
     rows = []
     with Progress(
         TextColumn("[progress.description]{task.description}"),
