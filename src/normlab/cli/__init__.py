@@ -12,6 +12,7 @@ import sys
 import typer
 
 from normlab.cli import _output
+from normlab.cli.bench import bench
 from normlab.cli.demo import demo
 from normlab.cli.diagnose import diagnose
 from normlab.cli.report import report
@@ -49,6 +50,7 @@ app.command("run")(run)
 app.command("report")(report)
 app.command("train")(train)
 app.command("diagnose")(diagnose)
+app.command("bench")(bench)
 
 
 def main(argv: list[str] | None = None) -> None:

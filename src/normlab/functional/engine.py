@@ -25,6 +25,14 @@ statistics differentiably and differentiates the same closed form, so ``gradgrad
 holds.
 
 Half-precision inputs are computed in float32 and returned in their own dtype.
+
+Fast path: for the BatchNorm case (statistics per channel over every other dim,
+per-channel weight/bias, this batch's own statistics; or eval with per-channel
+statistics and no gradients) on CPU float32/float64 tensors, the same math runs in fused
+Numba kernels (:mod:`normlab.kernels`): one pass to read the statistics and one to write
+the output, same saved tensors, same bounds. Everything else, double backward included,
+uses the torch ops below, which stay the reference. ``NORMLAB_KERNELS=torch`` forces
+the torch ops everywhere; ``NORMLAB_KERNELS=numba`` uses the kernels whatever the size.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from normlab import kernels
 from normlab.functional.activations import get_activation
 from normlab.functional.stats import Moments, centered_moments, reduce_count, work_dtype
 
@@ -133,6 +142,16 @@ def _closed_form_backward(
 class _NormalizeBatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, dims, eps, center, activation, negative_slope, source):
+        plan = None if source is not None else kernels.plan_batch(x, dims, weight, bias, center)
+        ctx.kernel_plan = plan
+        if plan is not None:  # fused kernel: same outputs, same saved tensors (x + stats)
+            y, mean, var, kstats = kernels.batch_forward(
+                plan, x, weight, bias, eps, activation, negative_slope
+            )
+            ctx.save_for_backward(x, weight, bias, kstats)
+            ctx.config = (dims, eps, center, activation, negative_slope, None, None)
+            ctx.mark_non_differentiable(mean, var)
+            return y, mean, var
         wd = work_dtype(x.dtype)
         if source is None:
             stats, e = centered_moments(x, dims, center=center)
@@ -153,9 +172,20 @@ class _NormalizeBatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        x, weight, bias, shift, delta, invstd = ctx.saved_tensors
         dims, eps, center, activation, negative_slope, count, source = ctx.config
         needs = ctx.needs_input_grad[:3]
+        plan = ctx.kernel_plan
+        if plan is not None:
+            x, weight, bias, kstats = ctx.saved_tensors
+            if not torch.is_grad_enabled():
+                dx, dw, db = kernels.batch_backward(
+                    plan, dy, x, weight, bias, kstats, activation, negative_slope, needs
+                )
+                return dx, dw, db, None, None, None, None, None, None
+            count = reduce_count(x.shape, dims)
+            shift = delta = invstd = None  # recomputed below, differentiably
+        else:
+            x, weight, bias, shift, delta, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: the statistics must be functions of x for the second
             # derivative, so recompute them with differentiable ops.
@@ -253,6 +283,11 @@ def normalize_with_stats(
     act((x − mean) · weight/sqrt(var + eps) + bias), computed in the working dtype;
     ordinary autograd differentiates it (the statistics are constants here).
     """
+    plan = kernels.plan_affine(x, mean, var, weight, bias)
+    if plan is not None:
+        return kernels.affine_forward(
+            plan, x, mean, var, weight, bias, eps, activation, negative_slope
+        )
     wd = work_dtype(x.dtype)
     xw = x.to(wd)
     scale = torch.rsqrt(var.to(wd) + eps)

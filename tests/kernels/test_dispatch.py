@@ -1,0 +1,212 @@
+"""When the engine uses the kernels, and that both paths give the same results."""
+
+import numba
+import pytest
+import torch
+from torch.autograd import gradgradcheck
+
+import normlab.functional as NF
+import normlab.nn as nln
+from normlab import kernels
+
+DIMS = (0, 2, 3)
+
+
+def _plan(x, w=None, b=None):
+    return kernels.plan_batch(x, DIMS, w, b, center=True)
+
+
+@pytest.fixture
+def numba_mode(monkeypatch):
+    monkeypatch.setenv(kernels.KERNELS_ENV, "numba")
+
+
+def _run(module, x, dy):
+    xg = x.detach().clone().requires_grad_()
+    y = module(xg)
+    grads = torch.autograd.grad(y, (xg, module.weight, module.bias), dy)
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_both_paths_agree_over_training_steps(monkeypatch, channels_last):
+    g = torch.Generator().manual_seed(0)
+    torch_path, kernel_path = (
+        nln.BatchNorm2d(6, activation="relu"),
+        nln.BatchNorm2d(6, activation="relu"),
+    )
+    for step in range(3):
+        x = torch.randn(4, 6, 5, 5, generator=g) * (step + 1) + step
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        dy = torch.randn(x.shape, generator=g)
+        monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+        y_t, g_t = _run(torch_path, x, dy)
+        monkeypatch.setenv(kernels.KERNELS_ENV, "numba")
+        y_k, g_k = _run(kernel_path, x, dy)
+        torch.testing.assert_close(y_k, y_t)
+        for a, b in zip(g_k, g_t):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kernel_path.running_mean, torch_path.running_mean)
+    torch.testing.assert_close(kernel_path.running_var, torch_path.running_var)
+    assert int(kernel_path.num_batches_tracked) == 3
+    for m in (torch_path, kernel_path):
+        m.eval()
+    x = torch.randn(4, 6, 5, 5, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(kernel_path(x), torch_path(x))
+
+
+def test_env_var_forces_the_torch_path(monkeypatch):
+    x = torch.randn(8, 3, 4, 4)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "numba")
+    assert _plan(x) is not None
+    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+    assert kernels.mode() == "torch" and _plan(x) is None
+    stat = torch.zeros(1, 3, 1, 1)
+    assert kernels.plan_affine(x, stat, stat + 1, None, None) is None
+
+    def fail(*a, **k):
+        raise AssertionError("kernel called under NORMLAB_KERNELS=torch")
+
+    monkeypatch.setattr(kernels, "batch_forward", fail)
+    monkeypatch.setattr(kernels, "affine_forward", fail)
+    bn = nln.BatchNorm2d(3)
+    bn(x).sum().backward()
+    with torch.no_grad():
+        bn.eval()(x)
+
+
+def test_bad_env_value_says_what_to_type(monkeypatch):
+    monkeypatch.setenv(kernels.KERNELS_ENV, "fast")
+    with pytest.raises(ValueError, match=r"NORMLAB_KERNELS='fast'.*'torch'"):
+        NF.batch_norm(torch.randn(4, 3), None, None, training=True)
+
+
+def test_auto_mode_uses_the_size_threshold(monkeypatch):
+    monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
+    big = torch.empty(max(kernels.MIN_NUMEL, 64), 1)
+    assert _plan_2d(big) is not None
+    if kernels.MIN_NUMEL > 1:
+        assert _plan_2d(torch.empty(kernels.MIN_NUMEL - 1, 1)) is None
+
+
+def _plan_2d(x):
+    return kernels.plan_batch(x, (0,), None, None, center=True)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(4, 3, 2, 2, device="meta"),
+        lambda: torch.randn(4, 3, 2, 2).half(),
+        lambda: torch.randn(4, 3, 2, 2).bfloat16(),
+        lambda: torch.nn.Parameter(torch.randn(4, 3, 2, 2)),  # a tensor subclass
+    ],
+    ids=["meta", "float16", "bfloat16", "subclass"],
+)
+def test_inputs_the_kernels_do_not_take_go_to_torch(numba_mode, make):
+    x = make()
+    assert _plan(x) is None
+    stat = torch.zeros(1, 3, 1, 1, dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        assert kernels.plan_affine(x, stat, stat + 1, None, None) is None
+
+
+def test_half_precision_still_correct_on_the_torch_path(numba_mode):
+    x = torch.randn(8, 3, 4, 4)
+    y16 = NF.batch_norm(x.half(), None, None, training=True, activation="relu")
+    y32 = NF.batch_norm(x, None, None, training=True, activation="relu")
+    assert y16.dtype == torch.float16
+    torch.testing.assert_close(y16.float(), y32, rtol=1e-3, atol=2e-3)
+
+
+def test_cases_outside_batch_norm_go_to_torch(numba_mode):
+    x = torch.randn(4, 3, 5)
+    assert kernels.plan_batch(x, (2,), None, None, center=True) is None  # LayerNorm-like
+    assert kernels.plan_batch(x, (0, 2), None, None, center=False) is None  # RMS
+    w = torch.ones(1, 3, 5)  # elementwise affine
+    assert kernels.plan_batch(x, (0, 2), w, None, center=True) is None
+    assert kernels.plan_batch(torch.empty(0, 3, 5), (0, 2), None, None, center=True) is None
+
+
+def test_eval_with_gradients_uses_torch_ops(numba_mode):
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    stat = torch.zeros(1, 3, 1)
+    assert kernels.plan_affine(x, stat, stat + 1, None, None) is None
+    with torch.no_grad():
+        assert kernels.plan_affine(x, stat, stat + 1, None, None) is not None
+    bn = nln.BatchNorm1d(3).eval()
+    (g,) = torch.autograd.grad(bn(x).sum(), x)
+    torch.testing.assert_close(g, torch.full_like(x, 1 / (1 + bn.eps) ** 0.5))
+
+
+def test_double_backward_uses_the_differentiable_path(numba_mode):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(2, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        return NF.batch_norm(x, None, None, w, b, training=True, activation="tanh")
+
+    assert gradgradcheck(fn, (x, w, b))
+
+
+def test_one_activation_sized_tensor_saved(numba_mode):
+    x = torch.randn(8, 4, 6, 6, requires_grad=True)
+    bn = nln.BatchNorm2d(4, activation="relu")
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = bn(x)
+    assert sum(s >= x.numel() for s in sizes) == 1
+    y.sum().backward()  # and backward still works from it
+    assert x.grad is not None
+
+
+def test_thread_count_follows_torch(numba_mode):
+    big = torch.randn(kernels.PARALLEL_MIN_NUMEL // 8, 8)  # large enough for threads
+    before = torch.get_num_threads()
+    try:
+        for want in (min(2, numba.config.NUMBA_NUM_THREADS), 1):
+            torch.set_num_threads(want)
+            NF.batch_norm(big, None, None, training=True)
+            assert numba.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+    # small tensors run serially on the calling thread, whatever torch's count
+    assert kernels._threads(kernels.PARALLEL_MIN_NUMEL - 1) == 1
+
+
+def test_concurrent_calls_from_python_threads(numba_mode):
+    import threading
+
+    x = torch.randn(kernels.PARALLEL_MIN_NUMEL // 8, 8)  # the threaded kernels
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                results.append(NF.batch_norm(x, None, None, training=True, activation="relu"))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        want = NF.batch_norm(x, None, None, training=True, activation="relu")
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_num_threads(before)
+    assert not errors and len(results) == 9
+    for y in results:  # same thread count, same partition of the sums: identical
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
