@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from normlab.experiments._common import fmt
 from normlab.experiments.base import Experiment, Line, Plot, Result, notify
 from normlab.experiments.registry import register
 
@@ -127,7 +126,7 @@ class WorkedExample(Experiment):
                 f"{c.tolerance:g} (the seed prints 3 decimals), and plain float64 arithmetic "
                 "and torch.nn.BatchNorm1d agree with it to 1e-12; fails otherwise."
             ),
-            measured=f"y = {fmt(y_normlab)}",
+            measured="y = [" + ", ".join(f"{v:.3f}" for v in y_normlab) + "]",
             setup=(
                 f"x = {list(c.x)} as a (4, 1) batch, γ = {c.gamma:g}, β = {c.beta:g}, "
                 f"ε = {c.eps:g}; normlab.nn.BatchNorm1d and torch.nn.BatchNorm1d in float64 "
