@@ -40,14 +40,6 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def own_rng():
-    """Inside the block experiments may seed torch's global RNG (``torch.manual_seed``,
-    for model construction); the caller's RNG state is restored after it."""
-    with torch.random.fork_rng(devices=[]):
-        yield
-
-
 # norm kind → the normlab.nn classes it needs (1-D/MLP form, 2-D/CNN form)
 _NORM_CLASSES: dict[str, tuple[str, str]] = {
     "bn": ("BatchNorm1d", "BatchNorm2d"),

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from normlab.data import load_digits
 from normlab.experiments import _training as T
 from normlab.experiments.base import Experiment, Line, Plot, Progress, Result
@@ -48,10 +46,6 @@ class LearningRate(Experiment):
         return Config(seed=seed, multiples=(3.0, 30.0), steps=60, trains_accuracy=0.5)
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
-        with T.own_rng():
-            return self._run(config, progress)
-
-    def _run(self, config: Config, progress: Progress | None) -> Result:
         data = load_digits(seed=config.seed, image=True)
         rates = [config.base_lr * m for m in config.multiples]
         runs = 2 * len(rates)
@@ -59,8 +53,8 @@ class LearningRate(Experiment):
         diverged: dict[str, list[bool]] = {"none": [], "bn": []}
         for i, norm in enumerate(("none", "bn")):
             for j, lr in enumerate(rates):
-                torch.manual_seed(config.seed)
-                model = T.small_cnn(data.num_classes, channels=config.channels, norm=norm)
+                with T.seeded(config.seed):
+                    model = T.small_cnn(data.num_classes, channels=config.channels, norm=norm)
                 k = i * len(rates) + j
                 hist = T.train(
                     model,

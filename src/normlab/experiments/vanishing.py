@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from normlab.data import load_digits
 from normlab.experiments import _training as T
 from normlab.experiments.base import Experiment, Line, Plot, Progress, Result
@@ -61,18 +59,14 @@ class Vanishing(Experiment):
         )
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
-        with T.own_rng():
-            return self._run(config, progress)
-
-    def _run(self, config: Config, progress: Progress | None) -> Result:
         data = load_digits(seed=config.seed)
         xp, yp = data.x_train[: config.probe_size], data.y_train[: config.probe_size]
         widths = [config.width] * config.depth
         layer = min(15, config.depth)  # the seed's "layer 15"
 
         def build(norm: str, init_std: float | None):
-            torch.manual_seed(config.seed)
-            return T.mlp(64, widths, data.num_classes, norm=norm, init_std=init_std)
+            with T.seeded(config.seed):
+                return T.mlp(64, widths, data.num_classes, norm=norm, init_std=init_std)
 
         def fit(model, steps, span, label):
             return T.train(
