@@ -43,3 +43,10 @@ def test_quick_run_is_well_formed(claim_id, quick_result):
 @pytest.mark.parametrize("claim_id", registry.all_ids())
 def test_run_never_prints(claim_id, quick_run):
     assert quick_run(claim_id).printed == "", "experiments report through Result, never print"
+
+
+@pytest.mark.parametrize("claim_id", registry.all_ids())
+def test_run_leaves_the_global_rng_alone(claim_id, quick_run):
+    # seed inside _training.seeded (or use a torch.Generator): a caller's random stream
+    # must not depend on which experiments ran before
+    assert quick_run(claim_id).rng_untouched
