@@ -10,6 +10,7 @@ number of epochs at each batch size with the learning rate scaled linearly with 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
@@ -46,9 +47,7 @@ class FamilyBatchSize(Experiment):
         "the batch, unlike BatchNorm."
     )
     Config = Config
-
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed, batch_sizes=(32, 4), epochs=1)
+    quick_overrides: ClassVar[dict] = {"batch_sizes": (32, 4), "epochs": 1}
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
         data = load_digits(seed=config.seed, image=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from typing import ClassVar
 
 from normlab import diagnostics
 from normlab.data import load_digits
@@ -83,10 +84,8 @@ class Landscape(Experiment):
         "Hessian), so gradients are more reliable and larger learning rates can be used."
     )
     Config = Config
+    quick_overrides: ClassVar[dict] = {"steps": 40, "probe_every": 10, "lanczos_iter": 8}
     MIN_RATIO = 2.0
-
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed, steps=40, probe_every=10, lanczos_iter=8)
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
         data = load_digits(seed=config.seed, image=True)

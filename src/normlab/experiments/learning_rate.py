@@ -10,6 +10,7 @@ still trains is compared.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
@@ -40,10 +41,12 @@ class LearningRate(Experiment):
         "learning rates and faster training."
     )
     Config = Config
+    quick_overrides: ClassVar[dict] = {
+        "multiples": (3.0, 30.0),
+        "steps": 60,
+        "trains_accuracy": 0.5,
+    }
     MIN_RATIO = 5.0
-
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed, multiples=(3.0, 30.0), steps=60, trains_accuracy=0.5)
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
         data = load_digits(seed=config.seed, image=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from typing import ClassVar
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
@@ -63,10 +64,8 @@ class MnistFig1(Experiment):
         "covariate shift), so the network trains faster."
     )
     Config = Config
+    quick_overrides: ClassVar[dict] = {"steps": 300, "num_probes": 6}
     MIN_DRIFT_RATIO = 2.0
-
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed, steps=300, num_probes=6)
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
         data = load_digits(seed=config.seed)

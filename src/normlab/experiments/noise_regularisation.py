@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from typing import ClassVar
 
 from normlab.data import Split, load_digits
 from normlab.experiments import _training as T
@@ -55,9 +56,12 @@ class NoiseRegularisation(Experiment):
         "regulariser."
     )
     Config = Config
-
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed, batch_sizes=(16, 64), seeds=2, train_size=300, epochs=4)
+    quick_overrides: ClassVar[dict] = {
+        "batch_sizes": (16, 64),
+        "seeds": 2,
+        "train_size": 300,
+        "epochs": 4,
+    }
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
         # per (batch size, net): lists over seeds

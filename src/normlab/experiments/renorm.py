@@ -13,6 +13,7 @@ statistics at all. All three are trained alike and evaluated in eval mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -62,9 +63,12 @@ class Renorm(Experiment):
         "small or correlated batches train the same normalisation inference uses."
     )
     Config = Config
-
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed, steps=150, widths=(64, 64), stats_momentum=0.1, gn_groups=8)
+    quick_overrides: ClassVar[dict] = {
+        "steps": 150,
+        "widths": (64, 64),
+        "stats_momentum": 0.1,
+        "gn_groups": 8,
+    }
 
     def _schedule(self, config: Config) -> dict[str, int]:
         scale = config.steps / config.paper_steps

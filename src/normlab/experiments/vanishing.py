@@ -11,6 +11,7 @@ torch's default initialisation they do not: the gradient vanishes through the pr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
@@ -50,13 +51,15 @@ class Vanishing(Experiment):
         "mean 0 / variance 1, so gradients flow and training converges faster."
     )
     Config = Config
+    quick_overrides: ClassVar[dict] = {
+        "steps": 40,
+        "eval_every": 20,
+        "probe_size": 128,
+        "init_scales": (10.0,),
+        "sweep_steps": 0,
+    }
     MIN_GRADIENT_GAIN = 100.0
     MIN_ACCURACY_GAIN = 0.30
-
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(
-            seed=seed, steps=40, eval_every=20, probe_size=128, init_scales=(10.0,), sweep_steps=0
-        )
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
         data = load_digits(seed=config.seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -65,9 +66,7 @@ class WorkedExample(Experiment):
         "y = 2·x̂ + 1 = [-1.236, 0.106, 1.894, 3.236]."
     )
     Config = Config
-
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed)  # already instant
+    quick_overrides: ClassVar[dict] = {}  # already instant
 
     def run(self, config: Config, progress=None) -> Result:
         import normlab as nl
