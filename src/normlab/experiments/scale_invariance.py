@@ -74,6 +74,7 @@ def train_run(c: Config, weight_decay: float, progress, span) -> dict:
     norms, cosines = [], []
 
     def before_update(_step, m):
+        # W₁ as the gradient saw it: ⟨W₁, ∇W₁⟩ = 0 holds there, not after the step
         grad = m[0].weight.grad
         norms.append(float(w1.norm()))
         cosines.append(abs(float((w1 * grad).sum() / (w1.norm() * grad.norm()).clamp_min(1e-30))))
