@@ -1,20 +1,12 @@
 import math
 
-import pytest
-
 from normlab.experiments.landscape import QUANTITIES, loss_matched_ratios
-from tests.experiments.quick import check_well_formed, quick_result
 
 
-@pytest.fixture(scope="module")
-def result(request):
-    return quick_result(request, "landscape")
-
-
-def test_well_formed(result):
-    check_well_formed(result, "landscape")
-    assert set(result.metrics["median"]["bn"]) == set(QUANTITIES)
-    assert all(v > 0 for v in result.metrics["median"]["none"].values())
+def test_every_quantity_measured(quick_result):
+    median = quick_result("landscape").metrics["median"]
+    assert set(median["bn"]) == set(QUANTITIES)
+    assert all(v > 0 for v in median["none"].values())
 
 
 def _series(losses, value):

@@ -1,12 +1,6 @@
 import pytest
 
 from normlab.experiments.mnist_fig1 import drift, relative_drift
-from tests.experiments.quick import check_well_formed, quick_result
-
-
-@pytest.fixture(scope="module")
-def result(request):
-    return quick_result(request, "mnist-fig1")
 
 
 def test_drift_measures():
@@ -18,12 +12,11 @@ def test_drift_measures():
     assert relative_drift(moving) == pytest.approx(1.5)
 
 
-def test_well_formed(result):
-    check_well_formed(result, "mnist-fig1")
-    assert len(result.plots) == 4  # Fig. 1a, 1b, 1c and the drift of every unit
+def test_plots(quick_result):
+    assert len(quick_result("mnist-fig1").plots) == 4  # Fig. 1a, 1b, 1c and every unit's drift
 
 
-def test_direction(result):
-    m = result.metrics
+def test_direction(quick_result):
+    m = quick_result("mnist-fig1").metrics
     assert m["median_drift"]["bn"] < m["median_drift"]["none"]
     assert m["test_accuracy"]["bn"] >= m["test_accuracy"]["none"]

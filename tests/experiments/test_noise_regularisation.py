@@ -1,18 +1,10 @@
-import pytest
 import torch
 
 import normlab.nn as nlnn
-from tests.experiments.quick import check_well_formed, quick_result
 
 
-@pytest.fixture(scope="module")
-def result(request):
-    return quick_result(request, "noise-regularisation")
-
-
-def test_well_formed(result):
-    check_well_formed(result, "noise-regularisation")
-    rows = result.tables["mean over seeds"]["rows"]
+def test_three_nets_per_batch_size(quick_result):
+    rows = quick_result("noise-regularisation").tables["mean over seeds"]["rows"]
     assert {r[1] for r in rows} == {"no norm", "BatchNorm", "BN, running stats"}
 
 

@@ -1,17 +1,8 @@
-import pytest
-
 from normlab.experiments import get
-from tests.experiments.quick import check_well_formed, quick_result
 
 
-@pytest.fixture(scope="module")
-def result(request):
-    return quick_result(request, "renorm")
-
-
-def test_well_formed(result):
-    check_well_formed(result, "renorm")
-    assert len(result.tables["eval-mode test accuracy"]["rows"]) == 4
+def test_four_batch_conditions(quick_result):
+    assert len(quick_result("renorm").tables["eval-mode test accuracy"]["rows"]) == 4
 
 
 def test_schedule_is_the_papers_compressed():
@@ -25,7 +16,7 @@ def test_schedule_is_the_papers_compressed():
     }
 
 
-def test_renorm_beats_bn_on_few_class_batches(result):
+def test_renorm_beats_bn_on_few_class_batches(quick_result):
     # the strongest effect (≈ 18 points in quick and default mode)
-    gain = result.metrics["brn_minus_bn"]
+    gain = quick_result("renorm").metrics["brn_minus_bn"]
     assert gain["2 classes × 8"] > 0.05

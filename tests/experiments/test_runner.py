@@ -183,3 +183,17 @@ def test_needs_gives_an_honest_inconclusive_result():
     assert r.verdict == "inconclusive" and r.measured == "needs normlab.nn.Widget"
     assert "does not have yet" in r.notes and r.seed_says == exp.seed_says
     assert r.config == {"seed": 0, "boom": False}
+
+
+def test_quick_config_from_overrides():
+    assert _Toy().quick_config(4) == _Cfg(seed=4, boom=False)
+
+    class _AlreadyQuick(_Toy):
+        quick_overrides: ClassVar[dict] = {}
+
+    class _NoQuick(_Toy):
+        quick_overrides = None
+
+    assert _AlreadyQuick().quick_config(2) == _AlreadyQuick().default_config(2)
+    with pytest.raises(NotImplementedError, match="_NoQuick"):
+        _NoQuick().quick_config()

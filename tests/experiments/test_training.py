@@ -51,6 +51,26 @@ def test_mlp_shape_norm_placement_and_init():
     assert torch.count_nonzero(m[0].bias) == 0
 
 
+def test_mlp_without_hidden_bias():
+    torch.manual_seed(0)
+    m = T.mlp(64, [20, 20], 10, norm="bn", activation="relu", bias=False, init_std=1.0)
+    linears = T.modules_of(m, nn.Linear)
+    assert [lin.bias is None for lin in linears] == [True, True, False]  # classifier keeps it
+    assert isinstance(m[2], nn.ReLU)
+
+
+def test_seeded_is_deterministic_and_restores_the_callers_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with T.seeded(0):
+        a = T.mlp(8, [4], 2)
+    with T.seeded(0):
+        b = T.mlp(8, [4], 2)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert torch.equal(torch.rand(3), expected)  # the caller's stream went on untouched
+
+
 @pytest.mark.parametrize("norm", ["none", "bn", "brn", "gn", "ln", "in"])
 def test_small_cnn_runs_with_every_norm(norm):
     torch.manual_seed(0)
@@ -86,6 +106,31 @@ def test_train_is_deterministic_and_leaves_eval_accuracy():
     assert h1.eval_steps == [0, 10, 20, 30] and len(h1.loss) == 30
     assert h1.final_test_accuracy == T.accuracy(m1, data.x_test, data.y_test)
     assert h1.final_test_accuracy > 0.5 and not h1.diverged
+
+
+def test_train_hooks_and_weight_decay_on_weights_only():
+    """Plain SGD, one step by hand: on_gradient sees the weights before the update and the
+    gradient, on_step the weights after it; with weight_decay_on='weights' the update is
+    W − lr·(∇W + wd·W) for weight matrices and p − lr·∇p for biases and BN's γ, β."""
+    data = load_digits(seed=0)
+    torch.manual_seed(0)
+    m = T.mlp(64, [16], 10, norm="bn", activation="relu", bias=False)
+    lr, wd = 0.1, 0.5
+    seen = {}
+
+    def before(step, model):
+        seen["before"] = [(p.detach().clone(), p.grad.clone()) for p in model.parameters()]
+
+    def after(step, model):
+        seen["after"] = [p.detach().clone() for p in model.parameters()]
+
+    T.train(m, data, steps=1, lr=lr, momentum=0.0, weight_decay=wd, weight_decay_on="weights",
+            on_gradient=before, on_step=after)  # fmt: skip
+    for (w, g), new in zip(seen["before"], seen["after"], strict=True):
+        decay = wd * w if w.dim() >= 2 else 0.0
+        torch.testing.assert_close(new, w - lr * (g + decay))
+    with pytest.raises(ValueError, match="weight_decay_on"):
+        T.train(m, data, steps=1, lr=lr, weight_decay_on="biases")
 
 
 def test_train_stops_on_divergence():

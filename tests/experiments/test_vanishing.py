@@ -1,19 +1,5 @@
-import pytest
-
-from tests.experiments.quick import check_well_formed, quick_result
-
-
-@pytest.fixture(scope="module")
-def result(request):
-    return quick_result(request, "vanishing")
-
-
-def test_well_formed(result):
-    check_well_formed(result, "vanishing")
-
-
-def test_gradient_vanishes_without_bn_and_not_with_it(result):
-    m = result.metrics
+def test_gradient_vanishes_without_bn_and_not_with_it(quick_result):
+    m = quick_result("vanishing").metrics
     # robust at any step count: at init the plain net's layer-1 gradient is ~1e-17, BN's ~0.5
     assert m["grad_gain_bn_over_plain"] >= 1e6
     assert m["grad_ratio_layer1_over_last_init"]["none"] < 1e-6
@@ -21,9 +7,10 @@ def test_gradient_vanishes_without_bn_and_not_with_it(result):
     assert m["plain_gradient_shrink_per_layer_init"] > 2  # ÷ per layer toward the input
 
 
-def test_saturation_only_with_large_weights(result):
-    m = result.metrics
+def test_saturation_only_with_large_weights(quick_result):
+    r = quick_result("vanishing")
+    m = r.metrics
     assert m["saturated_fraction_layer15_init"] == {"none": 0.0, "bn": 0.0}
     assert m["max_saturated_fraction_sweep_plain"] > 0.2  # N(0, 10²/fan_in) weights
-    sweep = result.tables["initial weight scale"]["rows"]
+    sweep = r.tables["initial weight scale"]["rows"]
     assert all(row[3] == 0.0 for row in sweep if row[1] == "BatchNorm")

@@ -1,8 +1,10 @@
-"""What the training experiments share: model builders, batch streams, one training loop.
+"""What the experiments share: seeding, model builders, batch streams, one training loop,
+evaluation, and layer probes.
 
-Everything here is deterministic for a seed: weights come from ``torch.manual_seed(seed)``
-at construction, batches from a ``torch.Generator`` seeded by the caller, and nothing
-reads the global RNG during training. Nothing prints or writes files.
+Everything here is deterministic for a seed: weights come from the global RNG seeded inside
+:func:`seeded` at construction, batches from a ``torch.Generator`` seeded by the caller, and
+nothing reads the global RNG during training. Nothing prints or writes files; training
+reports progress through the optional callback of :mod:`normlab.experiments.base`.
 
 Models are plain ``torch.nn.Sequential`` stacks of ``Linear``/``Conv2d`` → optional norm
 → activation, so an experiment can find the k-th linear map, norm layer or activation by
@@ -11,10 +13,10 @@ type (see :func:`modules_of`). Normalization layers are normlab's own (:func:`no
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -24,15 +26,17 @@ from torch import nn
 import normlab.nn as nlnn
 from normlab import diagnostics
 from normlab.data import Split
-from normlab.experiments.base import Progress
+from normlab.experiments.base import Progress, notify
 from normlab.functional.batch_norm import NonFiniteStatisticsWarning
 
 
-@contextmanager
-def own_rng():
-    """Inside the block experiments may seed torch's global RNG (``torch.manual_seed``,
-    for model construction); the caller's RNG state is restored after it."""
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global RNG inside the block (for model construction and any sampling
+    done there) and restore the caller's RNG state after it, so an experiment is
+    deterministic for its seed and leaves no trace on the caller."""
     with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         yield
 
 
@@ -123,16 +127,21 @@ def mlp(
     *,
     norm: str = "none",
     activation: str = "sigmoid",
+    bias: bool = True,
     init_std: float | None = None,
     norm_kwargs: dict | None = None,
 ) -> nn.Sequential:
     """Linear → [norm] → activation for each width, then a Linear classifier.
 
     The norm sits between the linear map and the activation, where Ioffe & Szegedy (2015)
-    and seed 000 put it. Linear layers keep their bias even with a norm after them, so that
-    a plain and a normalised net built from the same seed share every weight.
+    and seed 000 put it.
 
     Args:
+        bias: whether the hidden Linear layers have a bias (the classifier always has one).
+            True by default even with a norm after them, so that a plain and a normalised
+            net built from the same seed share every weight; False for a layer whose
+            output BN must see as exactly W·x (scale invariance), and note that a bias
+            draws from the RNG, so the two choices give different weights for one seed.
         init_std: if given, hidden weights are N(0, init_std² / fan_in) and biases 0
             (init_std = 1 is LeCun's init); None keeps torch's default
             U(±1/sqrt(fan_in)).
@@ -140,10 +149,11 @@ def mlp(
     layers: list[nn.Module] = []
     fan_in = in_features
     for width in widths:
-        linear = nn.Linear(fan_in, width)
+        linear = nn.Linear(fan_in, width, bias=bias)
         if init_std is not None:
             nn.init.normal_(linear.weight, 0.0, init_std / math.sqrt(fan_in))
-            nn.init.zeros_(linear.bias)
+            if bias:
+                nn.init.zeros_(linear.bias)
         layers.append(linear)
         n = norm_layer(norm, width, **(norm_kwargs or {}))
         if n is not None:
@@ -241,27 +251,29 @@ def class_grouped_batches(
 # -- evaluation and training ------------------------------------------------------------
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Share of correct argmax predictions in eval mode (running statistics); the model's
-    mode is restored."""
-    was = model.training
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode (running statistics) inside the block; its mode is restored."""
+    was_training = model.training
     model.eval()
     try:
-        return float((model(x).argmax(1) == y).float().mean())
+        yield model
     finally:
-        model.train(was)
+        model.train(was_training)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of correct argmax predictions in eval mode, mode restored."""
+    with eval_mode(model):
+        return float((model(x).argmax(1) == y).float().mean())
 
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Eval-mode cross-entropy, mode restored."""
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return float(F.cross_entropy(model(x), y))
-    finally:
-        model.train(was)
 
 
 @dataclass
@@ -292,11 +304,13 @@ def train(
     batch_size: int = 64,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    weight_decay_on: str = "all",
     cosine_decay: bool = False,
     seed: int = 0,
     eval_every: int = 0,
     batch_stream: Iterator[torch.Tensor] | None = None,
     on_eval: Callable[[int, nn.Module], None] | None = None,
+    on_gradient: Callable[[int, nn.Module], None] | None = None,
     on_step: Callable[[int, nn.Module], None] | None = None,
     progress: Progress | None = None,
     progress_span: tuple[float, float] = (0.0, 1.0),
@@ -304,24 +318,38 @@ def train(
 ) -> History:
     """Minibatch SGD (with momentum) on cross-entropy; deterministic for ``seed``.
 
-    Evaluates (eval mode) on the whole train and test sets at step 0, every
+    Batches come from ``batch_stream`` or :func:`iid_batches` with a generator seeded by
+    ``seed``. Evaluates (eval mode) on the whole train and test sets at step 0, every
     ``eval_every`` steps (0: only at the start and the end) and after the last step,
     calling ``on_eval(step, model)`` each time. A non-finite loss stops the run with
-    ``diverged=True``. ``on_step(step, model)`` runs after each optimizer step.
-    ``progress`` gets fractions mapped into ``progress_span``. With ``cosine_decay`` the
-    rate follows lr·(1 + cos(π·t/steps))/2, reaching 0 at the last step (Loshchilov &
-    Hutter 2017), so the final weights are not a noisy snapshot of a constant-rate walk.
+    ``diverged=True``. ``on_gradient(step, model)`` runs after the backward pass, before the
+    update (gradients in ``.grad``, weights not yet moved); ``on_step(step, model)`` after
+    the update. Steps count from 1. L2 ``weight_decay`` applies to every parameter
+    (``weight_decay_on='all'``) or only to weight matrices and kernels (``'weights'``: ndim
+    ≥ 2, not biases or a norm's γ, β). ``progress`` gets fractions mapped into
+    ``progress_span``. With ``cosine_decay`` the rate follows lr·(1 + cos(π·t/steps))/2,
+    reaching 0 at the last step (Loshchilov & Hutter 2017), so the final weights are not a
+    noisy snapshot of a constant-rate walk.
     """
     gen = torch.Generator().manual_seed(seed)
     stream = batch_stream or iid_batches(len(data.x_train), batch_size, gen)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if weight_decay_on == "all":
+        groups = [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    elif weight_decay_on == "weights":
+        params = list(model.parameters())
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+    else:
+        raise ValueError(
+            f"train: weight_decay_on must be 'all' or 'weights', got {weight_decay_on!r}"
+        )
+    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine_decay else None
     hist = History()
     lo, hi = progress_span
-
-    def report(step: int) -> None:
-        if progress is not None and (step % report_every == 0 or step == steps):
-            progress(lo + (hi - lo) * step / steps, f"{label}: step {step}/{steps}")
+    report_every = max(1, steps // 20)
 
     def evaluate(step: int) -> None:
         hist.eval_steps.append(step)
@@ -331,7 +359,6 @@ def train(
             on_eval(step, model)
 
     model.train()
-    report_every = max(1, steps // 20)
     with warnings.catch_warnings():
         # a run at a learning rate too large for the net is an expected outcome of some
         # experiments; the BN layers' warning about its non-finite batch is not news
@@ -345,6 +372,8 @@ def train(
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if on_gradient is not None:
+                on_gradient(step, model)
             opt.step()
             if sched is not None:
                 sched.step()
@@ -353,21 +382,11 @@ def train(
                 on_step(step, model)
             if eval_every and step % eval_every == 0 and step != steps:
                 evaluate(step)
-            report(step)
+            if step % report_every == 0 or step == steps:
+                notify(progress, lo + (hi - lo) * step / steps, f"{label}: step {step}/{steps}")
         # a diverged model is evaluated as it is (non-finite logits score about chance)
         evaluate(len(hist.loss) if hist.diverged else steps)
     return hist
-
-
-def smooth(values: Sequence[float], window: int) -> list[float]:
-    """Trailing moving average (for loss curves in plots)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
 
 
 @dataclass

@@ -120,16 +120,17 @@ class Experiment:
     seed_says: ClassVar[str] = ""  # what the seed document says, for the report
     Config: ClassVar[type]
     # Field overrides that turn the default Config into the quick one (seconds, for tests);
-    # subclasses either set this or override :meth:`quick_config`.
-    quick_overrides: ClassVar[dict[str, Any]] = {}
+    # {} when the default run is already quick. Subclasses set this or override
+    # :meth:`quick_config`.
+    quick_overrides: ClassVar[dict[str, Any] | None] = None
 
     def default_config(self, seed: int = 0):
         return self.Config(seed=seed)
 
     def quick_config(self, seed: int = 0):
-        if self.quick_overrides:
-            return dataclasses.replace(self.default_config(seed), **self.quick_overrides)
-        raise NotImplementedError(f"{type(self).__name__} defines no quick configuration")
+        if self.quick_overrides is None:
+            raise NotImplementedError(f"{type(self).__name__} defines no quick configuration")
+        return dataclasses.replace(self.default_config(seed), **self.quick_overrides)
 
     def run(self, config, progress: Progress | None = None) -> Result:
         raise NotImplementedError

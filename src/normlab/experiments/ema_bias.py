@@ -18,8 +18,8 @@ from typing import ClassVar
 
 import torch
 
-from normlab.data import batches
-from normlab.experiments._common import accuracy, digits, mlp, seeded
+from normlab.data import load_digits
+from normlab.experiments import _training as T
 from normlab.experiments.base import Experiment, Line, Plot, Result, notify
 from normlab.experiments.registry import register
 
@@ -81,41 +81,49 @@ def _early_accuracy(c: Config, progress, span) -> dict[str, list[float]]:
     raw running statistics and with the de-biased ones (same weights: only the flag flips)."""
     import normlab as nl
 
-    split = digits(c.seed)
-    with seeded(c.seed):
-        model = mlp(
-            [64, 128, 128, 10], norm=lambda n: nl.nn.BatchNorm1d(n, momentum=c.train_momentum)
+    split = load_digits(seed=c.seed)
+    with T.seeded(c.seed):
+        model = T.mlp(
+            64,
+            (128, 128),
+            split.num_classes,
+            norm="bn",
+            activation="relu",
+            bias=False,
+            norm_kwargs={"momentum": c.train_momentum},
         )
-    bns = [m for m in model if isinstance(m, nl.nn.BatchNorm1d)]
-    opt = torch.optim.SGD(model.parameters(), lr=c.lr)
-    g = torch.Generator().manual_seed(c.seed)
+    bns = T.modules_of(model, nl.nn.BatchNorm1d)
     acc = {"step": [], "raw": [], "debiased": [], "batch_stats": []}
-    step, last = 0, max(c.checkpoints)
-    while step < last:
-        for xb, yb in batches(split.x_train, split.y_train, c.train_batch, generator=g):
-            model.train()
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
-            step += 1
-            if step in c.checkpoints:
-                acc["step"].append(step)
-                for key, flag in (("raw", False), ("debiased", True)):
-                    for b in bns:
-                        b.ema_debias = flag
-                    acc[key].append(accuracy(model, split.x_test, split.y_test))
-                for b in bns:
-                    b.ema_debias = False
-                # reference: the test set's own statistics (a training-mode copy, so the
-                # model's running statistics and step count stay untouched)
-                with torch.no_grad():
-                    probe = copy.deepcopy(model).train()
-                    correct = probe(split.x_test).argmax(1) == split.y_test
-                    acc["batch_stats"].append(float(correct.float().mean()))
-                lo, hi = span
-                notify(progress, lo + (hi - lo) * step / last, f"training step {step}")
-            if step >= last:
-                break
+
+    def checkpoint(step, m):
+        if step not in c.checkpoints:
+            return
+        acc["step"].append(step)
+        for key, flag in (("raw", False), ("debiased", True)):
+            for b in bns:
+                b.ema_debias = flag
+            acc[key].append(T.accuracy(m, split.x_test, split.y_test))
+        for b in bns:
+            b.ema_debias = False
+        # reference: the test set's own statistics (a training-mode copy, so the model's
+        # running statistics and step count stay untouched)
+        with torch.no_grad():
+            probe = copy.deepcopy(m).train()
+            correct = probe(split.x_test).argmax(1) == split.y_test
+            acc["batch_stats"].append(float(correct.float().mean()))
+
+    T.train(
+        model,
+        split,
+        steps=max(c.checkpoints),
+        lr=c.lr,
+        batch_size=c.train_batch,
+        momentum=0.0,
+        seed=c.seed,
+        on_step=checkpoint,
+        progress=progress,
+        progress_span=span,
+    )
     return acc
 
 

@@ -10,8 +10,7 @@ number of epochs at each batch size with the learning rate scaled linearly with 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import ClassVar
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
@@ -48,15 +47,9 @@ class FamilyBatchSize(Experiment):
         "the batch, unlike BatchNorm."
     )
     Config = Config
-
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed, batch_sizes=(32, 4), epochs=1)
+    quick_overrides: ClassVar[dict] = {"batch_sizes": (32, 4), "epochs": 1}
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
-        with T.own_rng():
-            return self._run(config, progress)
-
-    def _run(self, config: Config, progress: Progress | None) -> Result:
         data = load_digits(seed=config.seed, image=True)
         n = len(data.x_train)
         steps = {b: config.epochs * (n // b) for b in config.batch_sizes}
@@ -65,11 +58,11 @@ class FamilyBatchSize(Experiment):
         err: dict[str, dict[int, float]] = {m: {} for m in NORMS}
         for norm in NORMS:
             for batch in config.batch_sizes:
-                torch.manual_seed(config.seed)
                 kwargs = {"num_groups": config.gn_groups} if norm == "gn" else {}
-                model = T.small_cnn(
-                    data.num_classes, channels=config.channels, norm=norm, norm_kwargs=kwargs
-                )
+                with T.seeded(config.seed):
+                    model = T.small_cnn(
+                        data.num_classes, channels=config.channels, norm=norm, norm_kwargs=kwargs
+                    )
                 hist = T.train(
                     model,
                     data,

@@ -19,7 +19,8 @@ from typing import ClassVar
 
 import torch
 
-from normlab.experiments._common import digits, mlp, seeded, train
+from normlab.data import load_digits
+from normlab.experiments import _training as T
 from normlab.experiments.base import Experiment, Line, Plot, Result, notify
 from normlab.experiments.registry import register
 
@@ -126,10 +127,10 @@ class InferenceGap(Experiment):
         import normlab as nl
 
         c = config
-        split = digits(c.seed)
-        with seeded(c.seed):
-            model = mlp([64, *c.hidden, 10], norm=nl.nn.BatchNorm1d)
-        train(
+        split = load_digits(seed=c.seed)
+        with T.seeded(c.seed):
+            model = T.mlp(64, c.hidden, split.num_classes, norm="bn", activation="relu", bias=False)
+        T.train(
             model,
             split,
             steps=c.steps,

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-
-import torch
+from typing import ClassVar
 
 from normlab import diagnostics
 from normlab.data import load_digits
@@ -85,20 +84,14 @@ class Landscape(Experiment):
         "Hessian), so gradients are more reliable and larger learning rates can be used."
     )
     Config = Config
+    quick_overrides: ClassVar[dict] = {"steps": 40, "probe_every": 10, "lanczos_iter": 8}
     MIN_RATIO = 2.0
 
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed, steps=40, probe_every=10, lanczos_iter=8)
-
     def run(self, config: Config, progress: Progress | None = None) -> Result:
-        with T.own_rng():
-            return self._run(config, progress)
-
-    def _run(self, config: Config, progress: Progress | None) -> Result:
         data = load_digits(seed=config.seed, image=True)
         probe_batch = (data.x_train[: config.probe_size], data.y_train[: config.probe_size])
-        torch.manual_seed(config.seed)
-        models = {n: T.small_cnn(channels=config.channels, norm=n) for n in ("none", "bn")}
+        with T.seeded(config.seed):
+            models = {n: T.small_cnn(channels=config.channels, norm=n) for n in ("none", "bn")}
         T.copy_weights(models["none"], models["bn"])
 
         series: dict[str, dict[str, list[float]]] = {}

@@ -10,8 +10,7 @@ still trains is compared.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import ClassVar
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
@@ -42,16 +41,14 @@ class LearningRate(Experiment):
         "learning rates and faster training."
     )
     Config = Config
+    quick_overrides: ClassVar[dict] = {
+        "multiples": (3.0, 30.0),
+        "steps": 60,
+        "trains_accuracy": 0.5,
+    }
     MIN_RATIO = 5.0
 
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed, multiples=(3.0, 30.0), steps=60, trains_accuracy=0.5)
-
     def run(self, config: Config, progress: Progress | None = None) -> Result:
-        with T.own_rng():
-            return self._run(config, progress)
-
-    def _run(self, config: Config, progress: Progress | None) -> Result:
         data = load_digits(seed=config.seed, image=True)
         rates = [config.base_lr * m for m in config.multiples]
         runs = 2 * len(rates)
@@ -59,8 +56,8 @@ class LearningRate(Experiment):
         diverged: dict[str, list[bool]] = {"none": [], "bn": []}
         for i, norm in enumerate(("none", "bn")):
             for j, lr in enumerate(rates):
-                torch.manual_seed(config.seed)
-                model = T.small_cnn(data.num_classes, channels=config.channels, norm=norm)
+                with T.seeded(config.seed):
+                    model = T.small_cnn(data.num_classes, channels=config.channels, norm=norm)
                 k = i * len(rates) + j
                 hist = T.train(
                     model,

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-
-import torch
+from typing import ClassVar
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
@@ -65,21 +64,17 @@ class MnistFig1(Experiment):
         "covariate shift), so the network trains faster."
     )
     Config = Config
+    quick_overrides: ClassVar[dict] = {"steps": 300, "num_probes": 6}
     MIN_DRIFT_RATIO = 2.0
 
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed, steps=300, num_probes=6)
-
     def run(self, config: Config, progress: Progress | None = None) -> Result:
-        with T.own_rng():
-            return self._run(config, progress)
-
-    def _run(self, config: Config, progress: Progress | None) -> Result:
         data = load_digits(seed=config.seed)
         eval_every = max(1, config.steps // config.num_probes)
         widths = [config.width] * config.depth
-        torch.manual_seed(config.seed)
-        models = {norm: T.mlp(64, widths, data.num_classes, norm=norm) for norm in ("none", "bn")}
+        with T.seeded(config.seed):
+            models = {
+                norm: T.mlp(64, widths, data.num_classes, norm=norm) for norm in ("none", "bn")
+            }
         T.copy_weights(models["none"], models["bn"])
         hist, traces = {}, {}
         for i, (norm, model) in enumerate(models.items()):

@@ -15,8 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-
-import torch
+from typing import ClassVar
 
 from normlab.data import Split, load_digits
 from normlab.experiments import _training as T
@@ -57,15 +56,14 @@ class NoiseRegularisation(Experiment):
         "regulariser."
     )
     Config = Config
-
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed, batch_sizes=(16, 64), seeds=2, train_size=300, epochs=4)
+    quick_overrides: ClassVar[dict] = {
+        "batch_sizes": (16, 64),
+        "seeds": 2,
+        "train_size": 300,
+        "epochs": 4,
+    }
 
     def run(self, config: Config, progress: Progress | None = None) -> Result:
-        with T.own_rng():
-            return self._run(config, progress)
-
-    def _run(self, config: Config, progress: Progress | None) -> Result:
         # per (batch size, net): lists over seeds
         gap: dict[int, dict[str, list[float]]] = {
             b: {n: [] for n in NORMS} for b in config.batch_sizes
@@ -84,8 +82,8 @@ class NoiseRegularisation(Experiment):
                 full.y_test,
                 full.num_classes,
             )
-            torch.manual_seed(seed)
-            model = T.mlp(64, config.widths, data.num_classes, norm=norm, activation="relu")
+            with T.seeded(seed):
+                model = T.mlp(64, config.widths, data.num_classes, norm=norm, activation="relu")
             hist = T.train(
                 model,
                 data,

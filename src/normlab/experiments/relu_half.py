@@ -17,7 +17,8 @@ from typing import ClassVar
 
 import torch
 
-from normlab.experiments._common import digits, seeded
+from normlab.data import load_digits
+from normlab.experiments import _training as T
 from normlab.experiments.base import Experiment, Line, Plot, Result, notify
 from normlab.experiments.registry import register
 
@@ -71,10 +72,10 @@ class ReluHalf(Experiment):
 
     def run(self, config: Config, progress=None) -> Result:
         c = config
-        with seeded(c.seed):
+        with T.seeded(c.seed):
             lin = torch.nn.Linear(c.in_features, c.units, dtype=torch.float64)
             gauss = torch.randn(c.batch, c.in_features, dtype=torch.float64) * 2 + 1
-            split = digits(c.seed)
+            split = load_digits(seed=c.seed)
             pre_gauss = lin(gauss).detach()
             pre_digits = lin(split.x_train.double()).detach()
         rows, worst, lines = [], 0.0, []

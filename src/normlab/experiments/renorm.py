@@ -13,6 +13,7 @@ statistics at all. All three are trained alike and evaluated in eval mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -62,13 +63,12 @@ class Renorm(Experiment):
         "small or correlated batches train the same normalisation inference uses."
     )
     Config = Config
-
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed, steps=150, widths=(64, 64), stats_momentum=0.1, gn_groups=8)
-
-    def run(self, config: Config, progress: Progress | None = None) -> Result:
-        with T.own_rng():
-            return self._run(config, progress)
+    quick_overrides: ClassVar[dict] = {
+        "steps": 150,
+        "widths": (64, 64),
+        "stats_momentum": 0.1,
+        "gn_groups": 8,
+    }
 
     def _schedule(self, config: Config) -> dict[str, int]:
         scale = config.steps / config.paper_steps
@@ -78,7 +78,7 @@ class Renorm(Experiment):
             "r_max_steps": round(40000 * scale),
         }
 
-    def _run(self, config: Config, progress: Progress | None) -> Result:
+    def run(self, config: Config, progress: Progress | None = None) -> Result:
         data = load_digits(seed=config.seed)
         schedule = self._schedule(config)
         (fc, fp), (pc, pp) = config.few_classes, config.pairs
@@ -98,15 +98,15 @@ class Renorm(Experiment):
         for i, (name, (batch, grouped)) in enumerate(conditions.items()):
             acc[name] = {}
             for j, norm in enumerate(NORMS):
-                torch.manual_seed(config.seed)
-                model = T.mlp(
-                    64,
-                    config.widths,
-                    data.num_classes,
-                    norm=norm,
-                    activation="relu",
-                    norm_kwargs=kwargs[norm],
-                )
+                with T.seeded(config.seed):
+                    model = T.mlp(
+                        64,
+                        config.widths,
+                        data.num_classes,
+                        norm=norm,
+                        activation="relu",
+                        norm_kwargs=kwargs[norm],
+                    )
                 gen = torch.Generator().manual_seed(config.seed)
                 stream = T.class_grouped_batches(data.y_train, *grouped, gen) if grouped else None
                 k = i * len(NORMS) + j

@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import torch
 
-from normlab.data import batches
-from normlab.experiments._common import accuracy, digits, mlp, seeded
+from normlab.data import load_digits
+from normlab.experiments import _training as T
 from normlab.experiments.base import Experiment, Line, Plot, Result, notify
 from normlab.experiments.registry import register
 
@@ -67,43 +67,39 @@ def exactness(c: Config, g: torch.Generator) -> dict:
 def train_run(c: Config, weight_decay: float, progress, span) -> dict:
     """SGD on digits; L2 weight decay on the Linear weights only (not on BN's γ, β).
     Records ‖W₁‖ (the first layer, followed by BN), η/‖W₁‖² and cos(W₁, ∇W₁) per step."""
-    import normlab as nl
-
-    split = digits(c.seed)
-    with seeded(c.seed):
-        model = mlp([64, 128, 128, 10], norm=nl.nn.BatchNorm1d)
+    split = load_digits(seed=c.seed)
+    with T.seeded(c.seed):
+        model = T.mlp(64, (128, 128), split.num_classes, norm="bn", activation="relu", bias=False)
     w1 = model[0].weight.detach()  # a view: follows the optimizer's in-place updates
-    decayed = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2]
-    ids = {id(p) for p in decayed}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    opt = torch.optim.SGD(
-        [{"params": decayed, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+    norms, cosines = [], []
+
+    def before_update(_step, m):
+        # W₁ as the gradient saw it: ⟨W₁, ∇W₁⟩ = 0 holds there, not after the step
+        grad = m[0].weight.grad
+        norms.append(float(w1.norm()))
+        cosines.append(abs(float((w1 * grad).sum() / (w1.norm() * grad.norm()).clamp_min(1e-30))))
+
+    hist = T.train(
+        model,
+        split,
+        steps=c.steps,
         lr=c.lr,
+        batch_size=c.batch,
+        momentum=0.0,
+        weight_decay=weight_decay,
+        weight_decay_on="weights",
+        seed=c.seed,
+        on_gradient=before_update,
+        progress=progress,
+        progress_span=span,
+        label=f"weight decay {weight_decay:g}",
     )
-    g = torch.Generator().manual_seed(c.seed)
-    norms, worst_cos, step = [float(w1.norm())], 0.0, 0
-    lo, hi = span
-    while step < c.steps:
-        for xb, yb in batches(split.x_train, split.y_train, c.batch, generator=g):
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(xb), yb).backward()
-            grad = model[0].weight.grad
-            cos = float((w1 * grad).sum() / (w1.norm() * grad.norm()).clamp_min(1e-30))
-            worst_cos = max(worst_cos, abs(cos))
-            opt.step()
-            step += 1
-            norms.append(float(w1.norm()))
-            if step % max(1, c.steps // 20) == 0:
-                notify(
-                    progress, lo + (hi - lo) * step / c.steps, f"wd={weight_decay:g} step {step}"
-                )
-            if step >= c.steps:
-                break
+    norms.append(float(w1.norm()))
     return {
         "norms": norms,
         "eff_lr": [c.lr / n**2 for n in norms],
-        "max_abs_cos": worst_cos,
-        "accuracy": accuracy(model, split.x_test, split.y_test),
+        "max_abs_cos": max(cosines),
+        "accuracy": hist.final_test_accuracy,
     }
 
 

@@ -72,11 +72,9 @@ def _measured(c: Config, s: float, g: torch.Generator) -> dict[str, float]:
     x = torch.randn(c.batch, c.in_features, generator=g, dtype=torch.float64)
     w = torch.randn(c.units, c.in_features, generator=g, dtype=torch.float64)
     w = w / w.norm(dim=1, keepdim=True) * s  # each unit: z ~ N(mean, s²) exactly
-    linear = torch.nn.Linear(c.in_features, c.units, dtype=torch.float64)
-    with torch.no_grad():
-        linear.weight.copy_(w)
-        linear.bias.fill_(c.mean)
-    z = linear(x)
+    # the linear layer as a function: an nn.Linear would draw (and discard) random weights
+    # from the caller's global RNG
+    z = torch.nn.functional.linear(x, w, torch.full((c.units,), c.mean, dtype=torch.float64))
     centred = nl.nn.BatchNorm1d(c.units, dtype=torch.float64)  # γ = s: centre only
     unit = nl.nn.BatchNorm1d(c.units, dtype=torch.float64)  # γ = 1: torch's default init
     with torch.no_grad():

@@ -11,8 +11,7 @@ torch's default initialisation they do not: the gradient vanishes through the pr
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import ClassVar
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
@@ -52,27 +51,25 @@ class Vanishing(Experiment):
         "mean 0 / variance 1, so gradients flow and training converges faster."
     )
     Config = Config
+    quick_overrides: ClassVar[dict] = {
+        "steps": 40,
+        "eval_every": 20,
+        "probe_size": 128,
+        "init_scales": (10.0,),
+        "sweep_steps": 0,
+    }
     MIN_GRADIENT_GAIN = 100.0
     MIN_ACCURACY_GAIN = 0.30
 
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(
-            seed=seed, steps=40, eval_every=20, probe_size=128, init_scales=(10.0,), sweep_steps=0
-        )
-
     def run(self, config: Config, progress: Progress | None = None) -> Result:
-        with T.own_rng():
-            return self._run(config, progress)
-
-    def _run(self, config: Config, progress: Progress | None) -> Result:
         data = load_digits(seed=config.seed)
         xp, yp = data.x_train[: config.probe_size], data.y_train[: config.probe_size]
         widths = [config.width] * config.depth
         layer = min(15, config.depth)  # the seed's "layer 15"
 
         def build(norm: str, init_std: float | None):
-            torch.manual_seed(config.seed)
-            return T.mlp(64, widths, data.num_classes, norm=norm, init_std=init_std)
+            with T.seeded(config.seed):
+                return T.mlp(64, widths, data.num_classes, norm=norm, init_std=init_std)
 
         def fit(model, steps, span, label):
             return T.train(

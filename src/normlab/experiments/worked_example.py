@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from normlab.experiments._common import fmt
 from normlab.experiments.base import Experiment, Line, Plot, Result, notify
 from normlab.experiments.registry import register
 
@@ -66,9 +66,7 @@ class WorkedExample(Experiment):
         "y = 2·x̂ + 1 = [-1.236, 0.106, 1.894, 3.236]."
     )
     Config = Config
-
-    def quick_config(self, seed: int = 0) -> Config:
-        return Config(seed=seed)  # already instant
+    quick_overrides: ClassVar[dict] = {}  # already instant
 
     def run(self, config: Config, progress=None) -> Result:
         import normlab as nl
@@ -127,7 +125,7 @@ class WorkedExample(Experiment):
                 f"{c.tolerance:g} (the seed prints 3 decimals), and plain float64 arithmetic "
                 "and torch.nn.BatchNorm1d agree with it to 1e-12; fails otherwise."
             ),
-            measured=f"y = {fmt(y_normlab)}",
+            measured="y = [" + ", ".join(f"{v:.3f}" for v in y_normlab) + "]",
             setup=(
                 f"x = {list(c.x)} as a (4, 1) batch, γ = {c.gamma:g}, β = {c.beta:g}, "
                 f"ε = {c.eps:g}; normlab.nn.BatchNorm1d and torch.nn.BatchNorm1d in float64 "
