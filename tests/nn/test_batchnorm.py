@@ -241,8 +241,11 @@ def test_ema_debias_in_eval():
         m(data)
     mean, _var, unbiased, _ = ref.batch_stats(data)
     pm, pv = m.population_stats()
-    torch.testing.assert_close(pm.double(), mean)  # constant data: the de-biased EMA is exact
-    torch.testing.assert_close(pv.double(), unbiased)
+    # constant data: the de-biased EMA is exact up to the float32 buffers' rounding, which
+    # the de-biasing divides by 1 − 0.9³ ≈ 0.27 (a few float32 ulps: float32 tolerances)
+    f32 = {"rtol": 2e-6, "atol": 2e-6}
+    torch.testing.assert_close(pm.double(), mean, **f32)
+    torch.testing.assert_close(pv.double(), unbiased, **f32)
     assert not torch.allclose(m.running_mean.double(), mean)  # raw buffer stays torch's EMA
     m.eval()
     torch.testing.assert_close(

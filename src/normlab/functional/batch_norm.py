@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from normlab.functional import _checks
-from normlab.functional.ema import cumulative_factor, ema_update_
-from normlab.functional.engine import StatsSource, normalize_batch, normalize_with_stats
+from normlab.functional.ema import fold_running_
+from normlab.functional.engine import (
+    RunningUpdate,
+    StatsSource,
+    normalize_batch,
+    normalize_with_stats,
+)
 from normlab.functional.stats import reduce_count
 
 
@@ -69,6 +75,15 @@ def channel_layout(
     return c, dims, _param_shape(input.dim(), c, num_channels)
 
 
+def _nonfinite_error(where: str) -> FloatingPointError:
+    return FloatingPointError(
+        f"{where}: the batch statistics are not finite (the input holds NaN or Inf, "
+        f"or overflows); running statistics were left unchanged. Find the source "
+        f"(learning rate, data, loss scale), or construct the layer with "
+        f"nonfinite='skip' to skip such batches."
+    )
+
+
 def update_running_stats_(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
@@ -87,7 +102,8 @@ def update_running_stats_(
     counts the updates and is incremented first). ``mean`` and ``unbiased_var`` have the
     running buffers' number of elements; the caller decides what "the batch's" statistics
     are (BN: the batch's mean and n/(n−1)-corrected variance; ghost BN and InstanceNorm:
-    their own pooling, documented there).
+    their own pooling, documented there). :func:`batch_norm` itself folds its statistics
+    in inside the engine's forward (``engine.RunningUpdate``), with the same rule.
 
     Non-finite statistics follow ``nonfinite``: 'propagate' (torch) updates anyway,
     'skip' changes nothing (counter included) and returns True, 'raise' raises
@@ -97,20 +113,65 @@ def update_running_stats_(
         finite = bool(torch.isfinite(mean).all()) and bool(torch.isfinite(unbiased_var).all())
         if not finite:
             if nonfinite == "raise":
-                raise FloatingPointError(
-                    f"{where}: the batch statistics are not finite (the input holds NaN or Inf, "
-                    f"or overflows); running statistics were left unchanged. Find the source "
-                    f"(learning rate, data, loss scale), or construct the layer with "
-                    f"nonfinite='skip' to skip such batches."
-                )
+                raise _nonfinite_error(where)
             return True
-    with torch.no_grad():
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        factor = momentum if momentum is not None else cumulative_factor(int(num_batches_tracked))
-        ema_update_(running_mean, mean.reshape(running_mean.shape), factor)
-        ema_update_(running_var, unbiased_var.reshape(running_var.shape), factor)
+    fold_running_(running_mean, running_var, mean, unbiased_var, momentum, num_batches_tracked)
     return False
+
+
+@dataclass(frozen=True)
+class BatchNormLayout:
+    """What validation of a :func:`batch_norm` call establishes about its shapes:
+    ``dims`` (the reduction dims, ascending), ``shape`` (the broadcast shape of a
+    per-channel tensor), ``n`` (values per channel) and ``view`` (whether a (C,) tensor
+    needs viewing as ``shape`` to broadcast: not when the channel dim is the last one,
+    as for (N, C) input, which saves a view and its autograd node per parameter)."""
+
+    dims: tuple[int, ...]
+    shape: list[int]
+    n: int
+    view: bool
+
+
+def _check_batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    channel_dim: int,
+    nonfinite: str,
+    num_batches_tracked: torch.Tensor | None,
+    where: str,
+    local_stats: bool,
+) -> BatchNormLayout:
+    """Every check of a :func:`batch_norm` call, raising the documented errors; the
+    result depends only on the arguments' types, shapes and flags. ``local_stats``: the
+    training statistics are this input's (no ``source_fn``), so one value per channel is
+    an error here rather than after the collective."""
+    _checks.check_eps(eps, where)
+    _checks.check_momentum(momentum, where)
+    _checks.check_nonfinite(nonfinite, where)
+    c, dims, shape = channel_layout(
+        input,
+        channel_dim,
+        {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
+        where,
+    )
+    _check_running(running_mean, running_var, momentum, training, num_batches_tracked, where)
+    if not training and running_mean is None:
+        raise ValueError(
+            f"{where}: training=False normalises with running statistics, but "
+            f"running_mean/running_var are None. Pass them, or training=True to use the "
+            f"batch's own statistics."
+        )
+    n = reduce_count(input.shape, dims)
+    if training and local_stats and n == 1:
+        raise _checks.one_value_per_channel_error(tuple(input.shape), where)
+    return BatchNormLayout(dims, shape, n, c != input.dim() - 1)
 
 
 def _batch_norm(
@@ -130,37 +191,46 @@ def _batch_norm(
     num_batches_tracked: torch.Tensor | None = None,
     where: str = "batch_norm",
     source_fn: Callable[[torch.Tensor, tuple[int, ...]], tuple[StatsSource, int]] | None = None,
+    layout: BatchNormLayout | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """:func:`batch_norm`, also returning whether a non-finite batch was skipped.
 
     ``source_fn(input, dims) -> (StatsSource, count)``: where training statistics come from
     when they are not this tensor's alone (SyncBatchNorm: the global batch); the running
     statistics are then updated from those statistics and their count.
+
+    ``layout``: the result of :func:`_check_batch_norm` for arguments of the same types,
+    shapes and flags, which skips the checks (a layer validates once per input
+    signature, see ``normlab.nn.batchnorm``); None checks everything.
     """
-    _checks.check_eps(eps, where)
-    _checks.check_momentum(momentum, where)
-    _checks.check_nonfinite(nonfinite, where)
-    _, dims, shape = channel_layout(
-        input,
-        channel_dim,
-        {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
-        where,
-    )
-    _check_running(running_mean, running_var, momentum, training, num_batches_tracked, where)
-    w = None if weight is None else weight.view(shape)
-    b = None if bias is None else bias.view(shape)
+    if layout is None:
+        layout = _check_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            channel_dim,
+            nonfinite,
+            num_batches_tracked,
+            where,
+            source_fn is None,
+        )
+    if layout.view:
+        shape = layout.shape
+        w = None if weight is None else weight.view(shape)
+        b = None if bias is None else bias.view(shape)
+    else:
+        w, b = weight, bias
 
     if not training:
-        if running_mean is None:
-            raise ValueError(
-                f"{where}: training=False normalises with running statistics, but "
-                f"running_mean/running_var are None. Pass them, or training=True to use the "
-                f"batch's own statistics."
-            )
         y = normalize_with_stats(
             input,
-            running_mean.view(shape),
-            running_var.view(shape),
+            running_mean.view(shape) if layout.view else running_mean,
+            running_var.view(shape) if layout.view else running_var,
             w,
             b,
             eps=eps,
@@ -170,41 +240,42 @@ def _batch_norm(
         return y, False
 
     source = None
+    n = layout.n
     if source_fn is not None:
-        source, n = source_fn(input, dims)  # every rank gets the same n: all raise or none
-    else:
-        n = reduce_count(input.shape, dims)
-    if n == 1 and source is not None:
-        raise ValueError(
-            f"{where}: expected more than 1 value per channel when training, but the global "
-            f"batch across all ranks has only one (this rank's input: {list(input.shape)}). "
-            f"Use larger per-rank batches, or eval mode to use the running statistics."
+        source, n = source_fn(input, layout.dims)  # every rank gets the same n: all raise or none
+        if n == 1:
+            raise ValueError(
+                f"{where}: expected more than 1 value per channel when training, but the "
+                f"global batch across all ranks has only one (this rank's input: "
+                f"{list(input.shape)}). Use larger per-rank batches, or eval mode to use the "
+                f"running statistics."
+            )
+    # An empty batch has no statistics: the running ones stay untouched.
+    running = None
+    if running_mean is not None and n > 0:
+        running = RunningUpdate(
+            running_mean,
+            running_var,
+            momentum,
+            num_batches_tracked,
+            skip_nonfinite=nonfinite != "propagate",
         )
-    if n == 1:
-        raise _checks.one_value_per_channel_error(tuple(input.shape), where)
-    y, mean, var = normalize_batch(
+    y, _, _ = normalize_batch(
         input,
-        dims,
+        layout.dims,
         w,
         b,
         eps=eps,
         activation=activation,
         negative_slope=negative_slope,
         source=source,
+        running=running,
     )
-    if running_mean is None or n == 0:
-        return y, False  # nothing to track, or an empty batch: statistics untouched
-    skipped = update_running_stats_(
-        running_mean,
-        running_var,
-        mean,
-        var * (n / (n - 1)),
-        momentum,
-        num_batches_tracked=num_batches_tracked,
-        nonfinite=nonfinite,
-        where=where,
-    )
-    return y, skipped
+    if running is not None and running.skipped:
+        if nonfinite == "raise":
+            raise _nonfinite_error(where)
+        return y, True
+    return y, False
 
 
 def batch_norm(

@@ -16,10 +16,34 @@ from __future__ import annotations
 import torch
 
 
-@torch.no_grad()
+def _ema_update_(running: torch.Tensor, batch_value: torch.Tensor, factor: float) -> torch.Tensor:
+    return running.mul_(1.0 - factor).add_(batch_value.to(running.dtype), alpha=factor)
+
+
 def ema_update_(running: torch.Tensor, batch_value: torch.Tensor, factor: float) -> torch.Tensor:
     """In place: running ← (1 − factor)·running + factor·batch_value. Returns ``running``."""
-    return running.mul_(1.0 - factor).add_(batch_value.to(running.dtype), alpha=factor)
+    with torch.no_grad():
+        return _ema_update_(running, batch_value, factor)
+
+
+def fold_running_(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    unbiased_var: torch.Tensor,
+    momentum: float | None,
+    num_batches_tracked: torch.Tensor | None = None,
+) -> None:
+    """One BatchNorm running-statistics step, in place: ``num_batches_tracked`` (if given)
+    is incremented first, then both buffers move by :func:`ema_update_` with factor
+    ``momentum``, or ``1/t`` at the t-th update when ``momentum`` is None (torch's rule).
+    ``mean``/``unbiased_var`` have the buffers' number of elements."""
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        factor = momentum if momentum is not None else cumulative_factor(int(num_batches_tracked))
+        _ema_update_(running_mean, mean.reshape(running_mean.shape), factor)
+        _ema_update_(running_var, unbiased_var.reshape(running_var.shape), factor)
 
 
 def cumulative_factor(num_batches_tracked: int) -> float:

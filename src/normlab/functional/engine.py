@@ -44,6 +44,7 @@ import torch
 
 from normlab import kernels
 from normlab.functional.activations import get_activation
+from normlab.functional.ema import fold_running_
 from normlab.functional.stats import Moments, centered_moments, reduce_count, work_dtype
 
 
@@ -90,6 +91,48 @@ class StatsSource:
     stats: Moments
     count: int
     reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class RunningUpdate:
+    """Running estimates (BatchNorm's buffers) to fold this batch's statistics into, in
+    place, as part of the training forward:
+
+        running ← (1 − f)·running + f·batch,   batch = (mean, var · n/(n − 1))
+
+    (unbiased variance, n values per statistic; n ≥ 2), with ``f = momentum``, or
+    ``f = 1/t`` at the t-th update when ``momentum`` is None (a cumulative average;
+    ``num_batches_tracked`` counts the updates and is incremented first). Torch's rule
+    (``torch.nn.BatchNorm*``); the torch-op path is :func:`normlab.functional.ema.fold_running_`.
+
+    Attributes:
+        mean, var: the running buffers, C elements each (any shape).
+        momentum: f, or None for the cumulative average (needs ``num_batches_tracked``).
+        num_batches_tracked: 0-d integer counter, or None.
+        skip_nonfinite: when a batch statistic is NaN/Inf, change nothing (counter
+            included) and set ``skipped``; False updates anyway (torch's behaviour).
+        skipped: set by the engine.
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    momentum: float | None
+    num_batches_tracked: torch.Tensor | None = None
+    skip_nonfinite: bool = False
+    skipped: bool = False
+
+
+def _update_running(running: RunningUpdate, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """The torch-op path of :class:`RunningUpdate` (mean, var: this batch's, biased)."""
+    unbiased = var * (n / (n - 1))
+    if running.skip_nonfinite and not (
+        bool(torch.isfinite(mean).all()) and bool(torch.isfinite(unbiased).all())
+    ):
+        running.skipped = True
+        return
+    fold_running_(
+        running.mean, running.var, mean, unbiased, running.momentum, running.num_batches_tracked
+    )
 
 
 def _closed_form_backward(
@@ -140,18 +183,27 @@ def _closed_form_backward(
 
 
 class _NormalizeBatch(torch.autograd.Function):
+    """y from x, weight, bias; the statistics go to ``out`` (a list) rather than being
+    outputs: they are not differentiable, and every output of a custom Function costs
+    autograd work on each call. ``config``: (dims, eps, center, activation,
+    negative_slope, source, running), one argument for the same reason."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, dims, eps, center, activation, negative_slope, source):
+    def forward(ctx, x, weight, bias, config, out):
+        dims, eps, center, activation, negative_slope, source, running = config
+        ctx.set_materialize_grads(False)
         plan = None if source is not None else kernels.plan_batch(x, dims, weight, bias, center)
         ctx.kernel_plan = plan
+        ctx.config = config
         if plan is not None:  # fused kernel: same outputs, same saved tensors (x + stats)
-            y, mean, var, kstats = kernels.batch_forward(
-                plan, x, weight, bias, eps, activation, negative_slope
+            y, mean, var, ctx.kernel_stats, folded = kernels.batch_forward(
+                plan, x, weight, bias, eps, activation, negative_slope, running
             )
-            ctx.save_for_backward(x, weight, bias, kstats)
-            ctx.config = (dims, eps, center, activation, negative_slope, None, None)
-            ctx.mark_non_differentiable(mean, var)
-            return y, mean, var
+            if running is not None and not folded:  # buffers the kernel does not take
+                _update_running(running, mean, var, reduce_count(x.shape, dims))
+            ctx.save_for_backward(x, weight, bias)
+            out.append((mean, var))
+            return y
         wd = work_dtype(x.dtype)
         if source is None:
             stats, e = centered_moments(x, dims, center=center)
@@ -165,27 +217,32 @@ class _NormalizeBatch(torch.autograd.Function):
             e.mul_(invstd), _to(weight, wd), _to(bias, wd), activation, negative_slope, True
         )
         ctx.save_for_backward(x, weight, bias, stats.shift, stats.delta, invstd)
-        ctx.config = (dims, eps, center, activation, negative_slope, count, source)
+        ctx.count = count
         mean, var = stats.mean.to(wd), stats.var.to(wd)
-        ctx.mark_non_differentiable(mean, var)
-        return y.to(x.dtype), mean, var
+        if running is not None:
+            _update_running(running, mean, var, count)
+        out.append((mean, var))
+        return y.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        dims, eps, center, activation, negative_slope, count, source = ctx.config
+    def backward(ctx, dy):
+        if dy is None:  # y took no part in the loss
+            return None, None, None, None, None
+        dims, eps, center, activation, negative_slope, source, _ = ctx.config
         needs = ctx.needs_input_grad[:3]
         plan = ctx.kernel_plan
         if plan is not None:
-            x, weight, bias, kstats = ctx.saved_tensors
+            x, weight, bias = ctx.saved_tensors
             if not torch.is_grad_enabled():
                 dx, dw, db = kernels.batch_backward(
-                    plan, dy, x, weight, bias, kstats, activation, negative_slope, needs
+                    plan, dy, x, weight, bias, ctx.kernel_stats, activation, negative_slope, needs
                 )
-                return dx, dw, db, None, None, None, None, None, None
+                return dx, dw, db, None, None
             count = reduce_count(x.shape, dims)
             shift = delta = invstd = None  # recomputed below, differentiably
         else:
             x, weight, bias, shift, delta, invstd = ctx.saved_tensors
+            count = ctx.count
         if torch.is_grad_enabled():
             # create_graph=True: the statistics must be functions of x for the second
             # derivative, so recompute them with differentiable ops.
@@ -220,7 +277,7 @@ class _NormalizeBatch(torch.autograd.Function):
             count,
             None if source is None else source.reduce_sums,
         )
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None
 
 
 def normalize_batch(
@@ -234,6 +291,7 @@ def normalize_batch(
     activation: str | None = None,
     negative_slope: float = 0.01,
     source: StatsSource | None = None,
+    running: RunningUpdate | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalise ``x`` with batch statistics over ``dims``; affine; activation.
 
@@ -246,12 +304,16 @@ def normalize_batch(
         activation, negative_slope: fused activation (see ``normlab.functional.activations``).
         source: statistics computed elsewhere (all ranks, see :class:`StatsSource`);
             default: this tensor's own, computed here.
+        running: running estimates to update from this batch's statistics (see
+            :class:`RunningUpdate`), in the same call: the kernels fold them in without a
+            torch op per buffer. Ignored for an empty ``x`` (no statistics).
 
     Returns:
         ``(y, mean, var)``: ``y`` like ``x``; keepdim ``mean`` and biased ``var`` in the
         working dtype, detached (they feed running statistics, not the loss).
     """
-    dims = tuple(sorted(d % x.dim() for d in dims))
+    ndim = x.dim()
+    dims = tuple(sorted([d % ndim for d in dims]))
     if x.numel() == 0 and source is None:
         # Nothing to normalise: an empty output still connected to weight and bias, so
         # their gradients are zeros rather than None; statistics are NaN (no data).
@@ -260,9 +322,12 @@ def normalize_batch(
         shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
         nan = torch.full(shape, float("nan"), dtype=wd, device=x.device)
         return y.to(x.dtype), nan, nan.clone()
-    return _NormalizeBatch.apply(
-        x, weight, bias, dims, eps, center, activation, negative_slope, source
+    out: list = []
+    y = _NormalizeBatch.apply(
+        x, weight, bias, (dims, eps, center, activation, negative_slope, source, running), out
     )
+    mean, var = out[0]
+    return y, mean, var
 
 
 def normalize_with_stats(

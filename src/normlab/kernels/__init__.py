@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,51 +51,69 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
+_mode_cache: tuple[object, str] = (None, "auto")
+# os.environ.get costs ~0.6 µs (key encoding, value decoding), a tenth of a small batch
+# norm's kernel: read CPython's raw mapping, which os.environ keeps in sync, if present.
+try:
+    _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey(KERNELS_ENV)  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - other Pythons
+    _ENV_DATA, _ENV_KEY = None, None
+
+
 def mode() -> str:
     """The path selection from ``NORMLAB_KERNELS`` (read on every call, so tests and
     users can switch it at run time)."""
-    value = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    global _mode_cache
+    raw = _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(KERNELS_ENV)
+    if raw == _mode_cache[0]:
+        return _mode_cache[1]
+    if isinstance(raw, bytes):
+        raw = os.fsdecode(raw)
+    if raw == _mode_cache[0]:
+        return _mode_cache[1]
+    value = (raw or "auto").strip().lower() or "auto"
     if value not in MODES:
         raise ValueError(
             f"{KERNELS_ENV}={value!r} is not one of {MODES}: 'auto' (default) picks the fused "
             f"kernels or torch's ops by size, 'torch' always uses torch's ops, 'numba' uses the "
             f"kernels wherever they apply."
         )
+    _mode_cache = (
+        _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(KERNELS_ENV),
+        value,
+    )
     return value
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """How to view a tensor for the kernels.
 
     ``layout`` 'cf': ``(N, C, S)`` of the contiguous tensor; 'cl': ``(M, C)`` of the
     tensor with the channel dim moved last. ``copy``: the input is in neither layout and
-    is made contiguous first.
+    is made contiguous first. ``keep``: the shape of a keepdim per-channel statistic.
     """
 
     layout: str
     channel_dim: int
     shape: tuple[int, ...]
     copy: bool
+    keep: tuple[int, ...]
 
     @property
     def channels(self) -> int:
         return self.shape[1]
 
-    def array(self, t: torch.Tensor) -> np.ndarray:
-        """``t`` (shaped like the planned input) as the kernel's C-contiguous 2-D/3-D
-        array, sharing memory unless its strides differ from the layout (then a copy)."""
+    def contiguous(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (shaped like the planned input) with C-contiguous memory in this layout:
+        itself if its strides fit (the usual case), else a copy."""
         if self.layout == "cl" and self.channel_dim != t.dim() - 1:
             t = t.movedim(self.channel_dim, -1)
-        if not t.is_contiguous():
-            t = t.contiguous()
-        # numpy's reshape of a C-contiguous array is always a view
-        return t.numpy(force=True).reshape(self.shape)
+        return t if t.is_contiguous() else t.contiguous()
 
-    def empty(self, like: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """A new tensor shaped like ``like`` in this layout, and its kernel array."""
-        out = empty_like(like, torch.contiguous_format if self.copy else torch.preserve_format)
-        return out, self.array(out)
+    def array(self, t: torch.Tensor) -> np.ndarray:
+        """``t`` as the kernel's C-contiguous 2-D/3-D array (see :meth:`contiguous`)."""
+        # numpy's reshape of a C-contiguous array is always a view
+        return self.contiguous(t).numpy(force=True).reshape(self.shape)
 
 
 # Under torch.compile the engine's autograd.Function is traced with fake tensors: the
@@ -107,35 +125,47 @@ def _eligible_tensor(x: torch.Tensor) -> bool:
     return (
         type(x) is torch.Tensor
         and x.dtype in _KERNEL_DTYPES
-        and x.device.type == "cpu"
+        and x.is_cpu
         and x.layout == torch.strided
         and x.dim() >= 2
         and not _is_compiling()
     )
 
 
-def _per_channel(p: torch.Tensor | None, keep_shape: list[int]) -> bool:
-    return p is None or (
-        isinstance(p, torch.Tensor)
-        and p.device.type == "cpu"
-        and p.is_floating_point()
-        and list(p.shape) == keep_shape
-    )
+def _per_channel(p: torch.Tensor | None, keep: tuple[int, ...], c: int) -> bool:
+    """``p`` is None or a CPU floating tensor holding one value per channel, shaped to
+    broadcast against the input: ``keep`` (the keepdim shape, channels at dim ``c``)
+    right-aligned, possibly without some of its leading ones ((C,) for an (N, C) input)."""
+    if p is None:
+        return True
+    if not (isinstance(p, torch.Tensor) and p.is_cpu and p.is_floating_point()):
+        return False
+    shape = p.shape
+    skip = len(keep) - len(shape)
+    return 0 <= skip <= c and shape == keep[skip:]
 
 
-def _layout(x: torch.Tensor, c: int) -> Plan:
+def _keep(shape: torch.Size, c: int) -> tuple[int, ...]:
+    keep = [1] * len(shape)
+    keep[c] = shape[c]
+    return tuple(keep)
+
+
+def _layout(x: torch.Tensor, c: int, keep: tuple[int, ...]) -> Plan:
     shape = x.shape
+    channels = shape[c]
     n = 1
     for s in shape[:c]:
         n *= s
-    s_inner = x.numel() // (n * shape[c])
+    numel = x.numel()
+    s_inner = numel // (n * channels)
     if x.is_contiguous():
         if s_inner == 1:  # (N, C) or (N, C, 1, ...): the channels-last loop fits better
-            return Plan("cl", c, (n, shape[c]), False)
-        return Plan("cf", c, (n, shape[c], s_inner), False)
+            return Plan("cl", c, (n, channels), False, keep)
+        return Plan("cf", c, (n, channels, s_inner), False, keep)
     if x.movedim(c, -1).is_contiguous():
-        return Plan("cl", c, (x.numel() // shape[c], shape[c]), False)
-    return Plan("cf", c, (n, shape[c], s_inner), True)
+        return Plan("cl", c, (numel // channels, channels), False, keep)
+    return Plan("cf", c, (n, channels, s_inner), True, keep)
 
 
 def _use(x: torch.Tensor) -> bool:
@@ -150,15 +180,18 @@ def plan_batch(
     bias: torch.Tensor | None,
     center: bool,
 ) -> Plan | None:
-    """A plan for training-mode batch norm of ``x`` over ``dims``, or None for the
-    torch-op path."""
-    if not center or not _eligible_tensor(x) or x.numel() == 0 or len(dims) != x.dim() - 1:
+    """A plan for training-mode batch norm of ``x`` over ``dims`` (ascending, canonical),
+    or None for the torch-op path. ``weight``/``bias``: per channel, broadcastable."""
+    if not center or not _eligible_tensor(x) or x.numel() == 0:
         return None
-    c = next(d for d in range(x.dim()) if d not in dims)
-    keep = [x.shape[d] if d == c else 1 for d in range(x.dim())]
-    if not (_per_channel(weight, keep) and _per_channel(bias, keep)) or not _use(x):
+    ndim = x.dim()
+    if len(dims) != ndim - 1:
         return None
-    return _layout(x, c)
+    c = ndim * (ndim - 1) // 2 - sum(dims)  # the one dim not reduced
+    keep = _keep(x.shape, c)
+    if not (_per_channel(weight, keep, c) and _per_channel(bias, keep, c)) or not _use(x):
+        return None
+    return _layout(x, c, keep)
 
 
 def plan_affine(
@@ -169,29 +202,50 @@ def plan_affine(
     bias: torch.Tensor | None,
 ) -> Plan | None:
     """A plan for eval-mode (given statistics) batch norm, or None for the torch-op path.
-    Only for inference: nothing may require a gradient."""
+    Only for inference: nothing may require a gradient. The statistics and parameters
+    hold one value per channel, shaped to broadcast against ``x``."""
     if mean is None or not _eligible_tensor(x) or x.numel() == 0:
         return None
-    params = [t for t in (mean, var, weight, bias) if t is not None]
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or mean.requires_grad
+        or var.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
         return None
-    if mean.dim() != x.dim():
-        return None
-    wide = [d for d in range(x.dim()) if mean.shape[d] != 1]
-    if len(wide) != 1 or mean.shape[wide[0]] != x.shape[wide[0]]:
+    # The channel dim: where mean (right-aligned against x) is not 1.
+    ndim, mshape = x.dim(), mean.shape
+    offset = ndim - len(mshape)
+    wide = [d for d in range(len(mshape)) if mshape[d] != 1]
+    if offset < 0 or len(wide) != 1:
         return None  # not per channel (or a single channel: torch's ops do fine)
-    c = wide[0]
-    keep = list(mean.shape)
-    if not all(_per_channel(t, keep) for t in params) or not _use(x):
+    c = wide[0] + offset
+    keep = _keep(x.shape, c)
+    if not (
+        _per_channel(mean, keep, c)
+        and _per_channel(var, keep, c)
+        and _per_channel(weight, keep, c)
+        and _per_channel(bias, keep, c)
+        and _use(x)
+    ):
         return None
-    return _layout(x, c)
+    return _layout(x, c, keep)
 
 
 # -- running the kernels -----------------------------------------------------------------
-def _kernels():
-    from normlab.kernels import _numba  # first use compiles or loads the cache
+# Every wrapper below runs once per layer call: at (64, 100) the kernels take ~5 µs, so
+# each torch op, view or numpy conversion here is a measurable share of the call.
+_numba_module = None
 
-    return _numba
+
+def _kernels():
+    global _numba_module
+    if _numba_module is None:
+        from normlab.kernels import _numba  # first use compiles or loads the cache
+
+        _numba_module = _numba
+    return _numba_module
 
 
 def _threads(numel: int) -> int:
@@ -201,8 +255,14 @@ def _threads(numel: int) -> int:
         return 1
     import numba
 
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    want = torch.get_num_threads()
+    n = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
+    # Numba's first thread launch can reset the OpenMP thread count torch reads (both
+    # use libgomp): put torch's back, or one big batch norm would change how many
+    # threads every later torch op uses.
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
     return n
 
 
@@ -226,17 +286,21 @@ def _kernel(name: str, threads: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _constant(c: int, dtype: np.dtype, value: float) -> np.ndarray:
-    return np.full(c, value, dtype=dtype)  # shared: the kernels only read parameters
+def _constant(c: int, dtype: torch.dtype, value: float) -> torch.Tensor:
+    return torch.full((c,), value, dtype=dtype)  # shared: the kernels only read parameters
 
 
-def _param(p: torch.Tensor | None, c: int, dtype: torch.dtype, fill: float) -> np.ndarray:
-    """A per-channel parameter as a (C,) array in the kernel's dtype (a view if it is
-    one already: parameters of the input's dtype cost no copy)."""
+def _param(p: torch.Tensor | None, c: int, dtype: torch.dtype, fill: float) -> torch.Tensor:
+    """A per-channel parameter as C contiguous values of the kernel's dtype (``p`` itself
+    if it is one already: parameters of the input's dtype cost no copy)."""
     if p is None:
-        return _constant(c, _NUMPY_DTYPES[dtype], fill)
+        return _constant(c, dtype, fill)
     if p.dtype != dtype:
         p = p.detach().to(dtype)
+    return p if p.is_contiguous() else p.contiguous()
+
+
+def _array(p: torch.Tensor, c: int) -> np.ndarray:
     return p.numpy(force=True).reshape(c)
 
 
@@ -247,6 +311,57 @@ def _activation(activation: str | None, negative_slope: float) -> np.ndarray:
     return _kernels().activation_params(get_activation(activation).name, negative_slope)
 
 
+# A value of the storage dtype: tells the by-address entries what the memory holds.
+_WITNESS = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
+
+
+def _buffer_ok(t: torch.Tensor, c: int) -> bool:
+    """Whether the kernel can update running buffer ``t`` in place."""
+    return (
+        type(t) is torch.Tensor
+        and t.dtype in _KERNEL_DTYPES
+        and t.is_cpu
+        and t.numel() == c
+        and t.is_contiguous()
+        and not t.requires_grad
+    )
+
+
+def _fold_running(running, moments: np.ndarray, n: int) -> bool:
+    """Fold this batch into an ``engine.RunningUpdate``'s buffers with
+    :func:`_numba.running_update_at`; False (nothing done) if the buffers are not ones
+    the kernel can update in place, and the engine then uses torch ops."""
+    c = moments.shape[1]
+    rm, rv, nbt = running.mean, running.var, running.num_batches_tracked
+    if not (_buffer_ok(rm, c) and _buffer_ok(rv, c) and rm.dtype == rv.dtype):
+        return False
+    if nbt is None:
+        count_at = 0
+    elif type(nbt) is torch.Tensor and nbt.dtype == torch.int64 and nbt.is_cpu and nbt.dim() == 0:
+        count_at = nbt.data_ptr()
+    else:
+        return False
+    momentum = -1.0 if running.momentum is None else float(running.momentum)
+    updated = _kernels().running_update_at(
+        _WITNESS[rm.dtype],
+        moments,
+        n / (n - 1),
+        momentum,
+        bool(running.skip_nonfinite),
+        rm.data_ptr(),
+        rv.data_ptr(),
+        count_at,
+    )
+    running.skipped = not updated
+    return True
+
+
+def _dims(plan: Plan) -> tuple[int, int, int]:
+    """(rows, C, S) of the planned layout (S = 1 for channels-last)."""
+    shape = plan.shape
+    return (shape[0], shape[1], shape[2] if len(shape) == 3 else 1)
+
+
 def batch_forward(
     plan: Plan,
     x: torch.Tensor,
@@ -255,25 +370,41 @@ def batch_forward(
     eps: float,
     activation: str | None,
     negative_slope: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training forward: ``(y, mean, var, stats)``; ``mean``/``var`` keepdim in x's dtype,
-    ``stats`` the float64 (4, C) tensor [shift, delta, var, invstd] for backward."""
+    running=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, bool]:
+    """Training forward: ``(y, mean, var, stats, folded)``; ``mean``/``var`` keepdim
+    (``plan.keep``) in x's dtype, ``stats`` the float64 (4, C) array [shift, delta, var,
+    invstd] for :func:`batch_backward`. ``running`` (an ``engine.RunningUpdate`` or None)
+    is folded in by a kernel when its buffers allow (``folded``); otherwise the caller
+    does it."""
     act = _activation(activation, negative_slope)
-    threads = _threads(x.numel())
-    c = plan.channels
-    xv = plan.array(x)
-    y, yv = plan.empty(x)
+    numel = x.numel()
+    threads = _threads(numel)
+    dtype = x.dtype
+    rows, c, s = _dims(plan)
     stats = np.empty((4, c))
-    moments = np.empty((2, c), dtype=xv.dtype)
-    w, b = _param(weight, c, x.dtype, 1.0), _param(bias, c, x.dtype, 0.0)
-    if plan.layout == "cf":
-        _kernel("forward_cf", threads)(xv, w, b, float(eps), act, yv, stats, moments)
+    moments = np.empty((2, c), dtype=_NUMPY_DTYPES[dtype])
+    w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
+    xc = plan.contiguous(x)
+    y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
+    cf = plan.layout == "cf"
+    if threads == 1:
+        _kernels().forward_at(
+            _WITNESS[dtype], cf, xc.data_ptr(), y.data_ptr(), rows, c, s,
+            w.data_ptr(), b.data_ptr(), float(eps), act, stats, moments,
+        )  # fmt: skip
     else:
-        nblocks = max(1, min(threads, plan.shape[0]))
-        _kernel("forward_cl", threads)(xv, w, b, float(eps), act, nblocks, yv, stats, moments)
-    keep = [c if d == plan.channel_dim else 1 for d in range(x.dim())]
-    mv = torch.from_numpy(moments)
-    return y, mv[0].view(keep), mv[1].view(keep), torch.from_numpy(stats)
+        xv, yv, wv, bv = plan.array(xc), plan.array(y), _array(w, c), _array(b, c)
+        if cf:
+            _kernel("forward_cf", threads)(xv, wv, bv, float(eps), act, yv, stats, moments)
+        else:
+            nblocks = max(1, min(threads, rows))
+            _kernel("forward_cl", threads)(xv, wv, bv, float(eps), act, nblocks, yv, stats, moments)
+    folded = running is not None and _fold_running(running, moments, numel // c)
+    keep = plan.keep
+    mean = torch.from_numpy(moments[0].reshape(keep))
+    var = torch.from_numpy(moments[1].reshape(keep))
+    return y, mean, var, stats, folded
 
 
 def batch_backward(
@@ -282,40 +413,53 @@ def batch_backward(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    stats: torch.Tensor,
+    stats: np.ndarray,
     activation: str | None,
     negative_slope: float,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Closed-form training backward: ``(dx, dweight, dbias)`` (None where not needed)."""
+    """Closed-form training backward: ``(dx, dweight, dbias)`` (None where not needed);
+    ``stats`` from :func:`batch_forward`."""
     act = _activation(activation, negative_slope)
     threads = _threads(x.numel())
-    c = plan.channels
-    xv = plan.array(x)
-    dyv = plan.array(dy if dy.dtype == x.dtype else dy.to(x.dtype))
+    dtype = x.dtype
+    rows, c, s = _dims(plan)
+    xc = plan.contiguous(x)
+    dyc = plan.contiguous(dy if dy.dtype == dtype else dy.to(dtype))
     need_dx = bool(needs[0])
-    if need_dx:
-        dx, dx_arr = plan.empty(x)
+    dx = (
+        empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
+        if need_dx
+        else None
+    )
+    sums = np.empty((2, c), dtype=_NUMPY_DTYPES[dtype])  # [dβ, dγ]
+    w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
+    cf = plan.layout == "cf"
+    if threads == 1:
+        _kernels().backward_at(
+            _WITNESS[dtype], cf, dyc.data_ptr(), xc.data_ptr(),
+            dx.data_ptr() if need_dx else 0, rows, c, s, w.data_ptr(), b.data_ptr(),
+            stats, act, need_dx, sums,
+        )  # fmt: skip
     else:
-        dx = None
-        dx_arr = np.empty((1,) * len(plan.shape), dtype=xv.dtype)
-    sums = np.empty((2, c), dtype=xv.dtype)  # [dβ, dγ]
-    w, b = _param(weight, c, x.dtype, 1.0), _param(bias, c, x.dtype, 0.0)
-    s = stats.numpy()
-    if plan.layout == "cf":
-        kernel = _kernel("backward_cf", threads)
-        kernel(dyv, xv, w, b, s, act, need_dx, dx_arr, sums)
-    else:
-        nblocks = max(1, min(threads, plan.shape[0]))
-        kernel = _kernel("backward_cl", threads)
-        kernel(dyv, xv, w, b, s, act, nblocks, need_dx, dx_arr, sums)
-    dw = db = None
-    grads = torch.from_numpy(sums)
-    if weight is not None and needs[1]:
-        dw = grads[1].view(weight.shape).to(weight.dtype)
-    if bias is not None and needs[2]:
-        db = grads[0].view(bias.shape).to(bias.dtype)
-    return dx, dw, db
+        xv, dyv, wv, bv = plan.array(xc), plan.array(dyc), _array(w, c), _array(b, c)
+        dx_arr = plan.array(dx) if need_dx else np.empty((1,) * len(plan.shape), xv.dtype)
+        if cf:
+            kernel = _kernel("backward_cf", threads)
+            kernel(dyv, xv, wv, bv, stats, act, need_dx, dx_arr, sums)
+        else:
+            nblocks = max(1, min(threads, rows))
+            kernel = _kernel("backward_cl", threads)
+            kernel(dyv, xv, wv, bv, stats, act, nblocks, need_dx, dx_arr, sums)
+    return dx, _grad(sums[1], weight, needs[1]), _grad(sums[0], bias, needs[2])
+
+
+def _grad(row: np.ndarray, p: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+    """A (C,) gradient row as a tensor of ``p``'s shape and dtype."""
+    if p is None or not needed:
+        return None
+    g = torch.from_numpy(row.reshape(p.shape))
+    return g if g.dtype == p.dtype else g.to(p.dtype)
 
 
 def affine_forward(
@@ -332,14 +476,24 @@ def affine_forward(
     """Eval forward ``act((x − mean)·γ/sqrt(var + ε) + β)`` with per-channel constants."""
     act = _activation(activation, negative_slope)
     threads = _threads(x.numel())
-    c, dt = plan.channels, x.dtype
-    m, v = _param(mean, c, dt, 0.0), _param(var, c, dt, 1.0)
-    w, b = _param(weight, c, dt, 1.0), _param(bias, c, dt, 0.0)
-    xv = plan.array(x)
-    y, yv = plan.empty(x)
-    if plan.layout == "cf":
-        _kernel("affine_cf", threads)(xv, m, v, w, b, float(eps), act, yv)
+    dtype = x.dtype
+    rows, c, s = _dims(plan)
+    m, v = _param(mean, c, dtype, 0.0), _param(var, c, dtype, 1.0)
+    w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
+    xc = plan.contiguous(x)
+    y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
+    cf = plan.layout == "cf"
+    if threads == 1:
+        _kernels().affine_at(
+            _WITNESS[dtype], cf, xc.data_ptr(), y.data_ptr(), rows, c, s, m.data_ptr(),
+            v.data_ptr(), w.data_ptr(), b.data_ptr(), float(eps), act,
+        )  # fmt: skip
+        return y
+    xv, yv = plan.array(xc), plan.array(y)
+    mv, vv, wv, bv = _array(m, c), _array(v, c), _array(w, c), _array(b, c)
+    if cf:
+        _kernel("affine_cf", threads)(xv, mv, vv, wv, bv, float(eps), act, yv)
     else:
-        nblocks = max(1, min(threads, plan.shape[0]))
-        _kernel("affine_cl", threads)(xv, m, v, w, b, float(eps), act, nblocks, yv)
+        nblocks = max(1, min(threads, rows))
+        _kernel("affine_cl", threads)(xv, mv, vv, wv, bv, float(eps), act, nblocks, yv)
     return y

@@ -17,7 +17,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.functional import _checks
 from normlab.functional.activations import get_activation
-from normlab.functional.batch_norm import NonFiniteStatisticsWarning, _batch_norm
+from normlab.functional.batch_norm import (
+    NonFiniteStatisticsWarning,
+    _batch_norm,
+    _check_batch_norm,
+)
 from normlab.functional.ema import ema_debias
 
 _TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
@@ -136,30 +140,106 @@ class _NormlabBatchNorm(_BatchNorm):
             ema_debias(var, 1.0, self.momentum, steps),
         )
 
+    # -- validation cache -------------------------------------------------------------
+    # A training loop calls a layer with the same input shape and layer state thousands of
+    # times, and at small sizes the checks cost more than the normalization. Every check
+    # (_check_input_dim and functional.batch_norm._check_batch_norm) is a function of the
+    # input's exact type, shape and dtype and of the layer's flags and tensor shapes only,
+    # so the layer keeps the signature of its last validated call with the result and
+    # skips the checks when the next call has the same signature. Any change (a new
+    # shape or dtype, `bn.momentum = None`, `.eval()`, a replaced or resized parameter)
+    # is a miss and runs every check again, with the same errors. Subclasses that override
+    # _normalize or _check_input_dim validate on every call.
+    _checked: tuple | None = None  # (signature, BatchNormLayout) of the last validated call
+    _cache_checks = True  # set per class in __init_subclass__
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._cache_checks = (
+            cls._normalize is _NormlabBatchNorm._normalize
+            and cls._check_input_dim is _NormlabBatchNorm._check_input_dim
+        )
+
+    def _signature(self, input: torch.Tensor) -> tuple:
+        p, b = self._parameters, self._buffers
+        w, bias = p.get("weight"), p.get("bias")
+        rm, rv = b.get("running_mean"), b.get("running_var")
+        return (
+            input.shape,
+            input.dtype,
+            self.training,
+            self.track_running_stats,
+            self.momentum,
+            self.eps,
+            self.nonfinite,
+            self.num_features,
+            self._channel_dim,
+            None if w is None else w.shape,
+            None if bias is None else bias.shape,
+            None if rm is None else rm.shape,
+            None if rv is None else rv.shape,
+            b.get("num_batches_tracked") is None,
+        )
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._cache_checks and type(input) is torch.Tensor:
+            signature = self._signature(input)
+            checked = self._checked
+            if checked is not None and checked[0] == signature:
+                return self._forward_with(input, layout=checked[1])
+            self._check_input_dim(input)
+            return self._forward_with(input, signature=signature)
         self._check_input_dim(input)
         return self._forward_with(input)
 
-    def _forward_with(self, input: torch.Tensor, source_fn=None) -> torch.Tensor:
+    def _forward_with(
+        self, input: torch.Tensor, source_fn=None, layout=None, signature=None
+    ) -> torch.Tensor:
         """Forward after input checks; ``source_fn`` supplies training statistics computed
-        elsewhere (see ``normlab.functional.batch_norm._batch_norm``), e.g. across ranks."""
-        tracking = self.training and self.track_running_stats
+        elsewhere (see ``normlab.functional.batch_norm._batch_norm``), e.g. across ranks.
+        ``layout``: the cached result of the functional checks (skips them);
+        ``signature``: run them now and cache their result under this signature."""
+        # Buffers straight from the dict: Module.__getattr__ costs as much as a small op's
+        # dispatch, and this runs on every call.
+        buffers = self._buffers
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        training, track = self.training, self.track_running_stats
+        tracking = training and track
         # torch's rules (_BatchNorm.forward): batch statistics in training, or in eval when
         # there are no buffers; buffers updated only while tracking.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        if not self.training or self.track_running_stats:
-            mean, var = self.running_mean, self.running_var
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if not training or track:
+            mean, var = running_mean, running_var
         else:
             mean = var = None
-        if not use_batch_stats:
+        if signature is not None:
+            params = self._parameters
+            layout = _check_batch_norm(
+                input,
+                mean,
+                var,
+                params.get("weight"),
+                params.get("bias"),
+                use_batch_stats,
+                self.momentum,
+                self.eps,
+                self._channel_dim,
+                self.nonfinite,
+                buffers.get("num_batches_tracked") if tracking else None,
+                type(self).__name__,
+                True,
+            )
+            self.__dict__["_checked"] = (signature, layout)
+        if not use_batch_stats and self.ema_debias:
             mean, var = self.population_stats()
         args = (input, mean, var, use_batch_stats, tracking)
         # Only SyncBatchNorm passes a source_fn; variants overriding _normalize take 5 args.
-        y, skipped = (
-            self._normalize(*args, source_fn=source_fn)
-            if source_fn is not None
-            else self._normalize(*args)
-        )
+        if source_fn is not None:
+            y, skipped = self._normalize(*args, source_fn=source_fn)
+        elif layout is not None:
+            y, skipped = self._normalize(*args, layout=layout)
+        else:
+            y, skipped = self._normalize(*args)
         if skipped and not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
@@ -179,14 +259,17 @@ class _NormlabBatchNorm(_BatchNorm):
         use_batch_stats: bool,
         tracking: bool,
         source_fn=None,
+        layout=None,
     ) -> tuple[torch.Tensor, bool]:
-        """The one functional call of this layer; variants (renorm, ghost) override it."""
+        """The one functional call of this layer; variants (renorm, ghost) override it.
+        ``layout``: the cached result of the checks, for a call with a validated signature."""
+        params = self._parameters
         return _batch_norm(
             input,
             mean,
             var,
-            self.weight,
-            self.bias,
+            params.get("weight"),
+            params.get("bias"),
             use_batch_stats,
             self.momentum,
             self.eps,
@@ -194,9 +277,10 @@ class _NormlabBatchNorm(_BatchNorm):
             activation=self.activation,
             negative_slope=self.negative_slope,
             nonfinite=self.nonfinite,
-            num_batches_tracked=self.num_batches_tracked if tracking else None,
+            num_batches_tracked=self._buffers.get("num_batches_tracked") if tracking else None,
             where=type(self).__name__,
             source_fn=source_fn if use_batch_stats else None,
+            layout=layout,
         )
 
     def extra_repr(self) -> str:
