@@ -35,12 +35,24 @@ timeout: ``init_process_group(..., timeout=datetime.timedelta(seconds=60))`` or
 rank. torch's default is 30 min (10 min for NCCL, where the timeout aborts the process
 asynchronously unless TORCH_NCCL_BLOCKING_WAIT is set).
 
+Lifetime. A process group normlab creates (:func:`process_group`: ``normlab train`` under
+torchrun, :func:`launch`) is freed when it is destroyed, so its gloo worker threads are
+joined while the interpreter is alive. Otherwise a worker thread can still be releasing the
+last collective's work object when the interpreter finalises; that release drops a
+tensor whose Python object needs the GIL, CPython ends the thread, and the process aborts
+("terminate called without an active exception", SIGABRT) after a run that succeeded.
+
 Reference: T. F. Chan, G. H. Golub, R. J. LeVeque, "Updating Formulae and a Pairwise
 Algorithm for Computing Sample Variances", Stanford CS tech. report STAN-CS-79-773, 1979.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import gc
+import warnings
+import weakref
 from functools import partial
 
 import torch
@@ -325,6 +337,59 @@ def global_stats_source(
     return StatsSource(Moments(shift, delta, var), max(n, 1), reduce_sums), n
 
 
+# -- process groups this process owns ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def process_group(backend: str, *, timeout: float, **kwargs):
+    """Join the default process group for the ``with`` block, and free it on the way out.
+
+    ``torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout),
+    **kwargs)`` on entry (``kwargs``: ``init_method``, or ``store``, ``rank`` and
+    ``world_size``); ``destroy_process_group()`` on exit, after which the group is
+    actually freed, so its backend's threads (gloo: two workers and a socket loop) end
+    before the interpreter does (module docstring, "Lifetime").
+
+    Two things keep a destroyed group alive. DDP's constructor imports
+    ``torch.distributed.nn`` on first use, and that module's functions take
+    ``group=group.WORLD`` as a default argument, evaluated at import (torch 2.13): imported
+    while a group is live, it holds that group forever. It is imported here before the
+    group exists, which binds those defaults to None. And a model in a reference cycle
+    holds its DDP wrapper, and so the group, until a garbage collection, run here after
+    the destroy. If the group still survives (someone else holds it), a RuntimeWarning says
+    so; nothing is checked when the block raises, since the traceback's frames still hold
+    the caller's DDP model.
+    """
+    import torch.distributed.nn  # noqa: F401  (before the group exists: see above)
+
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
+    try:
+        yield
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    _destroy_and_free()
+
+
+def _destroy_and_free() -> bool:
+    """Destroy the default group and collect it; True if it was freed (else warn)."""
+    alive = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    gc.collect()  # a model in a reference cycle would still hold DDP, and DDP the group
+    if alive() is None:
+        return True
+    warnings.warn(
+        "normlab: the default process group is still referenced after "
+        "destroy_process_group(), so its worker threads outlive it and may abort the "
+        "process at exit (SIGABRT). Drop every DDP module and work handle that uses it; "
+        "import torch.distributed.nn before init_process_group, not after.",
+        RuntimeWarning,
+        stacklevel=4,  # the caller's with statement
+    )
+    return False
+
+
 # -- local multi-process runs -----------------------------------------------------------
 
 _REPORTS = None  # in a launched worker: the queue to the parent
@@ -342,7 +407,6 @@ def report(obj) -> None:
 
 
 def _launched(fn, rank: int, world: int, args: tuple, store: str, timeout: float, q) -> None:
-    import datetime
     import os
     import pickle
     import traceback
@@ -351,17 +415,9 @@ def _launched(fn, rank: int, world: int, args: tuple, store: str, timeout: float
     _REPORTS = q
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        dist.init_process_group(
-            "gloo",
-            store=dist.FileStore(store, world),
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=timeout),
-        )
-        try:
+        store = dist.FileStore(store, world)
+        with process_group("gloo", timeout=timeout, store=store, rank=rank, world_size=world):
             value = fn(rank, world, *args)
-        finally:
-            dist.destroy_process_group()
         q.put((rank, "ok", pickle.dumps(value)))
     except BaseException as e:
         q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))

@@ -29,7 +29,7 @@ an error on the others instead of a hang.
 
 from __future__ import annotations
 
-import datetime
+import contextlib
 import math
 import os
 import statistics
@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from normlab.distributed import process_group
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -276,16 +278,17 @@ def _train_torchrun(cfg: TrainConfig, on_step) -> TrainResult | None:
         torch.cuda.set_device(device)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    # A group we create is also freed by us, before the interpreter exits: its gloo threads
+    # must not outlive it (normlab.distributed, "Lifetime": rank 1, idle after its last
+    # collective, used to abort at exit under CPU load).
     owns_group = not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group(
-            backend, init_method="env://", timeout=datetime.timedelta(seconds=cfg.timeout)
-        )
-    try:
+    group = (
+        process_group(backend, timeout=cfg.timeout, init_method="env://")
+        if owns_group
+        else contextlib.nullcontext()
+    )
+    with group:
         result = run_rank(cfg, rank, world, device=device, on_step=on_step if rank == 0 else None)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
     if result is not None:
         result.launcher = "torchrun"
     return result
