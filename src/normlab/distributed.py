@@ -415,8 +415,8 @@ def _launched(fn, rank: int, world: int, args: tuple, store: str, timeout: float
     _REPORTS = q
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        store = dist.FileStore(store, world)
-        with process_group("gloo", timeout=timeout, store=store, rank=rank, world_size=world):
+        file_store = dist.FileStore(store, world)
+        with process_group("gloo", timeout=timeout, store=file_store, rank=rank, world_size=world):
             value = fn(rank, world, *args)
         q.put((rank, "ok", pickle.dumps(value)))
     except BaseException as e:
