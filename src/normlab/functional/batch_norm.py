@@ -13,6 +13,7 @@ from normlab.functional.ema import fold_running_
 from normlab.functional.engine import (
     RunningUpdate,
     StatsSource,
+    _normalize_batch,
     normalize_batch,
     normalize_with_stats,
 )
@@ -260,17 +261,16 @@ def _batch_norm(
             num_batches_tracked,
             skip_nonfinite=nonfinite != "propagate",
         )
-    y, _, _ = normalize_batch(
-        input,
-        layout.dims,
-        w,
-        b,
-        eps=eps,
-        activation=activation,
-        negative_slope=negative_slope,
-        source=source,
-        running=running,
-    )
+    if input.numel() == 0 and source is None:
+        y, mean, var = normalize_batch(
+            input, layout.dims, w, b, eps=eps, activation=activation,
+            negative_slope=negative_slope,
+        )  # fmt: skip
+        if running is not None:  # no channels (C = 0) but n > 0: only the counter moves
+            fold_running_(running_mean, running_var, mean, var, momentum, num_batches_tracked)
+    else:  # the engine's entry without statistics tensors: running folds them in
+        config = (layout.dims, eps, True, activation, negative_slope, source, running)
+        y = _normalize_batch(input, w, b, config, [])
     if running is not None and running.skipped:
         if nonfinite == "raise":
             raise _nonfinite_error(where)

@@ -25,6 +25,7 @@ Numerics and the formulas are in :mod:`normlab.kernels._numba`; the kernels run 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from typing import NamedTuple
@@ -47,7 +48,6 @@ MIN_NUMEL = 0
 # scheduled); 2^18 elements are ~0.3 ms of work per pass, enough to amortise it.
 PARALLEL_MIN_NUMEL = 1 << 18
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
@@ -91,6 +91,7 @@ class Plan(NamedTuple):
     ``layout`` 'cf': ``(N, C, S)`` of the contiguous tensor; 'cl': ``(M, C)`` of the
     tensor with the channel dim moved last. ``copy``: the input is in neither layout and
     is made contiguous first. ``keep``: the shape of a keepdim per-channel statistic.
+    ``dims``: ``(rows, C, S)`` of the kernel's view (S = 1 for 'cl').
     """
 
     layout: str
@@ -98,6 +99,7 @@ class Plan(NamedTuple):
     shape: tuple[int, ...]
     copy: bool
     keep: tuple[int, ...]
+    dims: tuple[int, int, int]
 
     @property
     def channels(self) -> int:
@@ -122,55 +124,82 @@ _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 def _eligible_tensor(x: torch.Tensor) -> bool:
+    dtype = x.dtype
     return (
         type(x) is torch.Tensor
-        and x.dtype in _KERNEL_DTYPES
+        and (dtype is torch.float32 or dtype is torch.float64)
         and x.is_cpu
-        and x.layout == torch.strided
+        and x.layout is torch.strided
         and x.dim() >= 2
         and not _is_compiling()
     )
 
 
-def _per_channel(p: torch.Tensor | None, keep: tuple[int, ...], c: int) -> bool:
-    """``p`` is None or a CPU floating tensor holding one value per channel, shaped to
-    broadcast against the input: ``keep`` (the keepdim shape, channels at dim ``c``)
-    right-aligned, possibly without some of its leading ones ((C,) for an (N, C) input)."""
+def _per_channel(p: torch.Tensor | None, shape: torch.Size, c: int) -> bool:
+    """``p`` is None or a CPU floating tensor holding one value per channel of an input
+    of ``shape`` (channels at dim ``c``), shaped to broadcast against it: the keepdim
+    shape ``(1, …, C, 1, …)`` right-aligned, possibly without leading ones ((C,) for an
+    (N, C) input)."""
     if p is None:
         return True
     if not (isinstance(p, torch.Tensor) and p.is_cpu and p.is_floating_point()):
         return False
-    shape = p.shape
-    skip = len(keep) - len(shape)
-    return 0 <= skip <= c and shape == keep[skip:]
+    pshape = p.shape
+    skip = len(shape) - len(pshape)
+    if skip < 0 or skip > c:
+        return False
+    for d, s in enumerate(pshape, skip):
+        if s != (shape[c] if d == c else 1):
+            return False
+    return True
 
 
-def _keep(shape: torch.Size, c: int) -> tuple[int, ...]:
-    keep = [1] * len(shape)
-    keep[c] = shape[c]
-    return tuple(keep)
+# Plans by (shape, channel dim, strides kind): a training loop asks for the same few
+# plans on every call, and making one (a NamedTuple, its shapes) costs more than the
+# lookup. Bounded: cleared when full.
+_PLANS: dict[tuple, Plan] = {}
+_PLANS_MAX = 256
 
 
-def _layout(x: torch.Tensor, c: int, keep: tuple[int, ...]) -> Plan:
+def _layout(x: torch.Tensor, c: int) -> Plan:
     shape = x.shape
+    if x.is_contiguous():
+        kind = 0
+    elif x.movedim(c, -1).is_contiguous():
+        kind = 1
+    else:
+        kind = 2
+    key = (shape, c, kind)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = _make_plan(shape, c, kind)
+    return plan
+
+
+def _make_plan(shape: torch.Size, c: int, kind: int) -> Plan:
     channels = shape[c]
+    keep = [1] * len(shape)
+    keep[c] = channels
     n = 1
     for s in shape[:c]:
         n *= s
-    numel = x.numel()
+    numel = n * channels
+    for s in shape[c + 1 :]:
+        numel *= s
     s_inner = numel // (n * channels)
-    if x.is_contiguous():
-        if s_inner == 1:  # (N, C) or (N, C, 1, ...): the channels-last loop fits better
-            return Plan("cl", c, (n, channels), False, keep)
-        return Plan("cf", c, (n, channels, s_inner), False, keep)
-    if x.movedim(c, -1).is_contiguous():
-        return Plan("cl", c, (numel // channels, channels), False, keep)
-    return Plan("cf", c, (n, channels, s_inner), True, keep)
+    if kind == 0 and s_inner == 1:  # (N, C) or (N, C, 1, ...): the channels-last loop fits
+        kind = 1
+    if kind == 1:
+        rows = numel // channels
+        return Plan("cl", c, (rows, channels), False, tuple(keep), (rows, channels, 1))
+    return Plan("cf", c, (n, channels, s_inner), kind == 2, tuple(keep), (n, channels, s_inner))
 
 
-def _use(x: torch.Tensor) -> bool:
+def _use(numel: int) -> bool:
     m = mode()
-    return m == "numba" or (m == "auto" and x.numel() >= MIN_NUMEL)
+    return m == "numba" or (m == "auto" and numel >= MIN_NUMEL)
 
 
 def plan_batch(
@@ -182,16 +211,17 @@ def plan_batch(
 ) -> Plan | None:
     """A plan for training-mode batch norm of ``x`` over ``dims`` (ascending, canonical),
     or None for the torch-op path. ``weight``/``bias``: per channel, broadcastable."""
-    if not center or not _eligible_tensor(x) or x.numel() == 0:
+    if not center or not _eligible_tensor(x):
         return None
-    ndim = x.dim()
-    if len(dims) != ndim - 1:
+    numel = x.numel()
+    shape = x.shape
+    ndim = len(shape)
+    if numel == 0 or len(dims) != ndim - 1:
         return None
     c = ndim * (ndim - 1) // 2 - sum(dims)  # the one dim not reduced
-    keep = _keep(x.shape, c)
-    if not (_per_channel(weight, keep, c) and _per_channel(bias, keep, c)) or not _use(x):
+    if not (_per_channel(weight, shape, c) and _per_channel(bias, shape, c) and _use(numel)):
         return None
-    return _layout(x, c, keep)
+    return _layout(x, c)
 
 
 def plan_affine(
@@ -204,7 +234,10 @@ def plan_affine(
     """A plan for eval-mode (given statistics) batch norm, or None for the torch-op path.
     Only for inference: nothing may require a gradient. The statistics and parameters
     hold one value per channel, shaped to broadcast against ``x``."""
-    if mean is None or not _eligible_tensor(x) or x.numel() == 0:
+    if mean is None or not _eligible_tensor(x):
+        return None
+    numel = x.numel()
+    if numel == 0:
         return None
     if torch.is_grad_enabled() and (
         x.requires_grad
@@ -214,23 +247,26 @@ def plan_affine(
         or (bias is not None and bias.requires_grad)
     ):
         return None
-    # The channel dim: where mean (right-aligned against x) is not 1.
-    ndim, mshape = x.dim(), mean.shape
-    offset = ndim - len(mshape)
-    wide = [d for d in range(len(mshape)) if mshape[d] != 1]
-    if offset < 0 or len(wide) != 1:
+    # The channel dim: the one where mean (right-aligned against x) is not 1.
+    shape, mshape = x.shape, mean.shape
+    offset = len(shape) - len(mshape)
+    c = -1
+    for d, s in enumerate(mshape, offset):
+        if s != 1:
+            if c >= 0:
+                return None  # not per channel
+            c = d
+    if offset < 0 or c < 0:
         return None  # not per channel (or a single channel: torch's ops do fine)
-    c = wide[0] + offset
-    keep = _keep(x.shape, c)
     if not (
-        _per_channel(mean, keep, c)
-        and _per_channel(var, keep, c)
-        and _per_channel(weight, keep, c)
-        and _per_channel(bias, keep, c)
-        and _use(x)
+        _per_channel(mean, shape, c)
+        and _per_channel(var, shape, c)
+        and _per_channel(weight, shape, c)
+        and _per_channel(bias, shape, c)
+        and _use(numel)
     ):
         return None
-    return _layout(x, c, keep)
+    return _layout(x, c)
 
 
 # -- running the kernels -----------------------------------------------------------------
@@ -315,51 +351,43 @@ def _activation(activation: str | None, negative_slope: float) -> np.ndarray:
 _WITNESS = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
 
 
-def _buffer_ok(t: torch.Tensor, c: int) -> bool:
-    """Whether the kernel can update running buffer ``t`` in place."""
-    return (
-        type(t) is torch.Tensor
-        and t.dtype in _KERNEL_DTYPES
-        and t.is_cpu
-        and t.numel() == c
-        and t.is_contiguous()
-        and not t.requires_grad
-    )
-
-
-def _fold_running(running, moments: np.ndarray, n: int) -> bool:
-    """Fold this batch into an ``engine.RunningUpdate``'s buffers with
-    :func:`_numba.running_update_at`; False (nothing done) if the buffers are not ones
-    the kernel can update in place, and the engine then uses torch ops."""
-    c = moments.shape[1]
+def _running_args(running, c: int) -> tuple | None:
+    """The by-address arguments of :func:`_numba.running_update_at` for an
+    ``engine.RunningUpdate`` (after ``moments``: r0, mean_at, var_at, count_at,
+    momentum, skip_nonfinite), or None if its buffers are not ones the kernel can update
+    in place (plain contiguous CPU float32/float64 tensors of C values, not requiring
+    grad, of one dtype; an int64 scalar counter): the engine then uses torch ops."""
     rm, rv, nbt = running.mean, running.var, running.num_batches_tracked
-    if not (_buffer_ok(rm, c) and _buffer_ok(rv, c) and rm.dtype == rv.dtype):
-        return False
+    dtype = rm.dtype
+    if not (
+        type(rm) is torch.Tensor
+        and type(rv) is torch.Tensor
+        and (dtype is torch.float32 or dtype is torch.float64)
+        and rv.dtype is dtype
+        and rm.is_cpu
+        and rv.is_cpu
+        and rm.numel() == c
+        and rv.numel() == c
+        and rm.is_contiguous()
+        and rv.is_contiguous()
+        and not (rm.requires_grad or rv.requires_grad)
+    ):
+        return None
     if nbt is None:
         count_at = 0
-    elif type(nbt) is torch.Tensor and nbt.dtype == torch.int64 and nbt.is_cpu and nbt.dim() == 0:
+    elif type(nbt) is torch.Tensor and nbt.dtype is torch.int64 and nbt.is_cpu and nbt.dim() == 0:
         count_at = nbt.data_ptr()
     else:
-        return False
+        return None
     momentum = -1.0 if running.momentum is None else float(running.momentum)
-    updated = _kernels().running_update_at(
-        _WITNESS[rm.dtype],
-        moments,
-        n / (n - 1),
-        momentum,
-        bool(running.skip_nonfinite),
+    return (
+        _WITNESS[dtype],
         rm.data_ptr(),
         rv.data_ptr(),
         count_at,
+        momentum,
+        bool(running.skip_nonfinite),
     )
-    running.skipped = not updated
-    return True
-
-
-def _dims(plan: Plan) -> tuple[int, int, int]:
-    """(rows, C, S) of the planned layout (S = 1 for channels-last)."""
-    shape = plan.shape
-    return (shape[0], shape[1], shape[2] if len(shape) == 3 else 1)
 
 
 def batch_forward(
@@ -371,40 +399,62 @@ def batch_forward(
     activation: str | None,
     negative_slope: float,
     running=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, bool]:
-    """Training forward: ``(y, mean, var, stats, folded)``; ``mean``/``var`` keepdim
-    (``plan.keep``) in x's dtype, ``stats`` the float64 (4, C) array [shift, delta, var,
-    invstd] for :func:`batch_backward`. ``running`` (an ``engine.RunningUpdate`` or None)
-    is folded in by a kernel when its buffers allow (``folded``); otherwise the caller
-    does it."""
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, bool]:
+    """Training forward: ``(y, moments, stats, folded)``; ``moments`` the (2, C) mean and
+    biased variance in x's dtype (see :func:`stats_tensors`), ``stats`` the float64
+    (4, C) array [shift, delta, var, invstd] for :func:`batch_backward`. ``running`` (an
+    ``engine.RunningUpdate`` or None) is folded in by the same kernel call when its
+    buffers allow (``folded``; its ``skipped`` is set); otherwise the caller does it."""
     act = _activation(activation, negative_slope)
     numel = x.numel()
-    threads = _threads(numel)
     dtype = x.dtype
-    rows, c, s = _dims(plan)
+    rows, c, s = plan.dims
     stats = np.empty((4, c))
     moments = np.empty((2, c), dtype=_NUMPY_DTYPES[dtype])
     w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
-    xc = plan.contiguous(x)
-    y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
-    cf = plan.layout == "cf"
-    if threads == 1:
-        _kernels().forward_at(
-            _WITNESS[dtype], cf, xc.data_ptr(), y.data_ptr(), rows, c, s,
-            w.data_ptr(), b.data_ptr(), float(eps), act, stats, moments,
+    fold = None if running is None else _running_args(running, c)
+    correction = numel / (numel - c) if numel > c else math.nan  # n/(n − 1), n = numel/c
+    if numel < PARALLEL_MIN_NUMEL:  # serial, by address: the small-tensor path
+        xc = plan.contiguous(x)
+        y = (
+            torch.empty_like(x, memory_format=torch.contiguous_format)
+            if plan.copy
+            else (torch.empty_like(x))
+        )
+        w0 = _WITNESS[dtype]
+        r0, mean_at, var_at, count_at, momentum, skip = (
+            (w0, 0, 0, 0, 0.0, False) if fold is None else fold
+        )
+        status = _kernels().forward_at(
+            w0, plan.layout == "cf", xc.data_ptr(), y.data_ptr(), rows, c, s, w.data_ptr(),
+            b.data_ptr(), float(eps), act, stats, moments, r0, mean_at, var_at, count_at,
+            correction, momentum, skip,
         )  # fmt: skip
+        if fold is not None:
+            running.skipped = status == 2
+        return y, moments, stats, fold is not None
+    threads = _threads(numel)
+    xv = plan.array(x)
+    y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
+    yv, wv, bv = plan.array(y), _array(w, c), _array(b, c)
+    if plan.layout == "cf":
+        _kernel("forward_cf", threads)(xv, wv, bv, float(eps), act, yv, stats, moments)
     else:
-        xv, yv, wv, bv = plan.array(xc), plan.array(y), _array(w, c), _array(b, c)
-        if cf:
-            _kernel("forward_cf", threads)(xv, wv, bv, float(eps), act, yv, stats, moments)
-        else:
-            nblocks = max(1, min(threads, rows))
-            _kernel("forward_cl", threads)(xv, wv, bv, float(eps), act, nblocks, yv, stats, moments)
-    folded = running is not None and _fold_running(running, moments, numel // c)
+        nblocks = max(1, min(threads, rows))
+        _kernel("forward_cl", threads)(xv, wv, bv, float(eps), act, nblocks, yv, stats, moments)
+    if fold is not None:
+        r0, mean_at, var_at, count_at, momentum, skip = fold
+        running.skipped = not _kernels().running_update_at(
+            r0, moments, correction, momentum, skip, mean_at, var_at, count_at
+        )
+    return y, moments, stats, fold is not None
+
+
+def stats_tensors(plan: Plan, moments: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``moments`` of :func:`batch_forward` as keepdim (``plan.keep``) mean and
+    biased variance tensors (sharing its memory)."""
     keep = plan.keep
-    mean = torch.from_numpy(moments[0].reshape(keep))
-    var = torch.from_numpy(moments[1].reshape(keep))
-    return y, mean, var, stats, folded
+    return torch.from_numpy(moments[0].reshape(keep)), torch.from_numpy(moments[1].reshape(keep))
 
 
 def batch_backward(
@@ -421,45 +471,71 @@ def batch_backward(
     """Closed-form training backward: ``(dx, dweight, dbias)`` (None where not needed);
     ``stats`` from :func:`batch_forward`."""
     act = _activation(activation, negative_slope)
-    threads = _threads(x.numel())
+    numel = x.numel()
     dtype = x.dtype
-    rows, c, s = _dims(plan)
+    rows, c, s = plan.dims
     xc = plan.contiguous(x)
     dyc = plan.contiguous(dy if dy.dtype == dtype else dy.to(dtype))
     need_dx = bool(needs[0])
+    w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
+    if numel < PARALLEL_MIN_NUMEL:  # serial, by address: the small-tensor path
+        dx = None
+        if need_dx:
+            dx = (
+                torch.empty_like(x, memory_format=torch.contiguous_format)
+                if plan.copy
+                else (torch.empty_like(x))
+            )
+        # dγ, dβ are written straight into torch-owned tensors, not numpy arrays wrapped
+        # by torch.from_numpy: autograd frees those with the GIL released, and freeing a
+        # numpy-owned buffer then costs it a GIL round trip.
+        dw = _grad_tensor(weight, needs[1], dtype)
+        db = _grad_tensor(bias, needs[2], dtype)
+        _kernels().backward_at(
+            _WITNESS[dtype], plan.layout == "cf", dyc.data_ptr(), xc.data_ptr(),
+            dx.data_ptr() if need_dx else 0, rows, c, s, w.data_ptr(), b.data_ptr(),
+            stats, act, need_dx, 0 if db is None else db.data_ptr(),
+            0 if dw is None else dw.data_ptr(),
+        )  # fmt: skip
+        return dx, _as_param(dw, weight), _as_param(db, bias)
+    threads = _threads(numel)
     dx = (
         empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
         if need_dx
         else None
     )
-    sums = np.empty((2, c), dtype=_NUMPY_DTYPES[dtype])  # [dβ, dγ]
-    w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
     cf = plan.layout == "cf"
-    if threads == 1:
-        _kernels().backward_at(
-            _WITNESS[dtype], cf, dyc.data_ptr(), xc.data_ptr(),
-            dx.data_ptr() if need_dx else 0, rows, c, s, w.data_ptr(), b.data_ptr(),
-            stats, act, need_dx, sums,
-        )  # fmt: skip
+    sums = np.empty((2, c), dtype=_NUMPY_DTYPES[dtype])  # [dβ, dγ]
+    xv, dyv, wv, bv = plan.array(xc), plan.array(dyc), _array(w, c), _array(b, c)
+    dx_arr = plan.array(dx) if need_dx else np.empty((1,) * len(plan.shape), xv.dtype)
+    if cf:
+        kernel = _kernel("backward_cf", threads)
+        kernel(dyv, xv, wv, bv, stats, act, need_dx, dx_arr, sums)
     else:
-        xv, dyv, wv, bv = plan.array(xc), plan.array(dyc), _array(w, c), _array(b, c)
-        dx_arr = plan.array(dx) if need_dx else np.empty((1,) * len(plan.shape), xv.dtype)
-        if cf:
-            kernel = _kernel("backward_cf", threads)
-            kernel(dyv, xv, wv, bv, stats, act, need_dx, dx_arr, sums)
-        else:
-            nblocks = max(1, min(threads, rows))
-            kernel = _kernel("backward_cl", threads)
-            kernel(dyv, xv, wv, bv, stats, act, nblocks, need_dx, dx_arr, sums)
+        nblocks = max(1, min(threads, rows))
+        kernel = _kernel("backward_cl", threads)
+        kernel(dyv, xv, wv, bv, stats, act, nblocks, need_dx, dx_arr, sums)
     return dx, _grad(sums[1], weight, needs[1]), _grad(sums[0], bias, needs[2])
 
 
 def _grad(row: np.ndarray, p: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
-    """A (C,) gradient row as a tensor of ``p``'s shape and dtype."""
+    """A (C,) gradient row as a torch-owned tensor of ``p``'s shape and dtype."""
     if p is None or not needed:
         return None
-    g = torch.from_numpy(row.reshape(p.shape))
-    return g if g.dtype == p.dtype else g.to(p.dtype)
+    return torch.from_numpy(row.reshape(p.shape)).to(p.dtype, copy=True)
+
+
+def _grad_tensor(p: torch.Tensor | None, needed: bool, dtype: torch.dtype):
+    """A new contiguous tensor for ``p``'s gradient, in the kernel's ``dtype``."""
+    if p is None or not needed:
+        return None
+    if p.dtype == dtype and p.is_contiguous():  # empty_like: no shape/dtype parsing
+        return torch.empty_like(p)
+    return torch.empty(p.shape, dtype=dtype)
+
+
+def _as_param(g: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor | None:
+    return g if g is None or g.dtype == p.dtype else g.to(p.dtype)
 
 
 def affine_forward(
@@ -477,7 +553,7 @@ def affine_forward(
     act = _activation(activation, negative_slope)
     threads = _threads(x.numel())
     dtype = x.dtype
-    rows, c, s = _dims(plan)
+    rows, c, s = plan.dims
     m, v = _param(mean, c, dtype, 0.0), _param(var, c, dtype, 1.0)
     w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
     xc = plan.contiguous(x)

@@ -37,8 +37,12 @@ def empty_like(
     x: torch.Tensor, memory_format: torch.memory_format = torch.preserve_format
 ) -> torch.Tensor:
     """``torch.empty_like(x, memory_format=...)``, advised into huge pages."""
+    if x.nbytes < _MIN_BYTES:  # the common small case, without keyword parsing
+        if memory_format is torch.preserve_format:
+            return torch.empty_like(x)
+        return torch.empty_like(x, memory_format=memory_format)
     out = torch.empty_like(x, memory_format=memory_format)
-    if _madvise is not None and x.numel() * x.element_size() >= _MIN_BYTES:
+    if _madvise is not None:
         nbytes = out.untyped_storage().nbytes()
         start = out.data_ptr()
         lo = (start + _PAGE - 1) // _PAGE * _PAGE

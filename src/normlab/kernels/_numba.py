@@ -627,9 +627,15 @@ def _pointer(typingctx, address, witness):
 
 
 @njit(**_JIT)
-def forward_at(w0, cf, x_at, y_at, rows, C, S, w_at, b_at, eps, act, stats, moments):
+def forward_at(w0, cf, x_at, y_at, rows, C, S, w_at, b_at, eps, act, stats, moments,
+               r0, mean_at, var_at, count_at, correction, momentum, skip_nonfinite):  # fmt: skip
     """:func:`forward_cf` (``cf``: x is (rows, C, S)) or :func:`forward_cl` (x is
-    (rows, C)), serial, on memory given by address; ``w0``: a value of x's dtype."""
+    (rows, C)), serial, on memory given by address; ``w0``: a value of x's dtype.
+
+    Then, if ``mean_at`` is not 0, :func:`running_update_at` (``r0`` … ``skip_nonfinite``)
+    in the same call. Returns 0 without running buffers, else 1 if they were updated and
+    2 if a non-finite statistic skipped the update.
+    """
     w = carray(_pointer(w_at, w0), (C,))
     b = carray(_pointer(b_at, w0), (C,))
     if cf:
@@ -640,15 +646,23 @@ def forward_at(w0, cf, x_at, y_at, rows, C, S, w_at, b_at, eps, act, stats, mome
         x2 = carray(_pointer(x_at, w0), (rows, C))
         y2 = carray(_pointer(y_at, w0), (rows, C))
         forward_cl_serial(x2, w, b, eps, act, 1, y2, stats, moments)
+    if mean_at == 0:
+        return 0
+    updated = running_update_at(
+        r0, moments, correction, momentum, skip_nonfinite, mean_at, var_at, count_at
+    )
+    return 1 if updated else 2
 
 
 @njit(**_JIT)
 def backward_at(w0, cf, dy_at, x_at, dx_at, rows, C, S, w_at, b_at, stats, act, need_dx,
-                sums):  # fmt: skip
+                dbias_at, dweight_at):  # fmt: skip
     """:func:`backward_cf` / :func:`backward_cl`, serial, by address (see
-    :func:`forward_at`); ``dx_at`` is not touched unless ``need_dx``."""
+    :func:`forward_at`); ``dx_at`` is not touched unless ``need_dx``, nor ``dbias_at``
+    / ``dweight_at`` (C values each: Σdz, Σdz·x̂) when 0."""
     w = carray(_pointer(w_at, w0), (C,))
     b = carray(_pointer(b_at, w0), (C,))
+    sums = np.empty((2, C), dtype=w.dtype)
     n_dx = rows if need_dx else 0
     if cf:
         dy = carray(_pointer(dy_at, w0), (rows, C, S))
@@ -660,6 +674,10 @@ def backward_at(w0, cf, dy_at, x_at, dx_at, rows, C, S, w_at, b_at, stats, act, 
         x2 = carray(_pointer(x_at, w0), (rows, C))
         dx2 = carray(_pointer(dx_at, w0), (n_dx, C))
         backward_cl_serial(dy2, x2, w, b, stats, act, 1, need_dx, dx2, sums)
+    if dbias_at != 0:
+        carray(_pointer(dbias_at, w0), (C,))[:] = sums[0]
+    if dweight_at != 0:
+        carray(_pointer(dweight_at, w0), (C,))[:] = sums[1]
 
 
 @njit(**_JIT)
