@@ -210,3 +210,165 @@ def test_concurrent_calls_from_python_threads(numba_mode):
     assert not errors and len(results) == 9
     for y in results:  # same thread count, same partition of the sums: identical
         torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+# -- running statistics folded in by the forward kernel ----------------------------------
+def _train_steps(monkeypatch, mode, shape, *, momentum, x_dtype, buf_dtype, channels_last):
+    """Run NF.batch_norm for a few training steps on NORMLAB_KERNELS=mode; returns the
+    outputs and the running buffers and counter."""
+    monkeypatch.setenv(kernels.KERNELS_ENV, mode)
+    g = torch.Generator().manual_seed(1)
+    c = shape[1]
+    rm, rv = torch.zeros(c, dtype=buf_dtype), torch.ones(c, dtype=buf_dtype)
+    nbt = torch.tensor(0)
+    ys = []
+    for step in range(3):
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * (step + 1) + 3).to(x_dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        y = NF.batch_norm(
+            x, rm, rv, training=True, momentum=momentum, num_batches_tracked=nbt, activation="relu"
+        )
+        ys.append(y)
+    return ys, rm, rv, nbt
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize(
+    "shape, x_dtype, buf_dtype, channels_last",
+    [
+        ((16, 5), torch.float32, torch.float32, False),
+        ((16, 5), torch.float64, torch.float64, False),
+        ((16, 5), torch.float32, torch.float64, False),  # buffers of another dtype
+        ((4, 3, 5, 5), torch.float32, torch.float32, False),
+        ((4, 3, 5, 5), torch.float32, torch.float32, True),
+    ],
+)
+@pytest.mark.parametrize("threaded", [False, True])
+def test_running_update_in_the_kernel_matches_torch_ops(
+    monkeypatch, momentum, shape, x_dtype, buf_dtype, channels_last, threaded
+):
+    if threaded:  # the threaded (array) kernels instead of the serial ones by address
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_NUMEL", 0)
+    kw = dict(momentum=momentum, x_dtype=x_dtype, buf_dtype=buf_dtype, channels_last=channels_last)
+    ys_t, rm_t, rv_t, n_t = _train_steps(monkeypatch, "torch", shape, **kw)
+    ys_k, rm_k, rv_k, n_k = _train_steps(monkeypatch, "numba", shape, **kw)
+    tol = {"rtol": 1e-6, "atol": 1e-6} if torch.float32 in (x_dtype, buf_dtype) else {}
+    for a, b in zip(ys_k, ys_t):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(rm_k, rm_t, **tol)
+    torch.testing.assert_close(rv_k, rv_t, **tol)
+    assert rm_k.dtype == buf_dtype and int(n_k) == int(n_t) == 3
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("bad", ["nan", "inf", "overflow"])
+@pytest.mark.parametrize("policy", ["skip", "raise", "propagate"])
+def test_nonfinite_policy_inside_the_kernel(monkeypatch, numba_mode, threaded, bad, policy):
+    if threaded:
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_NUMEL", 0)
+    x = torch.randn(32, 4) + 2
+    if bad == "overflow":  # finite input whose float32 variance overflows (|x| ~ 1e20)
+        x[:, 1] = torch.linspace(-1, 1, 32) * 1e20
+    else:
+        x[5, 1] = float(bad)
+    rm, rv, nbt = torch.zeros(4), torch.ones(4), torch.tensor(7)
+    before = (rm.clone(), rv.clone(), nbt.clone())
+
+    def call():
+        return NF.batch_norm(x, rm, rv, training=True, num_batches_tracked=nbt, nonfinite=policy)
+
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="nonfinite='skip'"):
+            call()
+    elif policy == "skip":
+        with pytest.warns(NF.NonFiniteStatisticsWarning):
+            call()
+    else:
+        call()
+        assert not torch.isfinite(rv[1]) and int(nbt) == 8
+        assert torch.isfinite(rm[[0, 2, 3]]).all()  # the other channels updated as usual
+        return
+    assert all(torch.equal(a, b) for a, b in zip((rm, rv, nbt), before))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda c: (torch.zeros(2 * c)[::2], torch.ones(c), torch.tensor(0)),  # strided view
+        lambda c: (torch.zeros(c), torch.ones(c, dtype=torch.float64), torch.tensor(0)),
+        lambda c: (torch.zeros(c), torch.ones(c), torch.tensor(0, dtype=torch.int32)),
+        lambda c: (torch.zeros(c, dtype=torch.float16), torch.ones(c).half(), torch.tensor(0)),
+    ],
+    ids=["strided", "mixed-dtypes", "int32-counter", "float16"],
+)
+def test_buffers_the_kernel_cannot_write_use_torch_ops(monkeypatch, make):
+    x = torch.randn(16, 5) * 3 + 1
+    results = []
+    for mode in ("torch", "numba"):
+        monkeypatch.setenv(kernels.KERNELS_ENV, mode)
+        rm, rv, nbt = make(5)
+        for _ in range(2):
+            y = NF.batch_norm(x, rm, rv, training=True, momentum=None, num_batches_tracked=nbt)
+        results.append((y, rm.float(), rv.float(), int(nbt)))
+    (y_t, rm_t, rv_t, n_t), (y_k, rm_k, rv_k, n_k) = results
+    tol = {"rtol": 1e-3, "atol": 1e-3}  # float16 buffers
+    torch.testing.assert_close(y_k, y_t)
+    torch.testing.assert_close(rm_k, rm_t, **tol)
+    torch.testing.assert_close(rv_k, rv_t, **tol)
+    assert n_k == n_t == 2
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+@pytest.mark.parametrize("shape, channels_last", [((16, 6), False), ((4, 6, 3, 5), True)])
+def test_serial_by_address_and_threaded_array_kernels_agree(monkeypatch, act, shape, channels_last):
+    # The small-tensor path (serial kernels by data pointer) against the threaded kernels
+    # on numpy arrays, forward, backward and eval, weight/bias of another dtype included.
+    monkeypatch.setenv(kernels.KERNELS_ENV, "numba")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=g) * 2 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = (torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(shape[1], generator=g, dtype=torch.float64).requires_grad_()
+    dy = torch.randn(shape, generator=g)
+    rm, rv = torch.randn(shape[1]), torch.rand(shape[1]) + 0.5
+    out = []
+    for parallel_min in (kernels.PARALLEL_MIN_NUMEL, 0):
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_NUMEL", parallel_min)
+        xg = x.clone().requires_grad_()
+        y = NF.batch_norm(xg, None, None, w, b, training=True, activation=act)
+        grads = torch.autograd.grad(y, (xg, w, b), dy)
+        with torch.no_grad():
+            y_eval = NF.batch_norm(x, rm, rv, w, b, training=False, activation=act)
+        out.append((y, *grads, y_eval))
+    for a, b_ in zip(*out):
+        assert a.dtype == b_.dtype and a.stride() == b_.stride()
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+
+
+def test_a_big_kernel_call_keeps_torchs_thread_count(numba_mode):
+    # Numba's first threaded launch used to reset the OpenMP thread count torch reads.
+    big = torch.randn(kernels.PARALLEL_MIN_NUMEL // 8, 8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        NF.batch_norm(big, None, None, training=True)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_plans_differ_by_strides_and_take_per_channel_shapes(numba_mode):
+    x = torch.randn(4, 3, 5, 5)
+    cf, cl = _plan(x), _plan(x.to(memory_format=torch.channels_last))
+    strided = _plan(x.transpose(2, 3))
+    assert (cf.layout, cf.copy) == ("cf", False)
+    assert (cl.layout, cl.copy) == ("cl", False) and cl.shape == (100, 3)
+    assert (strided.layout, strided.copy) == ("cf", True)
+    assert _plan(x) is cf  # cached
+    x2 = torch.randn(8, 3)
+    assert _plan_2d(x2) is not None
+    assert kernels.plan_batch(x2, (0,), torch.ones(3), torch.ones(1, 3), True) is not None
+    assert kernels.plan_batch(x2, (0,), torch.ones(3, 1), None, True) is None  # not (C,)
+    assert kernels.plan_batch(x, DIMS, torch.ones(3), None, True) is None  # (C,) vs dim 1

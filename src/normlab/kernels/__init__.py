@@ -474,8 +474,8 @@ def batch_backward(
     numel = x.numel()
     dtype = x.dtype
     rows, c, s = plan.dims
-    xc = plan.contiguous(x)
-    dyc = plan.contiguous(dy if dy.dtype == dtype else dy.to(dtype))
+    if dy.dtype != dtype:
+        dy = dy.to(dtype)
     need_dx = bool(needs[0])
     w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
     if numel < PARALLEL_MIN_NUMEL:  # serial, by address: the small-tensor path
@@ -486,11 +486,12 @@ def batch_backward(
                 if plan.copy
                 else (torch.empty_like(x))
             )
-        # dγ, dβ are written straight into torch-owned tensors, not numpy arrays wrapped
-        # by torch.from_numpy: autograd frees those with the GIL released, and freeing a
-        # numpy-owned buffer then costs it a GIL round trip.
+        # dγ, dβ are written straight into torch-owned tensors rather than numpy arrays
+        # wrapped by torch.from_numpy: autograd frees those with the GIL released, and a
+        # numpy-owned buffer then needs the GIL back (~1 µs a step at (64, 100)).
         dw = _grad_tensor(weight, needs[1], dtype)
         db = _grad_tensor(bias, needs[2], dtype)
+        xc, dyc = plan.contiguous(x), plan.contiguous(dy)  # kept alive for the call
         _kernels().backward_at(
             _WITNESS[dtype], plan.layout == "cf", dyc.data_ptr(), xc.data_ptr(),
             dx.data_ptr() if need_dx else 0, rows, c, s, w.data_ptr(), b.data_ptr(),
@@ -506,7 +507,7 @@ def batch_backward(
     )
     cf = plan.layout == "cf"
     sums = np.empty((2, c), dtype=_NUMPY_DTYPES[dtype])  # [dβ, dγ]
-    xv, dyv, wv, bv = plan.array(xc), plan.array(dyc), _array(w, c), _array(b, c)
+    xv, dyv, wv, bv = plan.array(x), plan.array(dy), _array(w, c), _array(b, c)
     dx_arr = plan.array(dx) if need_dx else np.empty((1,) * len(plan.shape), xv.dtype)
     if cf:
         kernel = _kernel("backward_cf", threads)
@@ -556,16 +557,16 @@ def affine_forward(
     rows, c, s = plan.dims
     m, v = _param(mean, c, dtype, 0.0), _param(var, c, dtype, 1.0)
     w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
-    xc = plan.contiguous(x)
     y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
     cf = plan.layout == "cf"
     if threads == 1:
+        xc = plan.contiguous(x)  # kept alive for the call
         _kernels().affine_at(
             _WITNESS[dtype], cf, xc.data_ptr(), y.data_ptr(), rows, c, s, m.data_ptr(),
             v.data_ptr(), w.data_ptr(), b.data_ptr(), float(eps), act,
         )  # fmt: skip
         return y
-    xv, yv = plan.array(xc), plan.array(y)
+    xv, yv = plan.array(x), plan.array(y)
     mv, vv, wv, bv = _array(m, c), _array(v, c), _array(w, c), _array(b, c)
     if cf:
         _kernel("affine_cf", threads)(xv, mv, vv, wv, bv, float(eps), act, yv)
