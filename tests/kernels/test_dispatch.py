@@ -372,3 +372,16 @@ def test_plans_differ_by_strides_and_take_per_channel_shapes(numba_mode):
     assert kernels.plan_batch(x2, (0,), torch.ones(3), torch.ones(1, 3), True) is not None
     assert kernels.plan_batch(x2, (0,), torch.ones(3, 1), None, True) is None  # not (C,)
     assert kernels.plan_batch(x, DIMS, torch.ones(3), None, True) is None  # (C,) vs dim 1
+
+
+def test_eval_plans_need_one_value_per_channel(numba_mode):
+    x = torch.randn(8, 3)
+    ok = torch.zeros(3)
+    with torch.no_grad():
+        assert kernels.plan_affine(x, ok, ok + 1, ok, ok) is not None
+        assert kernels.plan_affine(x, torch.zeros(1, 3), ok + 1, None, None) is not None
+        for bad in (torch.zeros(2), torch.zeros(5), torch.zeros(3, 1), torch.zeros(2, 1, 3)):
+            assert kernels.plan_affine(x, bad, ok + 1, None, None) is None, bad.shape
+            assert kernels.plan_affine(x, ok, ok + 1, bad, None) is None, bad.shape
+        assert kernels.plan_affine(x, ok, ok + 1, ok.double(), None) is not None
+        assert kernels.plan_affine(x, ok, ok.to(torch.int64), None, None) is None
