@@ -53,8 +53,11 @@ MODES = ("auto", "torch", "numba")
 MIN_NUMEL = 0
 # Below this many elements the kernels run on the calling thread only. A threaded launch
 # costs ~10 µs on an idle machine and milliseconds on a busy one (the whole team must be
-# scheduled); 2^18 elements are ~0.3 ms of work per pass, enough to amortise it.
-PARALLEL_MIN_NUMEL = 1 << 18
+# scheduled). 2^16: at (256, 512) (2^17) with 2 threads on an idle machine, `normlab
+# bench --case mlp` measured 0.75x torch serial and 0.82-0.85x threaded (torch itself
+# threads from 2^15 elements per op); on a busy machine torch's own threaded ops stall
+# far longer than these two launches.
+PARALLEL_MIN_NUMEL = 1 << 16
 
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
