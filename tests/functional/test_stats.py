@@ -27,7 +27,7 @@ def path(request, monkeypatch):
 
     monkeypatch.setenv(kernels.KERNELS_ENV, "torch" if request.param == "torch-ops" else "numba")
     if request.param == "kernel-threaded":
-        monkeypatch.setattr(kernels, "PARALLEL_MIN_NUMEL", 0)
+        request.getfixturevalue("threaded_kernels")
     return request.param
 
 

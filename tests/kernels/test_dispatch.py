@@ -173,10 +173,12 @@ def test_thread_count_follows_torch(numba_mode):
     big = torch.randn(kernels.PARALLEL_MIN_NUMEL // 8, 8)  # large enough for threads
     before = torch.get_num_threads()
     try:
-        for want in (min(2, numba.config.NUMBA_NUM_THREADS), 1):
-            torch.set_num_threads(want)
-            NF.batch_norm(big, None, None, training=True)
-            assert numba.get_num_threads() == want
+        want = min(2, numba.config.NUMBA_NUM_THREADS)
+        torch.set_num_threads(want)
+        NF.batch_norm(big, None, None, training=True)
+        assert numba.get_num_threads() == want
+        torch.set_num_threads(1)  # one torch thread: the serial kernels, no thread team
+        assert kernels._threads(big.numel()) == 1
     finally:
         torch.set_num_threads(before)
     # small tensors run serially on the calling thread, whatever torch's count
@@ -246,10 +248,10 @@ def _train_steps(monkeypatch, mode, shape, *, momentum, x_dtype, buf_dtype, chan
 )
 @pytest.mark.parametrize("threaded", [False, True])
 def test_running_update_in_the_kernel_matches_torch_ops(
-    monkeypatch, momentum, shape, x_dtype, buf_dtype, channels_last, threaded
+    request, monkeypatch, momentum, shape, x_dtype, buf_dtype, channels_last, threaded
 ):
     if threaded:  # the threaded (array) kernels instead of the serial ones by address
-        monkeypatch.setattr(kernels, "PARALLEL_MIN_NUMEL", 0)
+        request.getfixturevalue("threaded_kernels")
     kw = dict(momentum=momentum, x_dtype=x_dtype, buf_dtype=buf_dtype, channels_last=channels_last)
     ys_t, rm_t, rv_t, n_t = _train_steps(monkeypatch, "torch", shape, **kw)
     ys_k, rm_k, rv_k, n_k = _train_steps(monkeypatch, "numba", shape, **kw)
@@ -264,9 +266,9 @@ def test_running_update_in_the_kernel_matches_torch_ops(
 @pytest.mark.parametrize("threaded", [False, True])
 @pytest.mark.parametrize("bad", ["nan", "inf", "overflow"])
 @pytest.mark.parametrize("policy", ["skip", "raise", "propagate"])
-def test_nonfinite_policy_inside_the_kernel(monkeypatch, numba_mode, threaded, bad, policy):
+def test_nonfinite_policy_inside_the_kernel(request, numba_mode, threaded, bad, policy):
     if threaded:
-        monkeypatch.setattr(kernels, "PARALLEL_MIN_NUMEL", 0)
+        request.getfixturevalue("threaded_kernels")
     x = torch.randn(32, 4) + 2
     if bad == "overflow":  # finite input whose float32 variance overflows (|x| ~ 1e20)
         x[:, 1] = torch.linspace(-1, 1, 32) * 1e20
@@ -321,7 +323,9 @@ def test_buffers_the_kernel_cannot_write_use_torch_ops(monkeypatch, make):
 
 @pytest.mark.parametrize("act", ["relu", "tanh"])
 @pytest.mark.parametrize("shape, channels_last", [((16, 6), False), ((4, 6, 3, 5), True)])
-def test_serial_by_address_and_threaded_array_kernels_agree(monkeypatch, act, shape, channels_last):
+def test_serial_by_address_and_threaded_array_kernels_agree(
+    request, monkeypatch, act, shape, channels_last
+):
     # The small-tensor path (serial kernels by data pointer) against the threaded kernels
     # on numpy arrays, forward, backward and eval, weight/bias of another dtype included.
     monkeypatch.setenv(kernels.KERNELS_ENV, "numba")
@@ -334,8 +338,9 @@ def test_serial_by_address_and_threaded_array_kernels_agree(monkeypatch, act, sh
     dy = torch.randn(shape, generator=g)
     rm, rv = torch.randn(shape[1]), torch.rand(shape[1]) + 0.5
     out = []
-    for parallel_min in (kernels.PARALLEL_MIN_NUMEL, 0):
-        monkeypatch.setattr(kernels, "PARALLEL_MIN_NUMEL", parallel_min)
+    for threaded in (False, True):
+        if threaded:
+            request.getfixturevalue("threaded_kernels")
         xg = x.clone().requires_grad_()
         y = NF.batch_norm(xg, None, None, w, b, training=True, activation=act)
         grads = torch.autograd.grad(y, (xg, w, b), dy)

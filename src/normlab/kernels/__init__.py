@@ -21,8 +21,8 @@ the kernels, ``numba`` uses them whenever they apply, whatever the size (tests, 
 Numerics and the formulas are in :mod:`normlab.kernels._numba`; the kernels run on
 ``torch.get_num_threads()`` threads.
 
-Two ways in, same kernels. Below :data:`PARALLEL_MIN_NUMEL` elements the serial kernels
-are called *by address* (``forward_at``, ``backward_at``, ``affine_at``): each tensor goes
+Two ways in, same kernels. Below :data:`PARALLEL_MIN_NUMEL` elements (or on one thread)
+the serial kernels are called *by address* (``forward_at``, ``backward_at``, ``affine_at``): each tensor goes
 in as its data pointer (~0.1 µs) rather than as a numpy view (~0.6 µs), which at
 (64, 100) — a ~4 µs forward kernel — is most of the difference. Larger inputs go to the
 threaded kernels as numpy arrays. The training forward also folds the batch into the
@@ -308,6 +308,8 @@ def _threads(numel: int) -> int:
 
     want = torch.get_num_threads()
     n = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
+    if n == 1:
+        return 1
     numba.set_num_threads(n)
     # Numba's first thread launch can reset the OpenMP thread count torch reads (both
     # use libgomp): put torch's back, or one big batch norm would change how many
@@ -429,7 +431,8 @@ def batch_forward(
     w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
     fold = None if running is None else _running_args(running, c)
     correction = numel / (numel - c) if numel > c else math.nan  # n/(n − 1), n = numel/c
-    if numel < PARALLEL_MIN_NUMEL:  # serial, by address: the small-tensor path
+    threads = 1 if numel < PARALLEL_MIN_NUMEL else _threads(numel)
+    if threads == 1:  # serial, by address: small tensors (or one thread)
         xc = plan.contiguous(x)
         y = (
             torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -448,7 +451,6 @@ def batch_forward(
         if fold is not None:
             running.skipped = status == 2
         return y, moments, stats, fold is not None
-    threads = _threads(numel)
     xv = plan.array(x)
     y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
     yv, wv, bv = plan.array(y), _array(w, c), _array(b, c)
@@ -493,7 +495,8 @@ def batch_backward(
         dy = dy.to(dtype)
     need_dx = bool(needs[0])
     w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
-    if numel < PARALLEL_MIN_NUMEL:  # serial, by address: the small-tensor path
+    threads = 1 if numel < PARALLEL_MIN_NUMEL else _threads(numel)
+    if threads == 1:  # serial, by address: small tensors (or one thread)
         dx = None
         if need_dx:
             dx = (
@@ -514,7 +517,6 @@ def batch_backward(
             0 if dw is None else dw.data_ptr(),
         )  # fmt: skip
         return dx, _as_param(dw, weight), _as_param(db, bias)
-    threads = _threads(numel)
     dx = (
         empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
         if need_dx
@@ -567,7 +569,8 @@ def affine_forward(
 ) -> torch.Tensor:
     """Eval forward ``act((x − mean)·γ/sqrt(var + ε) + β)`` with per-channel constants."""
     act = _activation(activation, negative_slope)
-    threads = _threads(x.numel())
+    numel = x.numel()
+    threads = 1 if numel < PARALLEL_MIN_NUMEL else _threads(numel)
     dtype = x.dtype
     rows, c, s = plan.dims
     m, v = _param(mean, c, dtype, 0.0), _param(var, c, dtype, 1.0)
