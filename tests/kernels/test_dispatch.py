@@ -8,6 +8,7 @@ from torch.autograd import gradgradcheck
 import normlab.functional as NF
 import normlab.nn as nln
 from normlab import kernels
+from tests import reference as ref
 
 DIMS = (0, 2, 3)
 
@@ -390,3 +391,30 @@ def test_eval_plans_need_one_value_per_channel(numba_mode):
             assert kernels.plan_affine(x, ok, ok + 1, bad, None) is None, bad.shape
         assert kernels.plan_affine(x, ok, ok + 1, ok.double(), None) is not None
         assert kernels.plan_affine(x, ok, ok.to(torch.int64), None, None) is None
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("param_dtype", [torch.float64, torch.bfloat16])
+def test_parameters_of_another_dtype_get_gradients_of_their_dtype(
+    request, numba_mode, threaded, param_dtype
+):
+    if threaded:
+        request.getfixturevalue("threaded_kernels")
+    x = torch.randn(16, 4, requires_grad=True)
+    w = torch.linspace(0.5, 1.5, 4).to(param_dtype).requires_grad_()
+    b = torch.linspace(-1, 1, 4).to(param_dtype).requires_grad_()
+    y = NF.batch_norm(x, None, None, w, b, training=True, activation="relu")
+    dy = torch.randn(16, 4)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy)
+    assert gw.dtype == gb.dtype == param_dtype
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = (t.detach().double().requires_grad_() for t in (w, b))
+    y64 = torch.relu(ref.batch_norm_train(x64, w64, b64))
+    want = torch.autograd.grad(y64, (x64, w64, b64), dy.double())
+    tol = (
+        {"rtol": 2e-2, "atol": 2e-2}
+        if param_dtype == torch.bfloat16
+        else {"rtol": 1e-5, "atol": 1e-5}
+    )
+    for got, exp in zip((gx, gw, gb), want):
+        torch.testing.assert_close(got.double(), exp, **tol)

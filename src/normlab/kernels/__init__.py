@@ -540,7 +540,11 @@ def _grad(row: np.ndarray, p: torch.Tensor | None, needed: bool) -> torch.Tensor
     """A (C,) gradient row as a torch-owned tensor of ``p``'s shape and dtype."""
     if p is None or not needed:
         return None
-    return torch.from_numpy(row.reshape(p.shape)).to(p.dtype, copy=True)
+    if p.dtype not in _NUMPY_DTYPES:  # float16, bfloat16: torch converts
+        return torch.from_numpy(row.reshape(p.shape)).to(p.dtype, copy=True)
+    g = torch.empty_like(p, memory_format=torch.contiguous_format)
+    g.numpy().reshape(row.shape)[:] = row  # numpy casts float32 <-> float64
+    return g
 
 
 def _grad_tensor(p: torch.Tensor | None, needed: bool, dtype: torch.dtype):
