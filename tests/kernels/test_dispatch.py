@@ -418,3 +418,31 @@ def test_parameters_of_another_dtype_get_gradients_of_their_dtype(
     )
     for got, exp in zip((gx, gw, gb), want):
         torch.testing.assert_close(got.double(), exp, **tol)
+
+
+def test_outputs_come_from_the_huge_page_allocator_on_every_path(numba_mode, monkeypatch):
+    # A 51 MB activation in 4 KiB pages costs ~10 ms of page faults (kernels/_memory.py);
+    # the serial by-address path once bypassed the allocator and lost that at one thread.
+    from normlab.kernels import _memory
+
+    sizes = []
+    original = kernels.empty_like
+
+    def spy(x, memory_format=torch.preserve_format):
+        sizes.append(x.numel())
+        return original(x, memory_format)
+
+    monkeypatch.setattr(kernels, "empty_like", spy)
+    x = torch.randn(_memory._MIN_BYTES // 4 // 8, 8, requires_grad=True)  # 4 MiB
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            torch.set_num_threads(threads)
+            sizes.clear()
+            y = NF.batch_norm(x, None, None, training=True)
+            y.backward(torch.ones_like(y))
+            with torch.no_grad():
+                NF.batch_norm(x, torch.zeros(8), torch.ones(8), training=False)
+            assert sizes == [x.numel()] * 3, threads  # y, dx, eval y
+    finally:
+        torch.set_num_threads(before)

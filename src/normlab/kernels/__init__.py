@@ -434,11 +434,7 @@ def batch_forward(
     threads = 1 if numel < PARALLEL_MIN_NUMEL else _threads(numel)
     if threads == 1:  # serial, by address: small tensors (or one thread)
         xc = plan.contiguous(x)
-        y = (
-            torch.empty_like(x, memory_format=torch.contiguous_format)
-            if plan.copy
-            else (torch.empty_like(x))
-        )
+        y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
         w0 = _WITNESS[dtype]
         r0, mean_at, var_at, count_at, momentum, skip = (
             (w0, 0, 0, 0, 0.0, False) if fold is None else fold
@@ -499,11 +495,7 @@ def batch_backward(
     if threads == 1:  # serial, by address: small tensors (or one thread)
         dx = None
         if need_dx:
-            dx = (
-                torch.empty_like(x, memory_format=torch.contiguous_format)
-                if plan.copy
-                else (torch.empty_like(x))
-            )
+            dx = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
         # dγ, dβ are written straight into torch-owned tensors rather than numpy arrays
         # wrapped by torch.from_numpy: autograd frees those with the GIL released, and a
         # numpy-owned buffer then needs the GIL back (~1 µs a step at (64, 100)).
@@ -582,11 +574,7 @@ def affine_forward(
     cf = plan.layout == "cf"
     if threads == 1:
         xc = plan.contiguous(x)  # kept alive for the call
-        y = (
-            torch.empty_like(x, memory_format=torch.contiguous_format)
-            if plan.copy
-            else (torch.empty_like(x))
-        )
+        y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
         _kernels().affine_at(
             _WITNESS[dtype], cf, xc.data_ptr(), y.data_ptr(), rows, c, s, m.data_ptr(),
             v.data_ptr(), w.data_ptr(), b.data_ptr(), float(eps), act,
