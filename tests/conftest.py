@@ -22,6 +22,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def threaded_kernels(monkeypatch):
+    """normlab's threaded kernels (numpy arrays) even for small inputs: no size threshold
+    and two torch threads, which the kernels follow (on one they run serially, by
+    address; a one-core machine has only that path)."""
+    import numba
+
+    from normlab import kernels
+
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_NUMEL", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def gloo_pools():
     """Persistent gloo worker pools by world size: ``gloo_pools.get(2).run(fn, ...)``

@@ -332,4 +332,5 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "kernel_mode": kernels.mode(),
         "kernel_min_numel": kernels.MIN_NUMEL,
+        "kernel_parallel_min_numel": kernels.PARALLEL_MIN_NUMEL,
     }

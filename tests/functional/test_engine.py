@@ -174,3 +174,53 @@ def test_stats_source_simulating_two_identical_ranks():
     (gx,) = torch.autograd.grad(y, x, dy)
     (g_ref,) = torch.autograd.grad(y_ref, both, torch.cat([dy, dy]))
     torch.testing.assert_close(gx, g_ref[:5])
+
+
+# -- running statistics updated by the engine's forward ---------------------------------
+@pytest.fixture(params=["torch", "numba"])
+def kernel_mode(request, monkeypatch):
+    from normlab import kernels
+
+    monkeypatch.setenv(kernels.KERNELS_ENV, request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_running_update_follows_torchs_rule(kernel_mode, momentum):
+    g = torch.Generator().manual_seed(3)
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    nbt = torch.tensor(0)
+    want_m, want_v = rm.clone(), rv.clone()
+    for t in range(1, 4):
+        x = torch.randn(6, 4, 3, generator=g, dtype=torch.float64) * t + t
+        running = NF.RunningUpdate(rm, rv, momentum, nbt, skip_nonfinite=True)
+        y, mean, var = NF.normalize_batch(x, (0, 2), running=running)
+        y0, mean0, var0 = NF.normalize_batch(x, (0, 2))
+        assert torch.equal(y, y0) and torch.equal(mean, mean0) and torch.equal(var, var0)
+        assert not running.skipped and int(nbt) == t
+        m, _, unbiased, _ = ref.batch_stats(x)
+        f = momentum if momentum is not None else 1 / t
+        want_m, want_v = (1 - f) * want_m + f * m, (1 - f) * want_v + f * unbiased
+        torch.testing.assert_close(rm, want_m, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rv, want_v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_running_update_with_nonfinite_statistics(kernel_mode, skip):
+    x = torch.randn(8, 3)
+    x[2, 0] = float("inf")
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
+    running = NF.RunningUpdate(rm, rv, 0.1, nbt, skip_nonfinite=skip)
+    NF.normalize_batch(x, (0,), running=running)
+    assert running.skipped == skip
+    if skip:  # nothing changed, counter included
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3)) and int(nbt) == 0
+    else:  # torch's behaviour: the bad channel is poisoned, the others updated
+        assert not torch.isfinite(rm[0]) and torch.isfinite(rm[1:]).all() and int(nbt) == 1
+
+
+def test_functorch_transforms_still_get_functions_own_error():
+    # The engine calls the C++ Function.apply directly except under functorch transforms,
+    # where torch's own wrapper decides (and asks for setup_context, as before).
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.vmap(lambda t: NF.batch_norm(t, None, None, training=True))(torch.randn(3, 8, 4))

@@ -19,12 +19,37 @@ def _offset_batch(offset, std, seed=0):
     return x.float()  # the float32 input both sides see
 
 
+@pytest.fixture(params=["torch-ops", "kernel-serial", "kernel-threaded"])
+def path(request, monkeypatch):
+    """Every path the engine can take for this input: torch's ops, the serial kernels
+    (by address, the small-tensor path) and the threaded kernels (numpy arrays)."""
+    from normlab import kernels
+
+    monkeypatch.setenv(kernels.KERNELS_ENV, "torch" if request.param == "torch-ops" else "numba")
+    if request.param == "kernel-threaded":
+        request.getfixturevalue("threaded_kernels")
+    return request.param
+
+
 @pytest.mark.parametrize("offset", [1e2, 1e3, 1e4, 1e5, 1e6])
 @pytest.mark.parametrize("std", [1e-2, 1e-1, 1.0])
-def test_large_offset_within_1e4_of_float64(offset, std):
+def test_large_offset_within_1e4_of_float64(offset, std, path):
     x = _offset_batch(offset, std)
     err = _normalised_error(lambda t: NF.batch_norm(t, None, None, training=True), x)
-    assert err <= 1e-4, f"offset {offset}, std {std}: error {err}"
+    assert err <= 1e-4, f"offset {offset}, std {std}, {path}: error {err}"
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_running_statistics_at_large_offsets(offset, path):
+    # momentum 1: the buffers hold this batch's mean and unbiased variance, within float32
+    # rounding of the float64 values (torch's kernel loses the variance here).
+    x = _offset_batch(offset, 1e-2)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
+    NF.batch_norm(x, rm, rv, training=True, momentum=1.0, num_batches_tracked=nbt)
+    mean, _, unbiased, _ = ref.batch_stats(x)
+    torch.testing.assert_close(rm.double(), mean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(rv.double(), unbiased, rtol=1e-5, atol=0)
+    assert int(nbt) == 1
 
 
 def test_torch_kernel_is_worse_at_offset_1e4():

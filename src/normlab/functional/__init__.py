@@ -8,7 +8,12 @@ from normlab.functional.batch_norm import (
     update_running_stats_,
 )
 from normlab.functional.ema import cumulative_factor, ema_debias, ema_update_
-from normlab.functional.engine import StatsSource, normalize_batch, normalize_with_stats
+from normlab.functional.engine import (
+    RunningUpdate,
+    StatsSource,
+    normalize_batch,
+    normalize_with_stats,
+)
 from normlab.functional.fold import fold_weights
 from normlab.functional.ghost import ghost_batch_norm
 from normlab.functional.jacobian import batch_norm_jacobian
@@ -19,6 +24,7 @@ from normlab.functional.stats import moments
 __all__ = [
     "ACTIVATIONS",
     "NonFiniteStatisticsWarning",
+    "RunningUpdate",
     "StatsSource",
     "batch_norm",
     "batch_norm_jacobian",

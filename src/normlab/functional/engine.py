@@ -33,6 +33,13 @@ Numba kernels (:mod:`normlab.kernels`): one pass to read the statistics and one 
 the output, same saved tensors, same bounds. Everything else, double backward included,
 uses the torch ops below, which stay the reference. ``NORMLAB_KERNELS=torch`` forces
 the torch ops everywhere; ``NORMLAB_KERNELS=numba`` uses the kernels whatever the size.
+
+Running statistics: ``normalize_batch(..., running=RunningUpdate(...))`` folds the
+batch's statistics into BatchNorm's buffers inside the same forward (torch's EMA rule,
+the non-finite check included): in the kernel call itself on the fast path, with
+:func:`normlab.functional.ema.fold_running_` otherwise. At small sizes every torch op
+and Python layer costs about as much as the kernels, so the module validates once per
+input signature (``normlab.nn.batchnorm``) and the engine calls the kernels by address.
 """
 
 from __future__ import annotations

@@ -20,6 +20,14 @@ the kernels, ``numba`` uses them whenever they apply, whatever the size (tests, 
 
 Numerics and the formulas are in :mod:`normlab.kernels._numba`; the kernels run on
 ``torch.get_num_threads()`` threads.
+
+Two ways in, same kernels. Below :data:`PARALLEL_MIN_NUMEL` elements (or on one thread)
+the serial kernels are called *by address* (``forward_at``, ``backward_at``, ``affine_at``): each tensor goes
+in as its data pointer (~0.1 µs) rather than as a numpy view (~0.6 µs), which at
+(64, 100) — a ~4 µs forward kernel — is most of the difference. Larger inputs go to the
+threaded kernels as numpy arrays. The training forward also folds the batch into the
+running statistics (``engine.RunningUpdate``) in the same kernel call when the buffers
+are plain contiguous CPU tensors; otherwise the engine does it with torch ops.
 """
 
 from __future__ import annotations
@@ -45,8 +53,11 @@ MODES = ("auto", "torch", "numba")
 MIN_NUMEL = 0
 # Below this many elements the kernels run on the calling thread only. A threaded launch
 # costs ~10 µs on an idle machine and milliseconds on a busy one (the whole team must be
-# scheduled); 2^18 elements are ~0.3 ms of work per pass, enough to amortise it.
-PARALLEL_MIN_NUMEL = 1 << 18
+# scheduled). 2^16: at (256, 512) (2^17) with 2 threads on an idle machine, `normlab
+# bench --case mlp` measured 0.75x torch serial and 0.82-0.85x threaded (torch itself
+# threads from 2^15 elements per op); on a busy machine torch's own threaded ops stall
+# far longer than these two launches.
+PARALLEL_MIN_NUMEL = 1 << 16
 
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
@@ -258,13 +269,17 @@ def plan_affine(
             c = d
     if offset < 0 or c < 0:
         return None  # not per channel (or a single channel: torch's ops do fine)
-    if not (
-        _per_channel(mean, shape, c)
-        and _per_channel(var, shape, c)
-        and _per_channel(weight, shape, c)
-        and _per_channel(bias, shape, c)
-        and _use(numel)
-    ):
+    if mshape[c - offset] != shape[c] or not (mean.is_cpu and mean.is_floating_point()):
+        return None
+    for t in (var, weight, bias):
+        # the usual case first: shaped as mean (which is per channel), on the CPU
+        if (
+            t is not None
+            and not (t.shape == mshape and t.is_cpu and t.is_floating_point())
+            and not _per_channel(t, shape, c)
+        ):
+            return None
+    if not _use(numel):
         return None
     return _layout(x, c)
 
@@ -293,6 +308,8 @@ def _threads(numel: int) -> int:
 
     want = torch.get_num_threads()
     n = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
+    if n == 1:
+        return 1
     numba.set_num_threads(n)
     # Numba's first thread launch can reset the OpenMP thread count torch reads (both
     # use libgomp): put torch's back, or one big batch norm would change how many
@@ -414,13 +431,10 @@ def batch_forward(
     w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
     fold = None if running is None else _running_args(running, c)
     correction = numel / (numel - c) if numel > c else math.nan  # n/(n − 1), n = numel/c
-    if numel < PARALLEL_MIN_NUMEL:  # serial, by address: the small-tensor path
+    threads = 1 if numel < PARALLEL_MIN_NUMEL else _threads(numel)
+    if threads == 1:  # serial, by address: small tensors (or one thread)
         xc = plan.contiguous(x)
-        y = (
-            torch.empty_like(x, memory_format=torch.contiguous_format)
-            if plan.copy
-            else (torch.empty_like(x))
-        )
+        y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
         w0 = _WITNESS[dtype]
         r0, mean_at, var_at, count_at, momentum, skip = (
             (w0, 0, 0, 0, 0.0, False) if fold is None else fold
@@ -433,7 +447,6 @@ def batch_forward(
         if fold is not None:
             running.skipped = status == 2
         return y, moments, stats, fold is not None
-    threads = _threads(numel)
     xv = plan.array(x)
     y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
     yv, wv, bv = plan.array(y), _array(w, c), _array(b, c)
@@ -474,23 +487,21 @@ def batch_backward(
     numel = x.numel()
     dtype = x.dtype
     rows, c, s = plan.dims
-    xc = plan.contiguous(x)
-    dyc = plan.contiguous(dy if dy.dtype == dtype else dy.to(dtype))
+    if dy.dtype != dtype:
+        dy = dy.to(dtype)
     need_dx = bool(needs[0])
     w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
-    if numel < PARALLEL_MIN_NUMEL:  # serial, by address: the small-tensor path
+    threads = 1 if numel < PARALLEL_MIN_NUMEL else _threads(numel)
+    if threads == 1:  # serial, by address: small tensors (or one thread)
         dx = None
         if need_dx:
-            dx = (
-                torch.empty_like(x, memory_format=torch.contiguous_format)
-                if plan.copy
-                else (torch.empty_like(x))
-            )
-        # dγ, dβ are written straight into torch-owned tensors, not numpy arrays wrapped
-        # by torch.from_numpy: autograd frees those with the GIL released, and freeing a
-        # numpy-owned buffer then costs it a GIL round trip.
+            dx = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
+        # dγ, dβ are written straight into torch-owned tensors rather than numpy arrays
+        # wrapped by torch.from_numpy: autograd frees those with the GIL released, and a
+        # numpy-owned buffer then needs the GIL back (~1 µs a step at (64, 100)).
         dw = _grad_tensor(weight, needs[1], dtype)
         db = _grad_tensor(bias, needs[2], dtype)
+        xc, dyc = plan.contiguous(x), plan.contiguous(dy)  # kept alive for the call
         _kernels().backward_at(
             _WITNESS[dtype], plan.layout == "cf", dyc.data_ptr(), xc.data_ptr(),
             dx.data_ptr() if need_dx else 0, rows, c, s, w.data_ptr(), b.data_ptr(),
@@ -498,7 +509,6 @@ def batch_backward(
             0 if dw is None else dw.data_ptr(),
         )  # fmt: skip
         return dx, _as_param(dw, weight), _as_param(db, bias)
-    threads = _threads(numel)
     dx = (
         empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
         if need_dx
@@ -506,7 +516,7 @@ def batch_backward(
     )
     cf = plan.layout == "cf"
     sums = np.empty((2, c), dtype=_NUMPY_DTYPES[dtype])  # [dβ, dγ]
-    xv, dyv, wv, bv = plan.array(xc), plan.array(dyc), _array(w, c), _array(b, c)
+    xv, dyv, wv, bv = plan.array(x), plan.array(dy), _array(w, c), _array(b, c)
     dx_arr = plan.array(dx) if need_dx else np.empty((1,) * len(plan.shape), xv.dtype)
     if cf:
         kernel = _kernel("backward_cf", threads)
@@ -522,7 +532,11 @@ def _grad(row: np.ndarray, p: torch.Tensor | None, needed: bool) -> torch.Tensor
     """A (C,) gradient row as a torch-owned tensor of ``p``'s shape and dtype."""
     if p is None or not needed:
         return None
-    return torch.from_numpy(row.reshape(p.shape)).to(p.dtype, copy=True)
+    if p.dtype not in _NUMPY_DTYPES:  # float16, bfloat16: torch converts
+        return torch.from_numpy(row.reshape(p.shape)).to(p.dtype, copy=True)
+    g = torch.empty_like(p, memory_format=torch.contiguous_format)
+    g.numpy().reshape(row.shape)[:] = row  # numpy casts float32 <-> float64
+    return g
 
 
 def _grad_tensor(p: torch.Tensor | None, needed: bool, dtype: torch.dtype):
@@ -551,21 +565,23 @@ def affine_forward(
 ) -> torch.Tensor:
     """Eval forward ``act((x − mean)·γ/sqrt(var + ε) + β)`` with per-channel constants."""
     act = _activation(activation, negative_slope)
-    threads = _threads(x.numel())
+    numel = x.numel()
+    threads = 1 if numel < PARALLEL_MIN_NUMEL else _threads(numel)
     dtype = x.dtype
     rows, c, s = plan.dims
     m, v = _param(mean, c, dtype, 0.0), _param(var, c, dtype, 1.0)
     w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
-    xc = plan.contiguous(x)
-    y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
     cf = plan.layout == "cf"
     if threads == 1:
+        xc = plan.contiguous(x)  # kept alive for the call
+        y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
         _kernels().affine_at(
             _WITNESS[dtype], cf, xc.data_ptr(), y.data_ptr(), rows, c, s, m.data_ptr(),
             v.data_ptr(), w.data_ptr(), b.data_ptr(), float(eps), act,
         )  # fmt: skip
         return y
-    xv, yv = plan.array(xc), plan.array(y)
+    y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
+    xv, yv = plan.array(x), plan.array(y)
     mv, vv, wv, bv = _array(m, c), _array(v, c), _array(w, c), _array(b, c)
     if cf:
         _kernel("affine_cf", threads)(xv, mv, vv, wv, bv, float(eps), act, yv)

@@ -9,7 +9,10 @@ Layouts (the caller makes the views; nothing here knows about torch):
 
 One kernel per (direction, layout) — training forward, training backward, eval
 ("affine") — each with a serial twin for small tensors, compiled for float32 and float64
-on first use and cached on disk (24 specialisations in all, ~2 s of compilation each). The activation is data, not code: ``act`` is a float64 array (see
+on first use and cached on disk (24 specialisations in all, ~2 s of compilation each);
+small tensors reach the serial twins through entry points that take data pointers
+(``forward_at``, ``backward_at``, ``affine_at``; see there), and the forward entry also
+folds the batch into BatchNorm's running statistics (``running_update_at``). The activation is data, not code: ``act`` is a float64 array (see
 :func:`activation_params`), so the six activations add no specialisations. They come in
 two families, each with one loop the compiler vectorises:
 

@@ -160,6 +160,11 @@ class _NormlabBatchNorm(_BatchNorm):
             and cls._check_input_dim is _NormlabBatchNorm._check_input_dim
         )
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_checked", None)  # a cache of this process's checks, not layer state
+        return state
+
     def _signature(self, input: torch.Tensor) -> tuple:
         p, b = self._parameters, self._buffers
         w, bias = p.get("weight"), p.get("bias")
