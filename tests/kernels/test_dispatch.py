@@ -420,8 +420,8 @@ def test_parameters_of_another_dtype_get_gradients_of_their_dtype(
         torch.testing.assert_close(got.double(), exp, **tol)
 
 
-def test_outputs_come_from_the_huge_page_allocator_on_every_path(numba_mode, monkeypatch):
-    # A 51 MB activation in 4 KiB pages costs ~10 ms of page faults (kernels/_memory.py);
+def test_outputs_come_from_the_pooled_allocator_on_every_path(numba_mode, monkeypatch):
+    # A fresh 51 MB activation costs ~10 ms of page faults (kernels/_memory.py);
     # the serial by-address path once bypassed the allocator and lost that at one thread.
     from normlab.kernels import _memory
 

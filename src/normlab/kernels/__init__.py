@@ -28,6 +28,10 @@ in as its data pointer (~0.1 µs) rather than as a numpy view (~0.6 µs), which 
 threaded kernels as numpy arrays. The training forward also folds the batch into the
 running statistics (``engine.RunningUpdate``) in the same kernel call when the buffers
 are plain contiguous CPU tensors; otherwise the engine does it with torch ops.
+
+Activation-sized outputs (4 MiB and more) come from a reuse pool that spares the page
+faults of fresh memory at every step (:mod:`normlab.kernels._memory`; ``NORMLAB_POOL_MB``,
+:func:`empty_cache`, :func:`pool_info`, :func:`set_pool_limit`).
 """
 
 from __future__ import annotations
@@ -41,7 +45,20 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from normlab.kernels._memory import empty_like
+from normlab.kernels._memory import empty_cache, empty_like, pool_info, set_pool_limit
+
+__all__ = [
+    "KERNELS_ENV",
+    "MIN_NUMEL",
+    "MODES",
+    "PARALLEL_MIN_NUMEL",
+    "empty_cache",
+    "mode",
+    "plan_affine",
+    "plan_batch",
+    "pool_info",
+    "set_pool_limit",
+]
 
 KERNELS_ENV = "NORMLAB_KERNELS"
 MODES = ("auto", "torch", "numba")

@@ -1,52 +1,169 @@
-"""Activation-sized output buffers backed by transparent huge pages.
+"""Activation-sized output buffers from a small reuse pool.
 
-A fresh large tensor is ``mmap``-ed memory: the first write to each 4 KiB page faults and
-the kernel zeroes it. For a 51 MB activation that is ~12 500 faults, which on the
-development machine costs ~10 ms, five times the plain copy (2 ms) that a fused kernel
-aims at. Advising the still untouched range ``MADV_HUGEPAGE`` before the kernel writes
-it makes the faults 2 MiB each (the kernel zeroes the same bytes, but 512x fewer
-faults). NumPy does the same for every allocation of 4 MiB or more (its
-``_set_madvise_hugepage`` switch); torch's CPU allocator does it only
-under ``THP_MEM_ALLOC_ENABLE=1``. The advice is a hint: where it is unavailable
-(non-Linux, THP disabled) this is a plain ``torch.empty_like``.
+A fresh large tensor is ``mmap``-ed memory (glibc maps every allocation above its mmap
+threshold, at most 32 MiB, straight from the kernel and unmaps it on free): the first
+write to each 4 KiB page faults and the kernel zeroes it. For a 51 MB activation that is
+~12 500 faults, ~10 ms on the development machine, five times the plain copy (~2 ms)
+that a fused kernel aims at, and it is paid again at every training step because the
+previous step's buffer went back to the kernel. torch's CPU allocator has no cache.
+(Advising the range into transparent huge pages instead helps only while the kernel has
+free 2 MiB pages at hand; on a machine whose memory is fragmented, ``defrag=madvise``
+makes every fault compact memory first, 8x slower than the 4 KiB faults.)
+
+So the kernels' activation-sized outputs (y, dx; 4 MiB and more) come from a pool of
+buffers that stay mapped and faulted in. A buffer is a NumPy byte array; the tensors
+handed out are ``torch.from_numpy`` views of it, whose storage holds a reference to the
+array. A buffer is free again exactly when no tensor uses it any more, which the pool
+reads from the array's reference count (nothing has to be returned by hand, and a
+buffer still referenced — by a view, by autograd's saved tensors, by ``.grad`` — is
+never handed out twice).
+
+The pool holds at most ``NORMLAB_POOL_MB`` MiB (default 1024) in all, in use or free;
+past that, outputs are ordinary ``torch.empty_like`` tensors. A request that does not
+fit first drops free buffers of other sizes (least recently used first).
+``NORMLAB_POOL_MB=0`` turns the pool off. :func:`empty_cache` drops every free buffer;
+:func:`pool_info` reports the pool's size. One difference from ``torch.empty_like``:
+the storage is not resizable (``resize_`` to a larger size raises), as for any
+``torch.from_numpy`` tensor.
 """
 
 from __future__ import annotations
 
-import ctypes
+import os
 import sys
+import threading
+from collections import OrderedDict
 
+import numpy as np
 import torch
 
-_MADV_HUGEPAGE = 14
-_PAGE = 4096
-_MIN_BYTES = 4 << 20  # numpy's threshold: below it the heap reuses memory anyway
+_MIN_BYTES = 4 << 20  # below it glibc's heap reuses freed memory by itself
 
-_madvise = None
-if sys.platform.startswith("linux"):
+
+
+def _free_refs() -> int:
+    """The reference count of an unused buffer as the pool's loops see it: its list's,
+    the loop variable's and getrefcount's own (measured, not assumed: interpreters
+    differ in what they count)."""
+    same = [np.empty(1)]
+    for arr in same:
+        return sys.getrefcount(arr)
+    raise AssertionError  # pragma: no cover
+
+
+_FREE_REFS = _free_refs()
+
+
+def _limit_from_env() -> int:
+    raw = os.environ.get("NORMLAB_POOL_MB", "1024")
     try:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _madvise = _libc.madvise
-        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _madvise.restype = ctypes.c_int
-    except (OSError, AttributeError):  # pragma: no cover - exotic libc
-        _madvise = None
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"NORMLAB_POOL_MB={raw!r} is not a number; set it to the pool's size in MiB "
+            "(0 turns the pool off)"
+        ) from None
+    return max(0, int(mb * (1 << 20)))
+
+
+class _Pool:
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.buffers: OrderedDict[int, list[np.ndarray]] = OrderedDict()  # by byte size
+        self.total = 0
+        self.hits = 0
+        self.misses = 0
+
+    def take(self, nbytes: int) -> np.ndarray | None:
+        """A buffer of ``nbytes`` that no tensor uses, or None (the pool is full)."""
+        with self.lock:
+            same = self.buffers.get(nbytes)
+            if same is not None:
+                for arr in same:
+                    if sys.getrefcount(arr) == _FREE_REFS:
+                        self.buffers.move_to_end(nbytes)
+                        self.hits += 1
+                        return arr
+            if self.total + nbytes > self.limit:
+                self._drop_free(self.total + nbytes - self.limit)
+                if self.total + nbytes > self.limit:
+                    return None
+            arr = torch.empty(nbytes, dtype=torch.uint8).numpy()
+            self.buffers.setdefault(nbytes, []).append(arr)
+            self.buffers.move_to_end(nbytes)
+            self.total += nbytes
+            self.misses += 1
+            return arr
+
+    def _drop_free(self, needed: int) -> None:
+        freed = 0
+        for size in list(self.buffers):  # least recently used sizes first
+            kept = []
+            for arr in self.buffers[size]:
+                if freed < needed and sys.getrefcount(arr) == _FREE_REFS:
+                    freed += size
+                    self.total -= size
+                else:
+                    kept.append(arr)
+            if kept:
+                self.buffers[size] = kept
+            else:
+                del self.buffers[size]
+            if freed >= needed:
+                return
+
+
+_POOL = _Pool(_limit_from_env())
+
+
+def empty_cache() -> None:
+    """Release every pooled buffer that no tensor uses (the memory goes back to the
+    system); buffers in use stay and are reused once free."""
+    with _POOL.lock:
+        _POOL._drop_free(_POOL.total + 1)
+
+
+def pool_info() -> dict:
+    """``{'limit', 'bytes', 'buffers', 'free', 'hits', 'misses'}`` of the output pool."""
+    with _POOL.lock:
+        count = free = 0
+        for same in _POOL.buffers.values():
+            for arr in same:
+                count += 1
+                free += sys.getrefcount(arr) == _FREE_REFS
+        return {
+            "limit": _POOL.limit,
+            "bytes": _POOL.total,
+            "buffers": count,
+            "free": free,
+            "hits": _POOL.hits,
+            "misses": _POOL.misses,
+        }
+
+
+def set_pool_limit(megabytes: float) -> None:
+    """Set the pool's size in MiB (0: off); free buffers beyond it are released."""
+    if not megabytes >= 0:
+        raise ValueError(f"megabytes must be >= 0 (0 turns the pool off), got {megabytes!r}")
+    with _POOL.lock:
+        _POOL.limit = int(megabytes * (1 << 20))
+        if _POOL.total > _POOL.limit:
+            _POOL._drop_free(_POOL.total - _POOL.limit)
 
 
 def empty_like(
     x: torch.Tensor, memory_format: torch.memory_format = torch.preserve_format
 ) -> torch.Tensor:
-    """``torch.empty_like(x, memory_format=...)``, advised into huge pages."""
-    if x.nbytes < _MIN_BYTES:  # the common small case, without keyword parsing
+    """``torch.empty_like(x, memory_format=...)`` for a dense CPU ``x``; from the pool
+    when the tensor is activation-sized."""
+    nbytes = x.nbytes
+    if nbytes < _MIN_BYTES or _POOL.limit == 0:
         if memory_format is torch.preserve_format:
             return torch.empty_like(x)
         return torch.empty_like(x, memory_format=memory_format)
-    out = torch.empty_like(x, memory_format=memory_format)
-    if _madvise is not None:
-        nbytes = out.untyped_storage().nbytes()
-        start = out.data_ptr()
-        lo = (start + _PAGE - 1) // _PAGE * _PAGE
-        hi = (start + nbytes) // _PAGE * _PAGE
-        if hi > lo:
-            _madvise(lo, hi - lo, _MADV_HUGEPAGE)  # failure only means no huge pages
-    return out
+    arr = _POOL.take(nbytes)
+    if arr is None:
+        return torch.empty_like(x, memory_format=memory_format)
+    stride = torch.empty_like(x, memory_format=memory_format, device="meta").stride()
+    return torch.from_numpy(arr).view(x.dtype).as_strided(x.shape, stride)
