@@ -40,7 +40,6 @@ import torch
 _MIN_BYTES = 4 << 20  # below it glibc's heap reuses freed memory by itself
 
 
-
 def _free_refs() -> int:
     """The reference count of an unused buffer as the pool's loops see it: its list's,
     the loop variable's and getrefcount's own (measured, not assumed: interpreters

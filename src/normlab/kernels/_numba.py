@@ -512,11 +512,7 @@ def backward_cf(dy, x, weight, bias, stats, act, need_dx, dx, sums):
     smooth = act[_SMOOTH] != 0.0
     for c in prange(C):
         k, delta, invstd = stats[0, c], stats[1, c], stats[3, c]
-        if (
-            not smooth
-            and storage_sums
-            and _storage_math_is_safe(invstd, scale[c], shift[c], k)
-        ):
+        if not smooth and storage_sums and _storage_math_is_safe(invstd, scale[c], shift[c], k):
             # In x's dtype, each row's sums in x's dtype, added up in float64:
             #   dz = dy·act'(z),  A = Σ dz,  B = invstd·Σ dz·(d − delta)
             #   dx = p·dz + q·(d − delta) + r,  p = scale, q = −scale·invstd·B/n,
