@@ -16,7 +16,8 @@ from tests import reference as ref
 ACTS = ["identity", "relu", "leaky_relu", "sigmoid", "tanh", "silu"]
 LAYOUTS = ["cf", "cl", "strided"]
 DTYPES = [torch.float32, torch.float64]
-# float32: the kernels compute in float64 and round once on store.
+# float32: statistics in float64; relu/leaky_relu/identity elementwise in float32 with
+# float32 row sums added in float64 (kernels/_numba.py), the rest in float64.
 TOL = {torch.float32: {"rtol": 2e-5, "atol": 2e-5}, torch.float64: {"rtol": 1e-9, "atol": 1e-9}}
 
 
@@ -168,6 +169,23 @@ def test_constant_channel_maps_to_beta_and_huge_values_stay_finite():
     y = NF.batch_norm(x, None, None, None, b, training=True)
     assert torch.equal(y[:, 1], torch.full_like(y[:, 1], -0.5))
     torch.testing.assert_close(y.double(), ref.batch_norm_train(x, None, b), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("s", [4096, 4097])  # the longest row summed in float32, and past it
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu"])
+def test_storage_dtype_arithmetic_keeps_the_float32_tolerance(act, s, calls):
+    x, w, b = _make((6, 3, s), "cf", torch.float32, offset=50.0, std=3.0)
+    _check_train(x, w, b, act, TOL[torch.float32])
+    assert calls["batch_backward"] == 1
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_huge_channels_with_piecewise_linear_activations(act):
+    x, w, b = _make((16, 4, 5), "cf", torch.float32)
+    x[:, 1] *= 1e30  # still float32 arithmetic
+    x[:, 2] = torch.sign(x[:, 2]) * 3e38  # x − k overflows float32: the float64 code
+    x[:, 3] = x[:, 2] * (1 - 1e-3 * x[:, 3].abs())
+    _check_train(x, w, b, act, TOL[torch.float32])
 
 
 def test_nan_propagates_to_output_and_statistics():
