@@ -187,6 +187,78 @@ def _storage_math_is_safe(invstd, scale, shift, k):
     return invstd > 1e-30 and abs(scale) < 1e30 and abs(shift) < 1e30 and abs(k) < 1e30
 
 
+# Channels-last rows hold every channel: the storage-dtype code runs when every channel is
+# safe, with the per-channel constants in one (6, C) array of x's dtype (see below).
+_STORAGE_ROWS = 32  # rows summed in x's dtype per channel before adding into float64
+
+
+@njit(**_HELPER)
+def _storage_constants_cl(x, stats, scale, shift, act):
+    """Rows k, scale, shift, delta, slope, 0 as a (6, C) array of x's dtype, or a (0, C)
+    array when the activation is smooth or a channel is not safe for x's dtype."""
+    C = x.shape[1]
+    if act[_SMOOTH] != 0.0:
+        return np.empty((0, C), dtype=x.dtype)
+    for c in range(C):
+        if not _storage_math_is_safe(stats[3, c], scale[c], shift[c], stats[0, c]):
+            return np.empty((0, C), dtype=x.dtype)
+    tk = np.empty((6, C), dtype=x.dtype)
+    for c in range(C):
+        tk[0, c] = stats[0, c]
+        tk[1, c] = scale[c]
+        tk[2, c] = shift[c]
+        tk[3, c] = stats[1, c]
+        tk[4, c] = act[_SLOPE]
+        tk[5, c] = 0.0
+    return tk
+
+
+@njit(**_HELPER)
+def _out_rows_cl_storage(x, y, i0, i1, tk):
+    """y = act((x − k)·scale + shift) for rows i0..i1 in x's dtype (piecewise linear)."""
+    for i in range(i0, i1):
+        for c in range(x.shape[1]):
+            z = (x[i, c] - tk[0, c]) * tk[1, c] + tk[2, c]
+            y[i, c] = z if z > tk[5, c] else z * tk[4, c]
+
+
+@njit(**_HELPER)
+def _grad_sums_rows_cl_storage(dy, x, i0, i1, tk, acc_a, acc_b):
+    """Σdz and Σdz·(d − delta) over rows i0..i1 per channel: blocks of _STORAGE_ROWS
+    rows in x's dtype, added into the float64 ``acc_a``, ``acc_b``."""
+    C = x.shape[1]
+    pa = np.empty(C, dtype=x.dtype)
+    pb = np.empty(C, dtype=x.dtype)
+    i = i0
+    while i < i1:
+        i_end = min(i1, i + _STORAGE_ROWS)
+        for c in range(C):
+            pa[c] = tk[5, c]
+            pb[c] = tk[5, c]
+        for r in range(i, i_end):
+            for c in range(C):
+                d = x[r, c] - tk[0, c]
+                z = d * tk[1, c] + tk[2, c]
+                dz = dy[r, c] if z > tk[5, c] else dy[r, c] * tk[4, c]
+                pa[c] += dz
+                pb[c] += dz * (d - tk[3, c])
+        for c in range(C):
+            acc_a[c] += pa[c]
+            acc_b[c] += pb[c]
+        i = i_end
+
+
+@njit(**_HELPER)
+def _grad_rows_cl_storage(dy, x, dx, i0, i1, tk, pqr):
+    """dx = p·dz + q·(d − delta) + r for rows i0..i1 in x's dtype; ``pqr`` (3, C)."""
+    for r in range(i0, i1):
+        for c in range(x.shape[1]):
+            d = x[r, c] - tk[0, c]
+            z = d * tk[1, c] + tk[2, c]
+            dz = dy[r, c] if z > tk[5, c] else dy[r, c] * tk[4, c]
+            dx[r, c] = pqr[0, c] * dz + pqr[1, c] * (d - tk[3, c]) + pqr[2, c]
+
+
 # -- one row, channels-first: x[i, c, :], S contiguous values (scalar parameters) --------
 # Rows are addressed by index, not sliced: a slice per row costs more than a short row.
 @njit(**_HELPER)
@@ -493,6 +565,11 @@ def forward_cl(x, weight, bias, eps, act, nblocks, y, stats, moments):
         moments[0, c] = k[c] + stats[1, c]
         moments[1, c] = stats[2, c]
     scale, shift = _scale_shift(weight, bias, stats)
+    tk = _storage_constants_cl(x, stats, scale, shift, act)
+    if tk.shape[0] != 0:
+        for blk in prange(nblocks):
+            _out_rows_cl_storage(x, y, blk * rows, min(M, (blk + 1) * rows), tk)
+        return
     for blk in prange(nblocks):
         _out_rows_cl(x, y, blk * rows, min(M, (blk + 1) * rows), k, scale, shift, act)
 
@@ -572,6 +649,33 @@ def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
     k, delta, invstd = stats[0], stats[1], stats[3]
     part = np.empty((nblocks, 2, C))
     rows = (M + nblocks - 1) // nblocks
+    tk = _storage_constants_cl(x, stats, scale, shift, act)
+    if tk.shape[0] != 0:  # in x's dtype: B = invstd·Σdz·(d − delta), dx = p·dz + q·(d − delta) + r
+        for blk in prange(nblocks):
+            acc_a = np.zeros(C)
+            acc_b = np.zeros(C)
+            i0, i1 = blk * rows, min(M, (blk + 1) * rows)
+            _grad_sums_rows_cl_storage(dy, x, i0, i1, tk, acc_a, acc_b)
+            part[blk, 0] = acc_a
+            part[blk, 1] = acc_b
+        pqr = np.empty((3, C), dtype=x.dtype)
+        for c in range(C):
+            a_sum = 0.0
+            b_sum = 0.0
+            for blk in range(nblocks):
+                a_sum += part[blk, 0, c]
+                b_sum += part[blk, 1, c]
+            b_sum *= invstd[c]
+            sums[0, c] = a_sum
+            sums[1, c] = b_sum
+            pqr[0, c] = scale[c]
+            pqr[1, c] = -scale[c] * invstd[c] * (b_sum / M)
+            pqr[2, c] = -scale[c] * (a_sum / M)
+        if need_dx:
+            for blk in prange(nblocks):
+                i0, i1 = blk * rows, min(M, (blk + 1) * rows)
+                _grad_rows_cl_storage(dy, x, dx, i0, i1, tk, pqr)
+        return
     for blk in prange(nblocks):
         acc_a = np.zeros(C)
         acc_b = np.zeros(C)
