@@ -179,9 +179,20 @@ def test_storage_dtype_arithmetic_keeps_the_float32_tolerance(act, s, calls):
     assert calls["batch_backward"] == 1
 
 
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu"])
+def test_storage_dtype_arithmetic_channels_last(act, calls):
+    # rows are summed in float32 in blocks of 32, then in float64
+    x, w, b = _make((16, 5, 7, 3), "cl", torch.float32, offset=50.0, std=3.0)
+    _check_train(x, w, b, act, TOL[torch.float32])
+    x, w, b = _make((301, 9), "cf", torch.float32, offset=-20.0, std=0.5)  # (N, C): rows
+    _check_train(x, w, b, act, TOL[torch.float32])
+    assert calls["batch_backward"] == 2
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
 @pytest.mark.parametrize("act", ["relu", "leaky_relu"])
-def test_huge_channels_with_piecewise_linear_activations(act):
-    x, w, b = _make((16, 4, 5), "cf", torch.float32)
+def test_huge_channels_with_piecewise_linear_activations(act, layout):
+    x, w, b = _make((16, 4, 5, 1), layout, torch.float32)
     x[:, 1] *= 1e30  # still float32 arithmetic
     x[:, 2] = torch.sign(x[:, 2]) * 3e38  # x − k overflows float32: the float64 code
     x[:, 3] = x[:, 2] * (1 - 1e-3 * x[:, 3].abs())
