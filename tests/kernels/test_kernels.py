@@ -199,6 +199,21 @@ def test_huge_channels_with_piecewise_linear_activations(act, layout):
     _check_train(x, w, b, act, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+def test_eval_with_huge_constants_matches_float64(layout, calls):
+    x, w, b = _make((6, 4, 3, 2), layout, torch.float32)
+    mean = torch.tensor([0.5, -1e29, -3e38, 1e35])  # channel 2: the float64 code
+    var = torch.tensor([1.0, 4.0, 1e38, 1e36])
+    x[:, 1] = 3e38 * torch.sign(x[:, 1])  # near float32's largest value
+    x[:, 2] = 3e38  # x − mean overflows float32, not the result
+    x[:, 3] = 1e35 + 1e33 * x[:, 3]
+    with torch.no_grad():
+        y = NF.batch_norm(x, mean, var, w, b, training=False, activation="leaky_relu")
+    want = ref.ACTIVATIONS["leaky_relu"](ref.batch_norm_eval(x, mean, var, w, b))
+    assert calls["affine_forward"] == 1
+    torch.testing.assert_close(y.double(), want.to(torch.float32).double(), rtol=2e-5, atol=2e-5)
+
+
 def test_nan_propagates_to_output_and_statistics():
     x = torch.randn(8, 2, 3)
     x[3, 0, 1] = float("nan")

@@ -188,12 +188,13 @@ def _storage_math_is_safe(invstd, scale, shift, k):
 
 
 # Channels-last rows hold every channel: the storage-dtype code runs when every channel is
-# safe, with the per-channel constants in one (6, C) array of x's dtype (see below).
+# safe, with the per-channel constants in one (6, C) array of x's dtype (see below; the
+# eval kernels use it for both layouts).
 _STORAGE_ROWS = 32  # rows summed in x's dtype per channel before adding into float64
 
 
 @njit(**_HELPER)
-def _storage_constants_cl(x, stats, scale, shift, act):
+def _storage_constants(x, stats, scale, shift, act):
     """Rows k, scale, shift, delta, slope, 0 as a (6, C) array of x's dtype, or a (0, C)
     array when the activation is smooth or a channel is not safe for x's dtype."""
     C = x.shape[1]
@@ -482,6 +483,20 @@ def _eval_constants(mean, var, weight, bias, eps):
 
 
 @njit(**_HELPER)
+def _eval_stats(m, var, eps):
+    """Eval's constants in the training statistics' layout (k = mean, delta = 0, var,
+    invstd), for :func:`_storage_constants`."""
+    C = m.shape[0]
+    st = np.empty((4, C))
+    for c in range(C):
+        st[0, c] = m[c]
+        st[1, c] = 0.0
+        st[2, c] = var[c]
+        st[3, c] = 1.0 / math.sqrt(np.float64(var[c]) + eps)
+    return st
+
+
+@njit(**_HELPER)
 def _scale_shift(weight, bias, stats):
     """Per-channel scale = γ·invstd and shift = β − delta·scale (stats: k, delta, var,
     invstd rows)."""
@@ -565,7 +580,7 @@ def forward_cl(x, weight, bias, eps, act, nblocks, y, stats, moments):
         moments[0, c] = k[c] + stats[1, c]
         moments[1, c] = stats[2, c]
     scale, shift = _scale_shift(weight, bias, stats)
-    tk = _storage_constants_cl(x, stats, scale, shift, act)
+    tk = _storage_constants(x, stats, scale, shift, act)
     if tk.shape[0] != 0:
         for blk in prange(nblocks):
             _out_rows_cl_storage(x, y, blk * rows, min(M, (blk + 1) * rows), tk)
@@ -649,7 +664,7 @@ def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
     k, delta, invstd = stats[0], stats[1], stats[3]
     part = np.empty((nblocks, 2, C))
     rows = (M + nblocks - 1) // nblocks
-    tk = _storage_constants_cl(x, stats, scale, shift, act)
+    tk = _storage_constants(x, stats, scale, shift, act)
     if tk.shape[0] != 0:  # in x's dtype: B = invstd·Σdz·(d − delta), dx = p·dz + q·(d − delta) + r
         for blk in prange(nblocks):
             acc_a = np.zeros(C)
@@ -704,8 +719,17 @@ def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
 def affine_cf(x, mean, var, weight, bias, eps, act, y):
     """Eval forward, channels-first (N, C, S): y = act((x − mean)·γ/sqrt(var + ε) + β),
     per-channel parameters (C,) in x's dtype, combined in float64."""
-    N, C = x.shape[0], x.shape[1]
+    N, C, S = x.shape
     m, scale, b = _eval_constants(mean, var, weight, bias, eps)
+    tk = _storage_constants(x, _eval_stats(m, var, eps), scale, b, act)
+    if tk.shape[0] != 0:  # piecewise linear, in x's dtype
+        for r in prange(N * C):
+            i, c = r // C, r % C
+            kt, sc, sh, slope, zero = tk[0, c], tk[1, c], tk[2, c], tk[4, c], tk[5, c]
+            for j in range(S):
+                z = (x[i, c, j] - kt) * sc + sh
+                y[i, c, j] = z if z > zero else z * slope
+        return
     for r in prange(N * C):
         i, c = r // C, r % C
         _out_row(x, y, i, c, m[c], scale[c], b[c], act)
@@ -717,6 +741,11 @@ def affine_cl(x, mean, var, weight, bias, eps, act, nblocks, y):
     M = x.shape[0]
     m, scale, b = _eval_constants(mean, var, weight, bias, eps)
     rows = (M + nblocks - 1) // nblocks
+    tk = _storage_constants(x, _eval_stats(m, var, eps), scale, b, act)
+    if tk.shape[0] != 0:
+        for blk in prange(nblocks):
+            _out_rows_cl_storage(x, y, blk * rows, min(M, (blk + 1) * rows), tk)
+        return
     for blk in prange(nblocks):
         _out_rows_cl(x, y, blk * rows, min(M, (blk + 1) * rows), m, scale, b, act)
 
