@@ -140,11 +140,6 @@ class Plan(NamedTuple):
             t = t.movedim(self.channel_dim, -1)
         return t if t.is_contiguous() else t.contiguous()
 
-    def array(self, t: torch.Tensor) -> np.ndarray:
-        """``t`` as the kernel's C-contiguous 2-D/3-D array (see :meth:`contiguous`)."""
-        # numpy's reshape of a C-contiguous array is always a view
-        return self.contiguous(t).numpy(force=True).reshape(self.shape)
-
 
 # Under torch.compile the engine's autograd.Function is traced with fake tensors: the
 # kernels (which read real memory) must not run there.
@@ -317,14 +312,14 @@ def _kernels():
 
 
 def _threads(numel: int) -> int:
-    """Threads for a kernel over ``numel`` elements: torch's count, or 1 (the serial
-    twin, no thread team at all) below :data:`PARALLEL_MIN_NUMEL`."""
-    if numel < PARALLEL_MIN_NUMEL:
+    """Threads for a kernel over ``numel`` elements: torch's count (1: the serial
+    kernels, no thread team at all)."""
+    want = torch.get_num_threads()
+    if want == 1:
         return 1
     import numba
 
-    want = torch.get_num_threads()
-    n = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
+    n = min(want, numba.config.NUMBA_NUM_THREADS)
     if n == 1:
         return 1
     numba.set_num_threads(n)
@@ -342,17 +337,21 @@ def _threads(numel: int) -> int:
 _LAUNCH = threading.Lock()
 
 
-def _kernel(name: str, threads: int):
-    """The threaded kernel (serialised by a lock) or its serial twin."""
+def _entry(name: str, numel: int, rows: int):
+    """``(entry, nblocks)``: the by-address kernel entry ``name`` for a tensor of
+    ``numel`` elements and ``rows`` rows, serial below :data:`PARALLEL_MIN_NUMEL`
+    elements or on one thread, else threaded (serialised by a lock), with the
+    channels-last kernels' row-block count."""
+    threads = 1 if numel < PARALLEL_MIN_NUMEL else _threads(numel)
     if threads == 1:
-        return getattr(_kernels(), name + "_serial")
-    kernel = getattr(_kernels(), name)
+        return getattr(_kernels(), name), 1
+    kernel = getattr(_kernels(), name + "_threaded")
 
     def launch(*args):
         with _LAUNCH:
             return kernel(*args)
 
-    return launch
+    return launch, max(1, min(threads, rows))
 
 
 @functools.lru_cache(maxsize=64)
@@ -370,11 +369,6 @@ def _param(p: torch.Tensor | None, c: int, dtype: torch.dtype, fill: float) -> t
     return p if p.is_contiguous() else p.contiguous()
 
 
-def _array(p: torch.Tensor, c: int) -> np.ndarray:
-    return p.numpy(force=True).reshape(c)
-
-
-@functools.lru_cache(maxsize=64)
 def _activation(activation: str | None, negative_slope: float) -> np.ndarray:
     from normlab.functional.activations import get_activation  # validates, as the torch path
 
@@ -448,35 +442,20 @@ def batch_forward(
     w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
     fold = None if running is None else _running_args(running, c)
     correction = numel / (numel - c) if numel > c else math.nan  # n/(n − 1), n = numel/c
-    threads = 1 if numel < PARALLEL_MIN_NUMEL else _threads(numel)
-    if threads == 1:  # serial, by address: small tensors (or one thread)
-        xc = plan.contiguous(x)
-        y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
-        w0 = _WITNESS[dtype]
-        r0, mean_at, var_at, count_at, momentum, skip = (
-            (w0, 0, 0, 0, 0.0, False) if fold is None else fold
-        )
-        status = _kernels().forward_at(
-            w0, plan.layout == "cf", xc.data_ptr(), y.data_ptr(), rows, c, s, w.data_ptr(),
-            b.data_ptr(), float(eps), act, stats, moments, r0, mean_at, var_at, count_at,
-            correction, momentum, skip,
-        )  # fmt: skip
-        if fold is not None:
-            running.skipped = status == 2
-        return y, moments, stats, fold is not None
-    xv = plan.array(x)
+    entry, nblocks = _entry("forward_at", numel, rows)
+    xc = plan.contiguous(x)  # kept alive for the call
     y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
-    yv, wv, bv = plan.array(y), _array(w, c), _array(b, c)
-    if plan.layout == "cf":
-        _kernel("forward_cf", threads)(xv, wv, bv, float(eps), act, yv, stats, moments)
-    else:
-        nblocks = max(1, min(threads, rows))
-        _kernel("forward_cl", threads)(xv, wv, bv, float(eps), act, nblocks, yv, stats, moments)
+    w0 = _WITNESS[dtype]
+    r0, mean_at, var_at, count_at, momentum, skip = (
+        (w0, 0, 0, 0, 0.0, False) if fold is None else fold
+    )
+    status = entry(
+        w0, plan.layout == "cf", xc.data_ptr(), y.data_ptr(), rows, c, s, w.data_ptr(),
+        b.data_ptr(), float(eps), act, stats, moments, r0, mean_at, var_at, count_at,
+        correction, momentum, skip, nblocks,
+    )  # fmt: skip
     if fold is not None:
-        r0, mean_at, var_at, count_at, momentum, skip = fold
-        running.skipped = not _kernels().running_update_at(
-            r0, moments, correction, momentum, skip, mean_at, var_at, count_at
-        )
+        running.skipped = status == 2
     return y, moments, stats, fold is not None
 
 
@@ -501,59 +480,29 @@ def batch_backward(
     """Closed-form training backward: ``(dx, dweight, dbias)`` (None where not needed);
     ``stats`` from :func:`batch_forward`."""
     act = _activation(activation, negative_slope)
-    numel = x.numel()
     dtype = x.dtype
     rows, c, s = plan.dims
     if dy.dtype != dtype:
         dy = dy.to(dtype)
     need_dx = bool(needs[0])
     w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
-    threads = 1 if numel < PARALLEL_MIN_NUMEL else _threads(numel)
-    if threads == 1:  # serial, by address: small tensors (or one thread)
-        dx = None
-        if need_dx:
-            dx = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
-        # dγ, dβ are written straight into torch-owned tensors rather than numpy arrays
-        # wrapped by torch.from_numpy: autograd frees those with the GIL released, and a
-        # numpy-owned buffer then needs the GIL back (~1 µs a step at (64, 100)).
-        dw = _grad_tensor(weight, needs[1], dtype)
-        db = _grad_tensor(bias, needs[2], dtype)
-        xc, dyc = plan.contiguous(x), plan.contiguous(dy)  # kept alive for the call
-        _kernels().backward_at(
-            _WITNESS[dtype], plan.layout == "cf", dyc.data_ptr(), xc.data_ptr(),
-            dx.data_ptr() if need_dx else 0, rows, c, s, w.data_ptr(), b.data_ptr(),
-            stats, act, need_dx, 0 if db is None else db.data_ptr(),
-            0 if dw is None else dw.data_ptr(),
-        )  # fmt: skip
-        return dx, _as_param(dw, weight), _as_param(db, bias)
-    dx = (
-        empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
-        if need_dx
-        else None
-    )
-    cf = plan.layout == "cf"
-    sums = np.empty((2, c), dtype=_NUMPY_DTYPES[dtype])  # [dβ, dγ]
-    xv, dyv, wv, bv = plan.array(x), plan.array(dy), _array(w, c), _array(b, c)
-    dx_arr = plan.array(dx) if need_dx else np.empty((1,) * len(plan.shape), xv.dtype)
-    if cf:
-        kernel = _kernel("backward_cf", threads)
-        kernel(dyv, xv, wv, bv, stats, act, need_dx, dx_arr, sums)
-    else:
-        nblocks = max(1, min(threads, rows))
-        kernel = _kernel("backward_cl", threads)
-        kernel(dyv, xv, wv, bv, stats, act, nblocks, need_dx, dx_arr, sums)
-    return dx, _grad(sums[1], weight, needs[1]), _grad(sums[0], bias, needs[2])
-
-
-def _grad(row: np.ndarray, p: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
-    """A (C,) gradient row as a torch-owned tensor of ``p``'s shape and dtype."""
-    if p is None or not needed:
-        return None
-    if p.dtype not in _NUMPY_DTYPES:  # float16, bfloat16: torch converts
-        return torch.from_numpy(row.reshape(p.shape)).to(p.dtype, copy=True)
-    g = torch.empty_like(p, memory_format=torch.contiguous_format)
-    g.numpy().reshape(row.shape)[:] = row  # numpy casts float32 <-> float64
-    return g
+    entry, nblocks = _entry("backward_at", x.numel(), rows)
+    dx = None
+    if need_dx:
+        dx = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
+    # dγ, dβ are written straight into torch-owned tensors rather than numpy arrays
+    # wrapped by torch.from_numpy: autograd frees those with the GIL released, and a
+    # numpy-owned buffer then needs the GIL back (~1 µs a step at (64, 100)).
+    dw = _grad_tensor(weight, needs[1], dtype)
+    db = _grad_tensor(bias, needs[2], dtype)
+    xc, dyc = plan.contiguous(x), plan.contiguous(dy)  # kept alive for the call
+    entry(
+        _WITNESS[dtype], plan.layout == "cf", dyc.data_ptr(), xc.data_ptr(),
+        dx.data_ptr() if need_dx else 0, rows, c, s, w.data_ptr(), b.data_ptr(),
+        stats, act, need_dx, 0 if db is None else db.data_ptr(),
+        0 if dw is None else dw.data_ptr(), nblocks,
+    )  # fmt: skip
+    return dx, _as_param(dw, weight), _as_param(db, bias)
 
 
 def _grad_tensor(p: torch.Tensor | None, needed: bool, dtype: torch.dtype):
@@ -582,27 +531,15 @@ def affine_forward(
 ) -> torch.Tensor:
     """Eval forward ``act((x − mean)·γ/sqrt(var + ε) + β)`` with per-channel constants."""
     act = _activation(activation, negative_slope)
-    numel = x.numel()
-    threads = 1 if numel < PARALLEL_MIN_NUMEL else _threads(numel)
     dtype = x.dtype
     rows, c, s = plan.dims
     m, v = _param(mean, c, dtype, 0.0), _param(var, c, dtype, 1.0)
     w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
-    cf = plan.layout == "cf"
-    if threads == 1:
-        xc = plan.contiguous(x)  # kept alive for the call
-        y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
-        _kernels().affine_at(
-            _WITNESS[dtype], cf, xc.data_ptr(), y.data_ptr(), rows, c, s, m.data_ptr(),
-            v.data_ptr(), w.data_ptr(), b.data_ptr(), float(eps), act,
-        )  # fmt: skip
-        return y
+    entry, nblocks = _entry("affine_at", x.numel(), rows)
+    xc = plan.contiguous(x)  # kept alive for the call
     y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
-    xv, yv = plan.array(x), plan.array(y)
-    mv, vv, wv, bv = _array(m, c), _array(v, c), _array(w, c), _array(b, c)
-    if cf:
-        _kernel("affine_cf", threads)(xv, mv, vv, wv, bv, float(eps), act, yv)
-    else:
-        nblocks = max(1, min(threads, rows))
-        _kernel("affine_cl", threads)(xv, mv, vv, wv, bv, float(eps), act, nblocks, yv)
+    entry(
+        _WITNESS[dtype], plan.layout == "cf", xc.data_ptr(), y.data_ptr(), rows, c, s,
+        m.data_ptr(), v.data_ptr(), w.data_ptr(), b.data_ptr(), float(eps), act, nblocks,
+    )  # fmt: skip
     return y

@@ -216,11 +216,17 @@ def _storage_constants(x, stats, scale, shift, act):
 
 @njit(**_HELPER)
 def _out_rows_cl_storage(x, y, i0, i1, tk):
-    """y = act((x − k)·scale + shift) for rows i0..i1 in x's dtype (piecewise linear)."""
+    """y = act((x − k)·scale + shift) for rows i0..i1 in x's dtype (piecewise linear).
+    The constants are copied into their own arrays and the slope read once: LLVM cannot
+    tell that y's stores leave ``tk`` alone, and would reload it for every value."""
+    k, scale, shift = tk[0].copy(), tk[1].copy(), tk[2].copy()
+    slope, zero = tk[4, 0], tk[5, 0]
     for i in range(i0, i1):
-        for c in range(x.shape[1]):
-            z = (x[i, c] - tk[0, c]) * tk[1, c] + tk[2, c]
-            y[i, c] = z if z > tk[5, c] else z * tk[4, c]
+        xr = x[i]
+        yr = y[i]
+        for c in range(xr.shape[0]):
+            z = (xr[c] - k[c]) * scale[c] + shift[c]
+            yr[c] = z if z > zero else z * slope
 
 
 @njit(**_HELPER)
@@ -228,21 +234,24 @@ def _grad_sums_rows_cl_storage(dy, x, i0, i1, tk, acc_a, acc_b):
     """Σdz and Σdz·(d − delta) over rows i0..i1 per channel: blocks of _STORAGE_ROWS
     rows in x's dtype, added into the float64 ``acc_a``, ``acc_b``."""
     C = x.shape[1]
+    k, scale, shift, delta = tk[0].copy(), tk[1].copy(), tk[2].copy(), tk[3].copy()
+    slope, zero = tk[4, 0], tk[5, 0]
     pa = np.empty(C, dtype=x.dtype)
     pb = np.empty(C, dtype=x.dtype)
     i = i0
     while i < i1:
         i_end = min(i1, i + _STORAGE_ROWS)
-        for c in range(C):
-            pa[c] = tk[5, c]
-            pb[c] = tk[5, c]
+        pa[:] = zero
+        pb[:] = zero
         for r in range(i, i_end):
+            xr = x[r]
+            dyr = dy[r]
             for c in range(C):
-                d = x[r, c] - tk[0, c]
-                z = d * tk[1, c] + tk[2, c]
-                dz = dy[r, c] if z > tk[5, c] else dy[r, c] * tk[4, c]
+                d = xr[c] - k[c]
+                z = d * scale[c] + shift[c]
+                dz = dyr[c] if z > zero else dyr[c] * slope
                 pa[c] += dz
-                pb[c] += dz * (d - tk[3, c])
+                pb[c] += dz * (d - delta[c])
         for c in range(C):
             acc_a[c] += pa[c]
             acc_b[c] += pb[c]
@@ -252,12 +261,18 @@ def _grad_sums_rows_cl_storage(dy, x, i0, i1, tk, acc_a, acc_b):
 @njit(**_HELPER)
 def _grad_rows_cl_storage(dy, x, dx, i0, i1, tk, pqr):
     """dx = p·dz + q·(d − delta) + r for rows i0..i1 in x's dtype; ``pqr`` (3, C)."""
+    k, scale, shift, delta = tk[0].copy(), tk[1].copy(), tk[2].copy(), tk[3].copy()
+    p, q, rr = pqr[0].copy(), pqr[1].copy(), pqr[2].copy()
+    slope, zero = tk[4, 0], tk[5, 0]
     for r in range(i0, i1):
-        for c in range(x.shape[1]):
-            d = x[r, c] - tk[0, c]
-            z = d * tk[1, c] + tk[2, c]
-            dz = dy[r, c] if z > tk[5, c] else dy[r, c] * tk[4, c]
-            dx[r, c] = pqr[0, c] * dz + pqr[1, c] * (d - tk[3, c]) + pqr[2, c]
+        xr = x[r]
+        dyr = dy[r]
+        dxr = dx[r]
+        for c in range(xr.shape[0]):
+            d = xr[c] - k[c]
+            z = d * scale[c] + shift[c]
+            dz = dyr[c] if z > zero else dyr[c] * slope
+            dxr[c] = p[c] * dz + q[c] * (d - delta[c]) + rr[c]
 
 
 # -- one row, channels-first: x[i, c, :], S contiguous values (scalar parameters) --------
@@ -833,7 +848,8 @@ def _pointer(typingctx, address, witness):
 
 @njit(**_JIT)
 def forward_at(w0, cf, x_at, y_at, rows, C, S, w_at, b_at, eps, act, stats, moments,
-               r0, mean_at, var_at, count_at, correction, momentum, skip_nonfinite):  # fmt: skip
+               r0, mean_at, var_at, count_at, correction, momentum, skip_nonfinite,
+               nblocks):  # fmt: skip
     """:func:`forward_cf` (``cf``: x is (rows, C, S)) or :func:`forward_cl` (x is
     (rows, C)), serial, on memory given by address; ``w0``: a value of x's dtype.
 
@@ -850,7 +866,7 @@ def forward_at(w0, cf, x_at, y_at, rows, C, S, w_at, b_at, eps, act, stats, mome
     else:
         x2 = carray(_pointer(x_at, w0), (rows, C))
         y2 = carray(_pointer(y_at, w0), (rows, C))
-        forward_cl_serial(x2, w, b, eps, act, 1, y2, stats, moments)
+        forward_cl_serial(x2, w, b, eps, act, nblocks, y2, stats, moments)
     if mean_at == 0:
         return 0
     updated = running_update_at(
@@ -861,7 +877,7 @@ def forward_at(w0, cf, x_at, y_at, rows, C, S, w_at, b_at, eps, act, stats, mome
 
 @njit(**_JIT)
 def backward_at(w0, cf, dy_at, x_at, dx_at, rows, C, S, w_at, b_at, stats, act, need_dx,
-                dbias_at, dweight_at):  # fmt: skip
+                dbias_at, dweight_at, nblocks):  # fmt: skip
     """:func:`backward_cf` / :func:`backward_cl`, serial, by address (see
     :func:`forward_at`); ``dx_at`` is not touched unless ``need_dx``, nor ``dbias_at``
     / ``dweight_at`` (C values each: Σdz, Σdz·x̂) when 0."""
@@ -878,7 +894,7 @@ def backward_at(w0, cf, dy_at, x_at, dx_at, rows, C, S, w_at, b_at, stats, act, 
         dy2 = carray(_pointer(dy_at, w0), (rows, C))
         x2 = carray(_pointer(x_at, w0), (rows, C))
         dx2 = carray(_pointer(dx_at, w0), (n_dx, C))
-        backward_cl_serial(dy2, x2, w, b, stats, act, 1, need_dx, dx2, sums)
+        backward_cl_serial(dy2, x2, w, b, stats, act, nblocks, need_dx, dx2, sums)
     if dbias_at != 0:
         carray(_pointer(dbias_at, w0), (C,))[:] = sums[0]
     if dweight_at != 0:
@@ -886,7 +902,7 @@ def backward_at(w0, cf, dy_at, x_at, dx_at, rows, C, S, w_at, b_at, stats, act, 
 
 
 @njit(**_JIT)
-def affine_at(w0, cf, x_at, y_at, rows, C, S, m_at, v_at, w_at, b_at, eps, act):
+def affine_at(w0, cf, x_at, y_at, rows, C, S, m_at, v_at, w_at, b_at, eps, act, nblocks):
     """:func:`affine_cf` / :func:`affine_cl`, serial, by address (see
     :func:`forward_at`)."""
     m = carray(_pointer(m_at, w0), (C,))
@@ -900,7 +916,7 @@ def affine_at(w0, cf, x_at, y_at, rows, C, S, m_at, v_at, w_at, b_at, eps, act):
     else:
         x2 = carray(_pointer(x_at, w0), (rows, C))
         y2 = carray(_pointer(y_at, w0), (rows, C))
-        affine_cl_serial(x2, m, v, w, b, eps, act, 1, y2)
+        affine_cl_serial(x2, m, v, w, b, eps, act, nblocks, y2)
 
 
 @njit(**_JIT)
@@ -920,6 +936,35 @@ def running_update_at(r0, moments, correction, momentum, skip_nonfinite, mean_at
                            running_var, count, has_count)  # fmt: skip
 
 
+def _threaded_entry(entry):
+    """``entry`` (``forward_at``, ...) calling the threaded kernels instead of the serial
+    twins: the same by-address call for large tensors, whose numpy views and the
+    gradients' copies cost ~20 µs a step at (256, 512). A distinct name keeps its
+    on-disk cache apart."""
+    f = entry.py_func
+    scope = dict(f.__globals__)
+    for name in (
+        "forward_cf",
+        "forward_cl",
+        "backward_cf",
+        "backward_cl",
+        "affine_cf",
+        "affine_cl",
+    ):
+        scope[name + "_serial"] = scope[name]
+    twin = types_module.FunctionType(
+        f.__code__, scope, f.__name__ + "_threaded", f.__defaults__, f.__closure__
+    )
+    twin.__qualname__ = f.__qualname__ + "_threaded"
+    twin.__doc__ = f.__doc__
+    return njit(**_JIT)(twin)
+
+
+forward_at_threaded = _threaded_entry(forward_at)
+backward_at_threaded = _threaded_entry(backward_at)
+affine_at_threaded = _threaded_entry(affine_at)
+
+
 KERNELS = (
     *(
         f"{direction}_{layout}{suffix}"
@@ -930,5 +975,8 @@ KERNELS = (
     "forward_at",
     "backward_at",
     "affine_at",
+    "forward_at_threaded",
+    "backward_at_threaded",
+    "affine_at_threaded",
     "running_update_at",
 )
