@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from normlab import kernels
 from normlab.functional import _checks
 from normlab.functional.ema import fold_running_
 from normlab.functional.engine import (
@@ -228,6 +229,13 @@ def _batch_norm(
         w, b = weight, bias
 
     if not training:
+        dims = layout.dims
+        y = kernels.affine_channels(
+            input, len(dims) * (len(dims) + 1) // 2 - sum(dims), running_mean, running_var,
+            weight, bias, eps, activation, negative_slope,
+        )  # fmt: skip
+        if y is not None:
+            return y, False
         y = normalize_with_stats(
             input,
             running_mean.view(shape) if layout.view else running_mean,
