@@ -446,3 +446,36 @@ def test_outputs_come_from_the_pooled_allocator_on_every_path(numba_mode, monkey
             assert sizes == [x.numel()] * 3, threads  # y, dx, eval y
     finally:
         torch.set_num_threads(before)
+
+
+def test_layer_eval_fast_path_matches_the_general_path_and_declines_what_it_cannot_do(
+    numba_mode, monkeypatch
+):
+    g = torch.Generator().manual_seed(3)
+    bn = nln.BatchNorm2d(5, activation="leaky_relu").eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(5, generator=g))
+        bn.running_var.copy_(torch.rand(5, generator=g) + 0.5)
+        bn.weight.copy_(torch.randn(5, generator=g))
+    x = torch.randn(3, 5, 4, 4, generator=g)
+    args = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, "leaky_relu", 0.01)
+    with torch.no_grad():
+        fast = kernels.affine_channels(x, 1, *args)
+        general = torch.nn.functional.leaky_relu(
+            ref.batch_norm_eval(x, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        ).float()
+        torch.testing.assert_close(fast, general, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(bn(x), fast, rtol=0, atol=0)
+        xl = x.to(memory_format=torch.channels_last)
+        assert kernels.affine_channels(xl, 1, *args).is_contiguous(
+            memory_format=torch.channels_last
+        )
+    # parameters that need gradients, tensors elsewhere, and the torch mode: declined
+    assert kernels.affine_channels(x, 1, *args) is None  # bn.weight requires grad
+    meta = bn.running_mean.to("meta")
+    with torch.no_grad():
+        assert kernels.affine_channels(x, 1, meta, *args[1:]) is None
+        assert kernels.affine_channels(x.double().to("meta"), 1, *args) is None
+        monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+        assert kernels.affine_channels(x, 1, *args) is None
+        torch.testing.assert_close(bn(x), general, rtol=1e-6, atol=1e-6)
