@@ -200,3 +200,29 @@ def test_warning_filter_is_the_public_class():
         x[0, 0] = float("inf")
         NF.batch_norm(x, torch.zeros(2), torch.ones(2), training=True, nonfinite="skip")
     assert any(issubclass(w.category, NF.NonFiniteStatisticsWarning) for w in caught)
+
+
+@pytest.mark.parametrize("mode", ["torch", "numba"])
+@pytest.mark.parametrize("channel_dim", [1, 2, -1])
+def test_per_channel_parameters_reach_the_engine_unviewed_on_both_paths(
+    mode, channel_dim, monkeypatch
+):
+    # batch_norm hands (C,) weight/bias to the engine with the keepdim shape
+    # (config's param_shape): the kernels take them flat, the torch ops view them inside
+    # the Function; gradients come back as (C,), first and second order.
+    monkeypatch.setenv("NORMLAB_KERNELS", mode)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=g).requires_grad_()
+    c = x.shape[channel_dim]
+    w = (torch.rand(c, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64, generator=g).requires_grad_()
+
+    def f(x, w, b):
+        return NF.batch_norm(
+            x, None, None, w, b, training=True, activation="silu", channel_dim=channel_dim
+        )
+
+    gw, gb = torch.autograd.grad(f(x, w, b).sum(), (w, b))
+    assert gw.shape == gb.shape == (c,)
+    assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, (x, w, b), fast_mode=True)

@@ -221,12 +221,12 @@ def _batch_norm(
             where,
             source_fn is None,
         )
-    if layout.view:
-        shape = layout.shape
-        w = None if weight is None else weight.view(shape)
-        b = None if bias is None else bias.view(shape)
-    else:
-        w, b = weight, bias
+    # (C,) tensors broadcast against x only when C is the last dim (layout.view False);
+    # the engine's main entry takes them as they are (param_shape), the others viewed.
+    shape = layout.shape if layout.view else None
+
+    def viewed(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or shape is None else t.view(shape)
 
     if not training:
         dims = layout.dims
@@ -238,10 +238,10 @@ def _batch_norm(
             return y, False
         y = normalize_with_stats(
             input,
-            running_mean.view(shape) if layout.view else running_mean,
-            running_var.view(shape) if layout.view else running_var,
-            w,
-            b,
+            viewed(running_mean),
+            viewed(running_var),
+            viewed(weight),
+            viewed(bias),
             eps=eps,
             activation=activation,
             negative_slope=negative_slope,
@@ -271,14 +271,14 @@ def _batch_norm(
         )
     if input.numel() == 0 and source is None:
         y, mean, var = normalize_batch(
-            input, layout.dims, w, b, eps=eps, activation=activation,
+            input, layout.dims, viewed(weight), viewed(bias), eps=eps, activation=activation,
             negative_slope=negative_slope,
         )  # fmt: skip
         if running is not None:  # no channels (C = 0) but n > 0: only the counter moves
             fold_running_(running_mean, running_var, mean, var, momentum, num_batches_tracked)
     else:  # the engine's entry without statistics tensors: running folds them in
-        config = (layout.dims, eps, True, activation, negative_slope, source, running)
-        y = _normalize_batch(input, w, b, config, [])
+        config = (layout.dims, eps, True, activation, negative_slope, source, running, shape)
+        y = _normalize_batch(input, weight, bias, config, [])
     if running is not None and running.skipped:
         if nonfinite == "raise":
             raise _nonfinite_error(where)

@@ -194,13 +194,20 @@ class _NormalizeBatch(torch.autograd.Function):
     tensors, or the kernel plan and its (2, C) moments array) rather than being outputs:
     they are not differentiable, and every output of a custom Function costs autograd
     work on each call. ``config``: (dims, eps, center, activation,
-    negative_slope, source, running), one argument for the same reason."""
+    negative_slope, source, running, param_shape), one argument for the same reason.
+    ``param_shape``: None, or the keepdim shape of the one channel dim when weight and
+    bias come as (C,) tensors (a layer's parameters): the kernels take them as they are,
+    and the torch ops view them here, so the caller's graph has no view nodes."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, config, out):
-        dims, eps, center, activation, negative_slope, source, running = config
+        dims, eps, center, activation, negative_slope, source, running, param_shape = config
         ctx.set_materialize_grads(False)
-        plan = None if source is not None else kernels.plan_batch(x, dims, weight, bias, center)
+        plan = (
+            None
+            if source is not None
+            else kernels.plan_batch(x, dims, weight, bias, center, flat=param_shape is not None)
+        )
         ctx.kernel_plan = plan
         ctx.config = config
         if plan is not None:  # fused kernel: same outputs, same saved tensors (x + stats)
@@ -213,6 +220,8 @@ class _NormalizeBatch(torch.autograd.Function):
             ctx.save_for_backward(x, weight, bias)
             out.append((plan, moments))
             return y
+        if param_shape is not None:
+            weight, bias = _view(weight, param_shape), _view(bias, param_shape)
         wd = work_dtype(x.dtype)
         if source is None:
             stats, e = centered_moments(x, dims, center=center)
@@ -237,7 +246,7 @@ class _NormalizeBatch(torch.autograd.Function):
     def backward(ctx, dy):
         if dy is None:  # y took no part in the loss
             return None, None, None, None, None
-        dims, eps, center, activation, negative_slope, source, _ = ctx.config
+        dims, eps, center, activation, negative_slope, source, _, param_shape = ctx.config
         needs = ctx.needs_input_grad[:3]
         plan = ctx.kernel_plan
         if plan is not None:
@@ -247,6 +256,8 @@ class _NormalizeBatch(torch.autograd.Function):
                     plan, dy, x, weight, bias, ctx.kernel_stats, activation, negative_slope, needs
                 )
                 return dx, dw, db, None, None
+            if param_shape is not None:
+                weight, bias = _view(weight, param_shape), _view(bias, param_shape)
             count = reduce_count(x.shape, dims)
             shift = delta = invstd = None  # recomputed below, differentiably
         else:
@@ -286,7 +297,14 @@ class _NormalizeBatch(torch.autograd.Function):
             count,
             None if source is None else source.reduce_sums,
         )
+        if param_shape is not None:  # the gradients of (C,) parameters
+            dw = None if dw is None else dw.reshape(-1)
+            db = None if db is None else db.reshape(-1)
         return dx, dw, db, None, None
+
+
+def _view(p: torch.Tensor | None, shape) -> torch.Tensor | None:
+    return None if p is None else p.view(shape)
 
 
 # Function.apply is a Python wrapper that, outside functorch transforms, unwraps dead
@@ -345,7 +363,7 @@ def normalize_batch(
         return y.to(x.dtype), nan, nan.clone()
     out: list = []
     y = _normalize_batch(
-        x, weight, bias, (dims, eps, center, activation, negative_slope, source, running), out
+        x, weight, bias, (dims, eps, center, activation, negative_slope, source, running, None), out
     )
     stats = out[0]
     if isinstance(stats[0], torch.Tensor):  # the torch-op path: (mean, var)
@@ -363,7 +381,7 @@ def _normalize_batch(
 ) -> torch.Tensor:
     """y of :func:`normalize_batch` for canonical ``dims`` and an ``x`` that is not empty
     or has a ``source`` (config: dims, eps, center, activation, negative_slope, source,
-    running); the statistics go to ``out``. For callers that only need y (``functional.batch_norm``, whose running
+    running, param_shape; see :class:`_NormalizeBatch`); the statistics go to ``out``. For callers that only need y (``functional.batch_norm``, whose running
     statistics are folded in by ``running``): the kernel path then makes no tensors of
     the statistics at all."""
     if _functorch_active():  # vmap/grad transforms: Function.apply's own handling

@@ -232,9 +232,11 @@ def plan_batch(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     center: bool,
+    flat: bool = False,
 ) -> Plan | None:
     """A plan for training-mode batch norm of ``x`` over ``dims`` (ascending, canonical),
-    or None for the torch-op path. ``weight``/``bias``: per channel, broadcastable."""
+    or None for the torch-op path. ``weight``/``bias``: per channel, broadcastable, or
+    (``flat``) (C,) tensors."""
     if not center or not _eligible_tensor(x):
         return None
     numel = x.numel()
@@ -243,9 +245,17 @@ def plan_batch(
     if numel == 0 or len(dims) != ndim - 1:
         return None
     c = ndim * (ndim - 1) // 2 - sum(dims)  # the one dim not reduced
-    if not (_per_channel(weight, shape, c) and _per_channel(bias, shape, c) and _use(numel)):
+    check = _flat_per_channel if flat else _per_channel
+    if not (check(weight, shape, c) and check(bias, shape, c) and _use(numel)):
         return None
     return _layout(x, c)
+
+
+def _flat_per_channel(p: torch.Tensor | None, shape: torch.Size, c: int) -> bool:
+    """``p`` is None or a (C,) CPU floating tensor for channel dim ``c``."""
+    return p is None or (
+        p.dim() == 1 and p.shape[0] == shape[c] and p.is_cpu and p.is_floating_point()
+    )
 
 
 def plan_affine(
