@@ -220,6 +220,7 @@ class _NormalizeBatch(torch.autograd.Function):
             ctx.save_for_backward(x, weight, bias)
             out.append((plan, moments))
             return y
+        saved_params = (weight, bias)  # the inputs themselves: double backward needs them
         if param_shape is not None:
             weight, bias = _view(weight, param_shape), _view(bias, param_shape)
         wd = work_dtype(x.dtype)
@@ -234,7 +235,7 @@ class _NormalizeBatch(torch.autograd.Function):
         y = _affine_act(
             e.mul_(invstd), _to(weight, wd), _to(bias, wd), activation, negative_slope, True
         )
-        ctx.save_for_backward(x, weight, bias, stats.shift, stats.delta, invstd)
+        ctx.save_for_backward(x, *saved_params, stats.shift, stats.delta, invstd)
         ctx.count = count
         mean, var = stats.mean.to(wd), stats.var.to(wd)
         if running is not None:
@@ -256,13 +257,13 @@ class _NormalizeBatch(torch.autograd.Function):
                     plan, dy, x, weight, bias, ctx.kernel_stats, activation, negative_slope, needs
                 )
                 return dx, dw, db, None, None
-            if param_shape is not None:
-                weight, bias = _view(weight, param_shape), _view(bias, param_shape)
             count = reduce_count(x.shape, dims)
             shift = delta = invstd = None  # recomputed below, differentiably
         else:
             x, weight, bias, shift, delta, invstd = ctx.saved_tensors
             count = ctx.count
+        if param_shape is not None:
+            weight, bias = _view(weight, param_shape), _view(bias, param_shape)
         if torch.is_grad_enabled():
             # create_graph=True: the statistics must be functions of x for the second
             # derivative, so recompute them with differentiable ops.
