@@ -9,10 +9,11 @@ Layouts (the caller makes the views; nothing here knows about torch):
 
 One kernel per (direction, layout) — training forward, training backward, eval
 ("affine") — each with a serial twin for small tensors, compiled for float32 and float64
-on first use and cached on disk (24 specialisations in all, ~2 s of compilation each);
-small tensors reach the serial twins through entry points that take data pointers
-(``forward_at``, ``backward_at``, ``affine_at``; see there), and the forward entry also
-folds the batch into BatchNorm's running statistics (``running_update_at``). The activation is data, not code: ``act`` is a float64 array (see
+on first use and cached on disk (~2 s of compilation each). The wrappers reach them
+through entry points that take data pointers (``forward_at``, ``backward_at``,
+``affine_at`` for the serial twins, ``*_at_threaded`` for the threaded kernels; see
+there), and the forward entry also folds the batch into BatchNorm's running statistics
+(``running_update_at``). The activation is data, not code: ``act`` is a float64 array (see
 :func:`activation_params`), so the six activations add no specialisations. They come in
 two families, each with one loop the compiler vectorises:
 
@@ -20,8 +21,9 @@ two families, each with one loop the compiler vectorises:
 * logistic (sigmoid, tanh, silu): ``s = σ(a·z)``, ``y = c1·s + c2 + c3·z·s``
   (tanh z = 2σ(2z) − 1, silu z = z·σ(z)), with a vectorisable ``exp``.
 
-Every kernel computes in float64 registers (statistics, z, the activation, the gradient
-sums) whatever the storage dtype; float32 storage only rounds the final store.
+Statistics and every total are float64 whatever the storage dtype. The smooth
+activations compute elementwise in float64 too; the piecewise-linear ones compute in
+the storage dtype where that is safe (see "arithmetic in the storage dtype" below).
 
 Statistics (shifted one-pass sums; Chan, Golub & LeVeque, "Algorithms for computing
 the sample variance: analysis and recommendations", The American Statistician, 1983): with ``k`` a value of the
