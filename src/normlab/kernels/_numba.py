@@ -500,6 +500,18 @@ def _eval_constants(mean, var, weight, bias, eps):
 
 
 @njit(**_HELPER)
+def _block_totals(part, c):
+    """Channel ``c``'s two sums added over the row blocks' partial sums ``part``
+    (nblocks, 2, C)."""
+    s1 = 0.0
+    s2 = 0.0
+    for blk in range(part.shape[0]):
+        s1 += part[blk, 0, c]
+        s2 += part[blk, 1, c]
+    return s1, s2
+
+
+@njit(**_HELPER)
 def _eval_stats(m, var, eps):
     """Eval's constants in the training statistics' layout (k = mean, delta = 0, var,
     invstd), for :func:`_storage_constants`."""
@@ -587,11 +599,7 @@ def forward_cl(x, weight, bias, eps, act, nblocks, y, stats, moments):
         part[blk, 0] = acc1
         part[blk, 1] = acc2
     for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        for blk in range(nblocks):
-            s1 += part[blk, 0, c]
-            s2 += part[blk, 1, c]
+        s1, s2 = _block_totals(part, c)
         stats[0, c] = k[c]
         stats[1, c], stats[2, c], stats[3, c] = _finish_stats(s1, s2, M, eps)
         moments[0, c] = k[c] + stats[1, c]
@@ -692,11 +700,7 @@ def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
             part[blk, 1] = acc_b
         pqr = np.empty((3, C), dtype=x.dtype)
         for c in range(C):
-            a_sum = 0.0
-            b_sum = 0.0
-            for blk in range(nblocks):
-                a_sum += part[blk, 0, c]
-                b_sum += part[blk, 1, c]
+            a_sum, b_sum = _block_totals(part, c)
             b_sum *= invstd[c]
             sums[0, c] = a_sum
             sums[1, c] = b_sum
@@ -716,11 +720,7 @@ def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
         part[blk, 0] = acc_a
         part[blk, 1] = acc_b
     for c in range(C):
-        a_sum = 0.0
-        b_sum = 0.0
-        for blk in range(nblocks):
-            a_sum += part[blk, 0, c]
-            b_sum += part[blk, 1, c]
+        a_sum, b_sum = _block_totals(part, c)
         sums[0, c] = a_sum
         sums[1, c] = b_sum
     if need_dx:
@@ -776,11 +776,17 @@ def _serial_twin(kernel):
     thread only, as torch's own CPU kernels do below their grain size. The twin gets its
     own name so that Numba's on-disk cache keeps the two apart.
     """
+    return _recompiled(kernel, "_serial", kernel.py_func.__globals__)
+
+
+def _recompiled(kernel, suffix: str, scope: dict):
+    """``kernel``'s Python code compiled again (without ``parallel``) as ``name + suffix``,
+    its global names looked up in ``scope``."""
     f = kernel.py_func
     twin = types_module.FunctionType(
-        f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__
+        f.__code__, scope, f.__name__ + suffix, f.__defaults__, f.__closure__
     )
-    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__qualname__ = f.__qualname__ + suffix
     twin.__doc__ = f.__doc__
     return njit(**_JIT)(twin)
 
@@ -943,23 +949,11 @@ def _threaded_entry(entry):
     twins: the same by-address call for large tensors, whose numpy views and the
     gradients' copies cost ~20 µs a step at (256, 512). A distinct name keeps its
     on-disk cache apart."""
-    f = entry.py_func
-    scope = dict(f.__globals__)
-    for name in (
-        "forward_cf",
-        "forward_cl",
-        "backward_cf",
-        "backward_cl",
-        "affine_cf",
-        "affine_cl",
-    ):
-        scope[name + "_serial"] = scope[name]
-    twin = types_module.FunctionType(
-        f.__code__, scope, f.__name__ + "_threaded", f.__defaults__, f.__closure__
-    )
-    twin.__qualname__ = f.__qualname__ + "_threaded"
-    twin.__doc__ = f.__doc__
-    return njit(**_JIT)(twin)
+    scope = dict(entry.py_func.__globals__)
+    for name in ("forward", "backward", "affine"):
+        for layout in ("cf", "cl"):
+            scope[f"{name}_{layout}_serial"] = scope[f"{name}_{layout}"]
+    return _recompiled(entry, "_threaded", scope)
 
 
 forward_at_threaded = _threaded_entry(forward_at)
