@@ -78,7 +78,9 @@ def test_runs_unchanged_under_torchrun(single, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {k: v for k, v in os.environ.items() if k not in training.TORCHRUN_VARS}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "normlab.train"]
+    # --log-dir: torchrun's own files go to tmp_path, not a torchelastic_* left in /tmp
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path)]
+    cmd += ["-m", "normlab.train"]
     cmd += ["--steps", str(STEPS), "--batch-size", "64", "--width", "8", "--json"]
     cmd += ["--timeout", "60"]
     start = time.monotonic()
