@@ -120,3 +120,19 @@ def test_a_bad_pool_size_in_the_environment_is_named():
     env = {"NORMLAB_POOL_MB": "lots", "PATH": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "NORMLAB_POOL_MB='lots' is not a number" in out.stderr
+
+
+def test_pooled_tensors_save_pickle_and_share_like_any_tensor(pool, tmp_path):
+    import pickle
+
+    x = _big()
+    y = _memory.empty_like(x).copy_(x)
+    torch.save(y, tmp_path / "y.pt")
+    assert torch.equal(torch.load(tmp_path / "y.pt"), x)
+    assert torch.equal(pickle.loads(pickle.dumps(y)), x)
+    address = y.data_ptr()
+    y.share_memory_()  # moves to shared memory: the pool's buffer is free again
+    assert y.is_shared() and torch.equal(y, x)
+    assert _memory.empty_like(x).data_ptr() == address
+    with pytest.raises(RuntimeError, match="not resizable"):  # the documented difference
+        _memory.empty_like(x).resize_(2 * x.numel())
