@@ -33,15 +33,13 @@ import warnings
 
 import torch
 
-from normlab.functional import _checks
 from normlab.functional.batch_norm import (
     NonFiniteStatisticsWarning,
-    _check_running,
-    channel_layout,
+    _batch_norm,
+    _check_batch_norm,
     update_running_stats_,
 )
-from normlab.functional.engine import normalize_batch, normalize_with_stats
-from normlab.functional.stats import reduce_count
+from normlab.functional.engine import normalize_batch
 
 
 def check_virtual_batch_size(virtual_batch_size: int, where: str) -> int:
@@ -87,39 +85,29 @@ def _ghost_batch_norm(
     where: str = "ghost_batch_norm",
 ) -> tuple[torch.Tensor, bool]:
     """:func:`ghost_batch_norm`, also returning whether a non-finite batch was skipped."""
-    _checks.check_eps(eps, where)
-    _checks.check_momentum(momentum, where)
-    _checks.check_nonfinite(nonfinite, where)
     vbs = check_virtual_batch_size(virtual_batch_size, where)
-    c, dims, shape = channel_layout(
-        input,
-        channel_dim,
-        {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
-        where,
-    )
-    if c == 0:
+    layout = _check_batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        channel_dim, nonfinite, num_batches_tracked, where, True,
+    )  # fmt: skip
+    dims, shape = layout.dims, layout.shape
+    if 0 not in dims:
         raise ValueError(
             f"{where}: channel_dim={channel_dim} is the batch dim; ghost batches split dim 0, "
             f"so the channels must be elsewhere (usually channel_dim=1)."
         )
-    _check_running(running_mean, running_var, momentum, training, num_batches_tracked, where)
+    if not training:  # BatchNorm's eval: ghost batches only change training statistics
+        return _batch_norm(
+            input, running_mean, running_var, weight, bias, False, momentum, eps,
+            channel_dim=channel_dim, activation=activation, negative_slope=negative_slope,
+            where=where, layout=layout,
+        )  # fmt: skip
     w = None if weight is None else weight.view(shape)
     b = None if bias is None else bias.view(shape)
     kw = {"eps": eps, "activation": activation, "negative_slope": negative_slope}
-    if not training:
-        if running_mean is None:
-            raise ValueError(
-                f"{where}: training=False normalises with running statistics, but "
-                f"running_mean/running_var are None. Pass them, or training=True."
-            )
-        return normalize_with_stats(
-            input, running_mean.view(shape), running_var.view(shape), w, b, **kw
-        ), False
 
     rows = input.shape[0]
-    per_row = reduce_count(input.shape, dims) // rows if rows else 0  # values per row and channel
-    if reduce_count(input.shape, dims) == 1:
-        raise _checks.one_value_per_channel_error(tuple(input.shape), where)
+    per_row = layout.n // rows if rows else 0  # values per row and channel
     if vbs * per_row == 1:
         raise ValueError(
             f"{where}: virtual_batch_size=1 gives every ghost batch one value per channel "

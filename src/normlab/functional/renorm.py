@@ -31,15 +31,14 @@ import warnings
 
 import torch
 
-from normlab.functional import _checks
 from normlab.functional.batch_norm import (
     NonFiniteStatisticsWarning,
-    _check_running,
-    channel_layout,
+    _batch_norm,
+    _check_batch_norm,
     update_running_stats_,
 )
-from normlab.functional.engine import StatsSource, normalize_batch, normalize_with_stats
-from normlab.functional.stats import centered_moments, reduce_count
+from normlab.functional.engine import StatsSource, normalize_batch
+from normlab.functional.stats import centered_moments
 
 
 def check_clip_limits(r_max: float, d_max: float, where: str) -> None:
@@ -104,35 +103,27 @@ def _batch_renorm(
     where: str = "batch_renorm",
 ) -> tuple[torch.Tensor, bool]:
     """:func:`batch_renorm`, also returning whether a non-finite batch was skipped."""
-    _checks.check_eps(eps, where)
-    _checks.check_momentum(momentum, where)
-    _checks.check_nonfinite(nonfinite, where)
     check_clip_limits(r_max, d_max, where)
-    _, dims, shape = channel_layout(
-        input,
-        channel_dim,
-        {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
-        where,
-    )
-    _check_running(running_mean, running_var, momentum, training, num_batches_tracked, where)
-    if running_mean is None:
+    if running_mean is None and running_var is None:
         raise ValueError(
             f"{where}: batch renormalization needs running_mean and running_var (r and d "
             f"compare the batch's statistics with them); got None. A layer built with "
             f"track_running_stats=False cannot renormalise: use BatchNorm instead."
         )
+    layout = _check_batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        channel_dim, nonfinite, num_batches_tracked, where, True,
+    )  # fmt: skip
+    if not training:  # BatchNorm's eval: r and d only exist in training
+        return _batch_norm(
+            input, running_mean, running_var, weight, bias, False, momentum, eps,
+            channel_dim=channel_dim, activation=activation, negative_slope=negative_slope,
+            where=where, layout=layout,
+        )  # fmt: skip
+    dims, shape, n = layout.dims, layout.shape, layout.n
     w = None if weight is None else weight.view(shape)
     b = None if bias is None else bias.view(shape)
     mu, var = running_mean.view(shape), running_var.view(shape)
-    if not training:
-        y = normalize_with_stats(
-            input, mu, var, w, b, eps=eps, activation=activation, negative_slope=negative_slope
-        )
-        return y, False
-
-    n = reduce_count(input.shape, dims)
-    if n == 1:
-        raise _checks.one_value_per_channel_error(tuple(input.shape), where)
     if n == 0:  # empty batch: empty output, statistics untouched
         y, _, _ = normalize_batch(
             input, dims, w, b, eps=eps, activation=activation, negative_slope=negative_slope
