@@ -389,11 +389,3 @@ class BatchNorm(_NormlabBatchNorm):
     @property
     def channel_dim(self) -> int:
         return self._channel_dim
-
-    def _check_rank(self, input: torch.Tensor) -> None:
-        super()._check_rank(input)
-        if not -input.dim() <= self._channel_dim < input.dim():
-            raise ValueError(
-                f"BatchNorm: channel_dim={self._channel_dim} is out of range for a "
-                f"{input.dim()}-D input of shape {tuple(input.shape)}"
-            )

@@ -120,14 +120,6 @@ class SyncBatchNorm(_NormlabBatchNorm):
     def channel_dim(self) -> int:
         return self._channel_dim
 
-    def _check_rank(self, input: torch.Tensor) -> None:
-        super()._check_rank(input)
-        if not -input.dim() <= self._channel_dim < input.dim():
-            raise ValueError(
-                f"SyncBatchNorm: channel_dim={self._channel_dim} is out of range for a "
-                f"{input.dim()}-D input of shape {tuple(input.shape)}"
-            )
-
     def _sync_active(self) -> bool:
         # torch's rule: synchronise batch statistics in training only; eval with
         # track_running_stats=False uses local batch statistics.
