@@ -125,14 +125,16 @@ def update_running_stats_(
 class BatchNormLayout:
     """What validation of a :func:`batch_norm` call establishes about its shapes:
     ``dims`` (the reduction dims, ascending), ``shape`` (the broadcast shape of a
-    per-channel tensor), ``n`` (values per channel) and ``view`` (whether a (C,) tensor
+    per-channel tensor), ``n`` (values per channel), ``view`` (whether a (C,) tensor
     needs viewing as ``shape`` to broadcast: not when the channel dim is the last one,
-    as for (N, C) input, which saves a view and its autograd node per parameter)."""
+    as for (N, C) input, which saves a view and its autograd node per parameter) and
+    ``channel`` (the channel dim, non-negative)."""
 
     dims: tuple[int, ...]
     shape: list[int]
     n: int
     view: bool
+    channel: int
 
 
 def _check_batch_norm(
@@ -173,7 +175,7 @@ def _check_batch_norm(
     n = reduce_count(input.shape, dims)
     if training and local_stats and n == 1:
         raise _checks.one_value_per_channel_error(tuple(input.shape), where)
-    return BatchNormLayout(dims, shape, n, c != input.dim() - 1)
+    return BatchNormLayout(dims, shape, n, c != input.dim() - 1, c)
 
 
 def _batch_norm(
@@ -229,10 +231,9 @@ def _batch_norm(
         return t if t is None or shape is None else t.view(shape)
 
     if not training:
-        dims = layout.dims
         y = kernels.affine_channels(
-            input, len(dims) * (len(dims) + 1) // 2 - sum(dims), running_mean, running_var,
-            weight, bias, eps, activation, negative_slope,
+            input, layout.channel, running_mean, running_var, weight, bias, eps, activation,
+            negative_slope,
         )  # fmt: skip
         if y is not None:
             return y, False

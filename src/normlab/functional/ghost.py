@@ -91,7 +91,7 @@ def _ghost_batch_norm(
         channel_dim, nonfinite, num_batches_tracked, where, True,
     )  # fmt: skip
     dims, shape = layout.dims, layout.shape
-    if 0 not in dims:
+    if layout.channel == 0:
         raise ValueError(
             f"{where}: channel_dim={channel_dim} is the batch dim; ghost batches split dim 0, "
             f"so the channels must be elsewhere (usually channel_dim=1)."
