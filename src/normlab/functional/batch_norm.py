@@ -17,6 +17,7 @@ from normlab.functional.engine import (
     _normalize_batch,
     normalize_batch,
     normalize_with_stats,
+    view_params,
 )
 from normlab.functional.stats import reduce_count
 
@@ -227,9 +228,6 @@ def _batch_norm(
     # the engine's main entry takes them as they are (param_shape), the others viewed.
     shape = layout.shape if layout.view else None
 
-    def viewed(t: torch.Tensor | None) -> torch.Tensor | None:
-        return t if t is None or shape is None else t.view(shape)
-
     if not training:
         y = kernels.affine_channels(
             input, layout.channel, running_mean, running_var, weight, bias, eps, activation,
@@ -239,10 +237,10 @@ def _batch_norm(
             return y, False
         y = normalize_with_stats(
             input,
-            viewed(running_mean),
-            viewed(running_var),
-            viewed(weight),
-            viewed(bias),
+            view_params(running_mean, shape),
+            view_params(running_var, shape),
+            view_params(weight, shape),
+            view_params(bias, shape),
             eps=eps,
             activation=activation,
             negative_slope=negative_slope,
@@ -272,8 +270,8 @@ def _batch_norm(
         )
     if input.numel() == 0 and source is None:
         y, mean, var = normalize_batch(
-            input, layout.dims, viewed(weight), viewed(bias), eps=eps, activation=activation,
-            negative_slope=negative_slope,
+            input, layout.dims, view_params(weight, shape), view_params(bias, shape),
+            eps=eps, activation=activation, negative_slope=negative_slope,
         )  # fmt: skip
         if running is not None:  # no channels (C = 0) but n > 0: only the counter moves
             fold_running_(running_mean, running_var, mean, var, momentum, num_batches_tracked)

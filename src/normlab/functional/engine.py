@@ -222,7 +222,7 @@ class _NormalizeBatch(torch.autograd.Function):
             return y
         saved_params = (weight, bias)  # the inputs themselves: double backward needs them
         if param_shape is not None:
-            weight, bias = _view(weight, param_shape), _view(bias, param_shape)
+            weight, bias = view_params(weight, param_shape), view_params(bias, param_shape)
         wd = work_dtype(x.dtype)
         if source is None:
             stats, e = centered_moments(x, dims, center=center)
@@ -263,7 +263,7 @@ class _NormalizeBatch(torch.autograd.Function):
             x, weight, bias, shift, delta, invstd = ctx.saved_tensors
             count = ctx.count
         if param_shape is not None:
-            weight, bias = _view(weight, param_shape), _view(bias, param_shape)
+            weight, bias = view_params(weight, param_shape), view_params(bias, param_shape)
         if torch.is_grad_enabled():
             # create_graph=True: the statistics must be functions of x for the second
             # derivative, so recompute them with differentiable ops.
@@ -304,8 +304,9 @@ class _NormalizeBatch(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-def _view(p: torch.Tensor | None, shape) -> torch.Tensor | None:
-    return None if p is None else p.view(shape)
+def view_params(p: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """A (C,) parameter viewed as the keepdim ``shape`` (as it is if either is None)."""
+    return p if p is None or shape is None else p.view(shape)
 
 
 # Function.apply is a Python wrapper that, outside functorch transforms, unwraps dead
