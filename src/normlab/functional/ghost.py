@@ -39,7 +39,7 @@ from normlab.functional.batch_norm import (
     _check_batch_norm,
     update_running_stats_,
 )
-from normlab.functional.engine import normalize_batch
+from normlab.functional.engine import normalize_batch, view_params
 
 
 def check_virtual_batch_size(virtual_batch_size: int, where: str) -> int:
@@ -102,8 +102,7 @@ def _ghost_batch_norm(
             channel_dim=channel_dim, activation=activation, negative_slope=negative_slope,
             where=where, layout=layout,
         )  # fmt: skip
-    w = None if weight is None else weight.view(shape)
-    b = None if bias is None else bias.view(shape)
+    w, b = view_params(weight, shape), view_params(bias, shape)
     kw = {"eps": eps, "activation": activation, "negative_slope": negative_slope}
 
     rows = input.shape[0]

@@ -37,7 +37,7 @@ from normlab.functional.batch_norm import (
     _check_batch_norm,
     update_running_stats_,
 )
-from normlab.functional.engine import StatsSource, normalize_batch
+from normlab.functional.engine import StatsSource, normalize_batch, view_params
 from normlab.functional.stats import centered_moments
 
 
@@ -121,8 +121,7 @@ def _batch_renorm(
             where=where, layout=layout,
         )  # fmt: skip
     dims, shape, n = layout.dims, layout.shape, layout.n
-    w = None if weight is None else weight.view(shape)
-    b = None if bias is None else bias.view(shape)
+    w, b = view_params(weight, shape), view_params(bias, shape)
     mu, var = running_mean.view(shape), running_var.view(shape)
     if n == 0:  # empty batch: empty output, statistics untouched
         y, _, _ = normalize_batch(
