@@ -19,7 +19,7 @@ from normlab.functional.batch_norm import (
     _param_shape,
     update_running_stats_,
 )
-from normlab.functional.engine import normalize_batch, normalize_with_stats
+from normlab.functional.engine import normalize_batch, normalize_with_stats, view_params
 from normlab.functional.stats import reduce_count, work_dtype
 
 
@@ -186,8 +186,7 @@ def group_norm(
     spatial = tuple(input.shape[2:])
     grouped = input.view(n, num_groups, c // num_groups, *spatial)  # splitting a dim: a view
     pshape = (1, num_groups, c // num_groups) + (1,) * len(spatial)
-    w = None if weight is None else weight.view(pshape)
-    b = None if bias is None else bias.view(pshape)
+    w, b = view_params(weight, pshape), view_params(bias, pshape)
     dims = tuple(range(2, grouped.dim()))
     y, _, _ = normalize_batch(
         grouped, dims, w, b, eps=eps, activation=activation, negative_slope=negative_slope
@@ -239,8 +238,7 @@ def _instance_norm(
             f"{where}: running_mean and running_var must both be tensors or both be None"
         )
     shape = _param_shape(input.dim(), 1, c)
-    w = None if weight is None else weight.view(shape)
-    b = None if bias is None else bias.view(shape)
+    w, b = view_params(weight, shape), view_params(bias, shape)
     if not use_input_stats:
         if running_mean is None:
             raise ValueError(
