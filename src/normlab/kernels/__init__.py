@@ -125,14 +125,14 @@ class Plan(NamedTuple):
 
     layout: str
     channel_dim: int
-    shape: tuple[int, ...]
     copy: bool
     keep: tuple[int, ...]
     dims: tuple[int, int, int]
 
     @property
-    def channels(self) -> int:
-        return self.shape[1]
+    def shape(self) -> tuple[int, ...]:
+        """The kernel's view: ``(N, C, S)`` ('cf') or ``(M, C)`` ('cl')."""
+        return self.dims if self.layout == "cf" else self.dims[:2]
 
     def contiguous(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (shaped like the planned input) with C-contiguous memory in this layout:
@@ -217,8 +217,8 @@ def _make_plan(shape: torch.Size, c: int, kind: int) -> Plan:
         kind = 1
     if kind == 1:
         rows = numel // channels
-        return Plan("cl", c, (rows, channels), False, tuple(keep), (rows, channels, 1))
-    return Plan("cf", c, (n, channels, s_inner), kind == 2, tuple(keep), (n, channels, s_inner))
+        return Plan("cl", c, False, tuple(keep), (rows, channels, 1))
+    return Plan("cf", c, kind == 2, tuple(keep), (n, channels, s_inner))
 
 
 def _use(numel: int) -> bool:
