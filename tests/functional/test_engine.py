@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import normlab.functional as NF
@@ -219,8 +220,10 @@ def test_running_update_with_nonfinite_statistics(kernel_mode, skip):
         assert not torch.isfinite(rm[0]) and torch.isfinite(rm[1:]).all() and int(nbt) == 1
 
 
-def test_functorch_transforms_still_get_functions_own_error():
-    # The engine calls the C++ Function.apply directly except under functorch transforms,
-    # where torch's own wrapper decides (and asks for setup_context, as before).
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.vmap(lambda t: NF.batch_norm(t, None, None, training=True))(torch.randn(3, 8, 4))
+def test_functorch_transforms_take_the_traceable_path():
+    # Under torch.func transforms the engine never reaches its autograd.Function (which
+    # calls kernels by address): vmap over samples equals a loop of torch's batch norm.
+    x = torch.randn(3, 8, 4, dtype=torch.float64)
+    got = torch.func.vmap(lambda t: NF.batch_norm(t, None, None, training=True))(x)
+    want = torch.stack([F.batch_norm(t, None, None, training=True) for t in x])
+    torch.testing.assert_close(got, want)

@@ -1,6 +1,9 @@
 """Pure tensor math of normalization: statistics, normalise, affine + activation, EMA,
 the dense Jacobian. No modules, no state beyond the buffers passed in."""
 
+# the torch.library custom ops (normlab::batch_norm_train…) exist once normlab is
+# imported, so compiled and exported graphs that hold them can run and load
+from normlab.functional import traced
 from normlab.functional.activations import ACTIVATIONS, get_activation
 from normlab.functional.batch_norm import (
     NonFiniteStatisticsWarning,
@@ -43,5 +46,6 @@ __all__ = [
     "normalize_with_stats",
     "renorm_clip_limits",
     "rms_norm",
+    "traced",
     "update_running_stats_",
 ]

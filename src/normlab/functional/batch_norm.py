@@ -112,6 +112,14 @@ def update_running_stats_(
     'skip' changes nothing (counter included) and returns True, 'raise' raises
     ``FloatingPointError`` before any change. Returns whether the update was skipped.
     """
+    if kernels.traced(mean):  # no branch on the data: the masked update
+        from normlab.functional import traced
+
+        traced.update_running(
+            running_mean, running_var, num_batches_tracked, mean, unbiased_var, momentum,
+            nonfinite, where,
+        )  # fmt: skip
+        return False
     if nonfinite != "propagate":
         finite = bool(torch.isfinite(mean).all()) and bool(torch.isfinite(unbiased_var).all())
         if not finite:
@@ -258,6 +266,11 @@ def _batch_norm(
                 f"{list(input.shape)}). Use larger per-rank batches, or eval mode to use the "
                 f"running statistics."
             )
+    if kernels.traced(input):  # torch.compile, export, jit.trace, torch.func, meta
+        return _traced_batch_norm(
+            input, running_mean, running_var, weight, bias, momentum, eps, activation,
+            negative_slope, nonfinite, num_batches_tracked, where, layout, source, n,
+        ), False  # fmt: skip
     # An empty batch has no statistics: the running ones stay untouched.
     running = None
     if running_mean is not None and n > 0:
@@ -283,6 +296,33 @@ def _batch_norm(
             raise _nonfinite_error(where)
         return y, True
     return y, False
+
+
+def _traced_batch_norm(
+    input, running_mean, running_var, weight, bias, momentum, eps, activation,
+    negative_slope, nonfinite, num_batches_tracked, where, layout, source, n,
+) -> torch.Tensor:  # fmt: skip
+    """The training branch of :func:`_batch_norm` as traceable code
+    (:mod:`normlab.functional.traced`): the kernels as custom ops where they apply, the
+    running statistics updated without branches on the data (a non-finite batch under
+    'skip' masks the update; no warning, which only eager code can give)."""
+    from normlab.functional import traced
+    from normlab.functional.engine import _TRACED_SOURCE_ERROR
+
+    if source is not None and source.reduce_sums is not None:
+        raise RuntimeError(f"{where}: {_TRACED_SOURCE_ERROR}")
+    shape = layout.shape if layout.view else None
+    y, mean, var = traced.normalize_batch(
+        input, layout.dims, weight, bias, eps=eps, center=True, activation=activation,
+        negative_slope=negative_slope, param_shape=shape,
+    )  # fmt: skip
+    if running_mean is not None and n > 0:
+        unbiased = var * (n / (n - 1)) if n > 1 else var * float("nan")
+        traced.update_running(
+            running_mean, running_var, num_batches_tracked, mean, unbiased, momentum,
+            nonfinite, where,
+        )  # fmt: skip
+    return y
 
 
 def batch_norm(

@@ -52,7 +52,7 @@ def cumulative_factor(num_batches_tracked: int) -> float:
 
 
 def ema_debias(
-    running: torch.Tensor, initial: float, momentum: float | None, steps: int
+    running: torch.Tensor, initial: float, momentum: float | None, steps: int | torch.Tensor
 ) -> torch.Tensor:
     """The running statistic with the weight of its initial value removed.
 
@@ -60,12 +60,19 @@ def ema_debias(
         running: the EMA after ``steps`` updates.
         initial: its value before the first update (0 for a mean, 1 for torch's variance).
         momentum: the EMA's factor; ``None`` (cumulative average) has no bias.
-        steps: number of updates so far (``num_batches_tracked``).
+        steps: number of updates so far (``num_batches_tracked``): an int, or a 0-d
+            tensor (traced code: the result is then computed without branching on it).
 
     Returns ``running`` itself when there is nothing to correct (``steps == 0``,
     ``momentum`` None, 0 or 1). Assumes a constant momentum since the last reset.
     """
-    if momentum is None or steps <= 0 or momentum in (0.0, 1.0):
+    if momentum is None or momentum in (0.0, 1.0):
+        return running
+    if isinstance(steps, torch.Tensor):  # traced code: no branch on the counter's value
+        decay = (1.0 - momentum) ** steps.to(running.dtype)
+        debiased = (running - decay * initial) / (1.0 - decay)
+        return torch.where(steps > 0, debiased, running)
+    if steps <= 0:
         return running
     decay = (1.0 - momentum) ** steps
     return (running - decay * initial) / (1.0 - decay)

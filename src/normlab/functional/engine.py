@@ -304,6 +304,14 @@ class _NormalizeBatch(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+_TRACED_SOURCE_ERROR = (
+    "normalization with statistics gathered across ranks (SyncBatchNorm in a process "
+    "group) cannot run under torch.compile, torch.export, torch.jit.trace or torch.func: "
+    "its backward all-reduces gradient sums. Run the layer eagerly (torch.compiler."
+    "disable), or use SyncBatchNorm without a process group (plain BatchNorm)."
+)
+
+
 def view_params(p: torch.Tensor | None, shape) -> torch.Tensor | None:
     """A (C,) parameter viewed as the keepdim ``shape`` (as it is if either is None)."""
     return p if p is None or shape is None else p.view(shape)
@@ -311,9 +319,9 @@ def view_params(p: torch.Tensor | None, shape) -> torch.Tensor | None:
 
 # Function.apply is a Python wrapper that, outside functorch transforms, unwraps dead
 # functorch wrappers and calls the C++ apply: ~2 µs, a tenth of a small layer's forward.
-# The same two steps, directly:
+# The same two steps, directly (under transforms the engine takes the traceable path,
+# normlab.functional.traced, and never reaches this Function):
 _apply_normalize_batch = super(torch.autograd.Function, _NormalizeBatch).apply
-_functorch_active = torch._C._are_functorch_transforms_active
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
@@ -363,6 +371,23 @@ def normalize_batch(
         shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
         nan = torch.full(shape, float("nan"), dtype=wd, device=x.device)
         return y.to(x.dtype), nan, nan.clone()
+    if kernels.traced(x):
+        from normlab.functional import traced
+
+        if source is not None and source.reduce_sums is not None:
+            raise RuntimeError(_TRACED_SOURCE_ERROR)
+        y, mean, var = traced.normalize_batch(
+            x, dims, weight, bias, eps=eps, center=center, activation=activation,
+            negative_slope=negative_slope,
+        )  # fmt: skip
+        if running is not None:
+            n = count(x, dims)
+            traced.update_running(
+                running.mean, running.var, running.num_batches_tracked, mean,
+                var * (n / (n - 1)), running.momentum,
+                "skip" if running.skip_nonfinite else "propagate", "normalize_batch",
+            )  # fmt: skip
+        return y, mean, var
     out: list = []
     y = _normalize_batch(
         x, weight, bias, (dims, eps, center, activation, negative_slope, source, running, None), out
@@ -386,8 +411,6 @@ def _normalize_batch(
     running, param_shape; see :class:`_NormalizeBatch`); the statistics go to ``out``. For callers that only need y (``functional.batch_norm``, whose running
     statistics are folded in by ``running``): the kernel path then makes no tensors of
     the statistics at all."""
-    if _functorch_active():  # vmap/grad transforms: Function.apply's own handling
-        return _NormalizeBatch.apply(x, weight, bias, config, out)
     return _apply_normalize_batch(_unwrap(x), _unwrap(weight), _unwrap(bias), config, out)
 
 

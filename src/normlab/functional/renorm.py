@@ -52,7 +52,7 @@ def check_clip_limits(r_max: float, d_max: float, where: str) -> None:
 
 
 def renorm_clip_limits(
-    step: int,
+    step: int | torch.Tensor,
     *,
     r_max: float = 3.0,
     d_max: float = 5.0,
@@ -70,8 +70,20 @@ def renorm_clip_limits(
     all three steps 0 the final limits apply from the first step.
 
     Examples (defaults): step 0 → (1, 0); 5000 → (1, 0); 25000 → (2.142857…, 5);
-    40000 → (3, 5).
+    40000 → (3, 5). A tensor ``step`` (traced code) gives 0-d float64 tensors.
     """
+
+    if isinstance(step, torch.Tensor):  # traced code: the same schedule without branches
+        t = step.to(torch.float64)
+
+        def ramp_tensor(start: float, final: float, final_step: int) -> torch.Tensor:
+            if final_step <= warmup_steps:
+                frac = torch.ones_like(t)
+            else:
+                frac = ((t - warmup_steps) / (final_step - warmup_steps)).clamp(0.0, 1.0)
+            return torch.where(t < warmup_steps, start, start + (final - start) * frac)
+
+        return ramp_tensor(1.0, r_max, r_max_steps), ramp_tensor(0.0, d_max, d_max_steps)
 
     def ramp(start: float, final: float, final_step: int) -> float:
         if step < warmup_steps:
@@ -103,7 +115,8 @@ def _batch_renorm(
     where: str = "batch_renorm",
 ) -> tuple[torch.Tensor, bool]:
     """:func:`batch_renorm`, also returning whether a non-finite batch was skipped."""
-    check_clip_limits(r_max, d_max, where)
+    if not isinstance(r_max, torch.Tensor):  # tensors: the schedule of a traced layer
+        check_clip_limits(r_max, d_max, where)
     if running_mean is None and running_var is None:
         raise ValueError(
             f"{where}: batch renormalization needs running_mean and running_var (r and d "

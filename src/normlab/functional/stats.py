@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 import torch
 
+from normlab.kernels import traced
+
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
@@ -57,7 +59,13 @@ class Moments(NamedTuple):
         return self.shift + self.delta
 
 
-def _mean_square(e: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+def _mean_square(
+    e: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    if dtype is None and e.dtype != torch.float64 and traced(e):
+        dtype = torch.float64  # no branch on the data under tracers and transforms
+    if dtype is not None:  # branch-free: the float64 sum from the start
+        return e.to(dtype).pow(2).mean(dims, keepdim=True)
     ms = (e * e).mean(dims, keepdim=True)
     if e.numel() and e.dtype != torch.float64 and not bool(torch.isfinite(ms).all()):
         # e² overflowed the working dtype (|x| ≳ 1e19 in float32), or e holds NaN/Inf
@@ -68,13 +76,19 @@ def _mean_square(e: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 
 
 def centered_moments(
-    x: torch.Tensor, dims: Sequence[int], *, center: bool = True
+    x: torch.Tensor,
+    dims: Sequence[int],
+    *,
+    center: bool = True,
+    mean_square_dtype: torch.dtype | None = None,
 ) -> tuple[Moments, torch.Tensor]:
     """Shifted two-pass moments over ``dims`` and the centred data they were computed from.
 
     Returns ``(Moments(shift, delta, var), e)`` where ``e = (x − shift) − delta`` is a fresh
     tensor in the working dtype (callers may overwrite it). With ``center=False`` (RMSNorm)
-    shift = delta = 0 and ``var`` is the mean square.
+    shift = delta = 0 and ``var`` is the mean square. ``mean_square_dtype``: compute the
+    mean square in this dtype (float64) instead of retrying in float64 only when the
+    working dtype overflows, a branch on the data that traced code cannot take.
     """
     dims = tuple(dims)
     xw = x.to(work_dtype(x.dtype))
@@ -88,7 +102,7 @@ def centered_moments(
         shift = xw.new_zeros(shape)
         delta = shift
         e = xw.clone() if xw is x else xw
-    return Moments(shift, delta, _mean_square(e, dims)), e
+    return Moments(shift, delta, _mean_square(e, dims, mean_square_dtype)), e
 
 
 def moments(

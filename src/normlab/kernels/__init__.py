@@ -59,6 +59,7 @@ __all__ = [
     "plan_batch",
     "pool_info",
     "set_pool_limit",
+    "traced",
 ]
 
 KERNELS_ENV = "NORMLAB_KERNELS"
@@ -142,20 +143,37 @@ class Plan(NamedTuple):
         return t if t.is_contiguous() else t.contiguous()
 
 
-# Under torch.compile the engine's autograd.Function is traced with fake tensors: the
-# kernels (which read real memory) must not run there.
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+_functorch_active = torch._C._are_functorch_transforms_active
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_jit_tracing = torch._C._get_tracing_state
+
+
+def traced(x: torch.Tensor) -> bool:
+    """Whether ``x`` is seen by a tracer or transform rather than being a plain tensor with
+    real memory: torch.compile/torch.export (fake tensors, dynamo), torch.jit.trace,
+    torch.func transforms, a dispatch mode (FakeTensorMode, make_fx, FlopCounterMode…), a
+    tensor subclass, or the meta device. Then nothing may read its memory or branch on
+    its values, and the engine takes its traceable path
+    (:mod:`normlab.functional.traced`)."""
+    return (
+        _is_compiling()  # first: dynamo folds it to a constant, and traces no C call after it
+        or type(x) is not torch.Tensor
+        or x.is_meta
+        or _functorch_active()
+        or _dispatch_modes() > 0
+        or _jit_tracing() is not None
+    )
 
 
 def _eligible_tensor(x: torch.Tensor) -> bool:
     dtype = x.dtype
     return (
-        type(x) is torch.Tensor
-        and (dtype is torch.float32 or dtype is torch.float64)
+        (dtype is torch.float32 or dtype is torch.float64)
         and x.is_cpu
         and x.layout is torch.strided
         and x.dim() >= 2
-        and not _is_compiling()
+        and not traced(x)
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from normlab.functional.renorm import _batch_renorm, check_clip_limits, renorm_clip_limits
+from normlab.kernels import traced
 from normlab.nn.batchnorm import _NormlabBatchNorm, _Rank1d, _Rank2d, _Rank3d
 
 
@@ -96,7 +97,11 @@ class _BatchRenorm(_NormlabBatchNorm):
         """``(r_max_t, d_max_t)`` at ``step`` (default: the current step,
         ``num_batches_tracked``); see :func:`normlab.functional.renorm_clip_limits`."""
         if step is None:
-            step = 0 if self.num_batches_tracked is None else int(self.num_batches_tracked)
+            step = self.num_batches_tracked
+            if step is None:
+                step = 0
+            elif not traced(step):  # traced code keeps the counter a tensor
+                step = int(step)
         return renorm_clip_limits(
             step,
             r_max=self.r_max,

@@ -23,6 +23,7 @@ from normlab.functional.batch_norm import (
     _check_batch_norm,
 )
 from normlab.functional.ema import ema_debias
+from normlab.kernels import traced
 
 _TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 
@@ -134,7 +135,9 @@ class _NormlabBatchNorm(_BatchNorm):
         mean, var = self.running_mean, self.running_var
         if not self.ema_debias or mean is None or self.num_batches_tracked is None:
             return mean, var
-        steps = int(self.num_batches_tracked)
+        steps = self.num_batches_tracked
+        if not traced(steps):  # eager: a Python int; traced code keeps it a tensor
+            steps = int(steps)
         return (
             ema_debias(mean, 0.0, self.momentum, steps),
             ema_debias(var, 1.0, self.momentum, steps),
@@ -187,7 +190,7 @@ class _NormlabBatchNorm(_BatchNorm):
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self._cache_checks and type(input) is torch.Tensor:
+        if self._cache_checks and not traced(input):  # tracers record every call's checks
             signature = self._signature(input)
             checked = self._checked
             if checked is not None and checked[0] == signature:
