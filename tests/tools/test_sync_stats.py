@@ -456,12 +456,12 @@ FAULTS = {
     # case: (the start of the error on rank 0, on rank 1)
     "extra layer": (MISMATCH + "the ranks' models differ (rank 0: 12 layers",) * 2,
     "other dtype": (
-        MISMATCH + "the ranks' models differ (rank 0: 12 layers, 83 elements; "
-        "rank 1: 12 layers, 83 elements) (same sizes",
+        MISMATCH + "the ranks' models differ (rank 0: 12 layers, 80 elements; "
+        "rank 1: 12 layers, 80 elements) (same sizes",
     )
     * 2,
     "no bn": (
-        MISMATCH + "the ranks' models differ (rank 0: 12 layers, 83 elements; rank 1: 0 layers",
+        MISMATCH + "the ranks' models differ (rank 0: 12 layers, 80 elements; rank 1: 0 layers",
     )
     * 2,
     "modes": (MISMATCH + "the ranks passed different arguments (rank 0: 'pooled', rank 1: 'mean')",)
