@@ -43,8 +43,9 @@ Bessel's correction. BN's ``running_var`` averages *unbiased* batch variances
 variance and does not apply the correction again to the union. Against one process that
 stored the unbiased variance ``var_u`` of the union of one batch per rank (n_k values per
 channel, ``w_k = n_k``, ``N = Σ n_k``), the result is exactly
-``var_u + (Σ_k v_k − var_u) / N``: at most k/N relative, 3e-4 for two ranks of
-8 × 8 × 8 values per channel, and it vanishes as batches grow.
+``var_u + (Σ_k v_k − var_u) / N``. Since ``(N − 1) var_u ≥ Σ_k (n_k − 1) v_k``, that is
+between −1/N and +1/(min n_k − 1) relative to ``var_u`` (within 2e-3 for batches of
+8 × 8 × 8 values per channel), and it vanishes as batches grow.
 
 Non-iid shards. Per-rank BN trains each rank on its own batch statistics, so no single
 pair of statistics reproduces training when the ranks' data differ; ``'pooled'`` gives
