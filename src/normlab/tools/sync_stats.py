@@ -28,8 +28,8 @@ weight ``w_k``; the modes are
 ``num_batches_tracked`` becomes its maximum over the ranks (``'pooled'``, ``'mean'``:
 each rank's own value when they trained in lockstep; it is the renorm clip schedule's step
 and the length of a ``momentum=None`` average) or ``src``'s (``'broadcast'``). A layer
-whose buffers already agree bit for bit on every rank is left untouched (SyncBatchNorm,
-layers frozen with :func:`normlab.freeze`).
+whose buffers already agree bit for bit on every rank is left untouched (SyncBatchNorm's,
+which are global already; layers frozen with :func:`normlab.freeze` from one checkpoint).
 
 Weights (``'pooled'``). ``counts=`` is this rank's amount of data behind its statistics
 (e.g. its number of samples; only the ratios matter) and weighs every layer. Without it,
