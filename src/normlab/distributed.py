@@ -175,6 +175,15 @@ def _all_gather_rows(row: torch.Tensor, group) -> torch.Tensor:
     return out.view(world, row.numel())
 
 
+def all_gather_rows(row: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's 1-d ``row`` stacked in rank order, ``(k, len(row))``: ONE all_gather.
+
+    ``row`` must have the same length and dtype on every rank (collectives of different
+    sizes crash gloo: exchange a fixed-size header first when the ranks may disagree).
+    """
+    return _all_gather_rows(row, group)
+
+
 def handshake(
     channels: int,
     dtype: torch.dtype,
