@@ -6,7 +6,16 @@ y = nl.functional.batch_norm(x, rm, rv, training=True)
 """
 
 from normlab import diagnostics, functional, nn, tools
-from normlab.tools import accumulate_stats, adapt, convert, fold, freeze, recalibrate, unfreeze
+from normlab.tools import (
+    accumulate_stats,
+    adapt,
+    convert,
+    fold,
+    freeze,
+    recalibrate,
+    to_torch_for_quantization,
+    unfreeze,
+)
 
 __version__ = "0.1.0"
 
@@ -21,6 +30,7 @@ __all__ = [
     "functional",
     "nn",
     "recalibrate",
+    "to_torch_for_quantization",
     "tools",
     "unfreeze",
 ]

@@ -3,7 +3,12 @@ gradient-accumulation-aware statistics. Each works on torch's and normlab's laye
 
 Which tools mutate: ``freeze``/``unfreeze``, ``recalibrate``, ``adapt`` (hooks until
 removed) and ``accumulate_stats`` (statistics on exit) change the model you pass;
-``convert`` (unless ``inplace=True``) and ``fold`` return a new model.
+``convert`` (unless ``inplace=True``), ``fold`` and ``to_torch_for_quantization`` (unless
+``inplace=True``) return a new model.
+
+Importing normlab registers fuser methods for its BN layers in torch.ao quantization's
+default mapping, so ``torch.ao.quantization.fuse_modules``/``fuse_modules_qat`` accept them
+(see :mod:`normlab.tools.quantization`).
 """
 
 from normlab.tools.accumulate import accumulate_stats
@@ -11,11 +16,17 @@ from normlab.tools.adapt import Adaptation, adapt
 from normlab.tools.convert import convert
 from normlab.tools.fold import FoldResult, Unfolded, fold
 from normlab.tools.freeze import freeze, unfreeze
+from normlab.tools.quantization import (
+    QuantizationFusionWarning,
+    to_torch_for_quantization,
+    torch_batch_norm,
+)
 from normlab.tools.recalibrate import recalibrate
 
 __all__ = [
     "Adaptation",
     "FoldResult",
+    "QuantizationFusionWarning",
     "Unfolded",
     "accumulate_stats",
     "adapt",
@@ -23,5 +34,7 @@ __all__ = [
     "fold",
     "freeze",
     "recalibrate",
+    "to_torch_for_quantization",
+    "torch_batch_norm",
     "unfreeze",
 ]
