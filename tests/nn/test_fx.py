@@ -248,3 +248,15 @@ def test_fold_works_on_a_traced_model():
     assert unfolded == unfolded_plain
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fx_experimental_fuse_keeps_the_model_correct():
+    # torch.fx.experimental.optimization.fuse folds Conv-BN by exact torch types: a normlab
+    # BN is left as its own node (normlab.fold is the folding tool), never mis-fused.
+    from torch.fx.experimental.optimization import fuse
+
+    _, ours = _pair()
+    ours.eval()
+    x = images(4, size=5)
+    with torch.no_grad():
+        torch.testing.assert_close(fuse(ours)(x), ours(x), rtol=0, atol=0)
