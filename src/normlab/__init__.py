@@ -14,6 +14,7 @@ from normlab.tools import (
     freeze,
     recalibrate,
     sync_running_stats,
+    to_torch_for_quantization,
     unfreeze,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "nn",
     "recalibrate",
     "sync_running_stats",
+    "to_torch_for_quantization",
     "tools",
     "unfreeze",
 ]

@@ -249,8 +249,11 @@ def normalize_batch(
     already shaped)."""
     from normlab.functional.engine import view_params
 
-    if use_custom_op(x, dims, center):
-        c = next(d for d in range(x.dim()) if d not in dims)
+    c = next((d for d in range(x.dim()) if d not in dims), -1)
+    per_channel = param_shape is not None or (
+        kernels._per_channel(weight, x.shape, c) and kernels._per_channel(bias, x.shape, c)
+    )
+    if per_channel and use_custom_op(x, dims, center):
         w, b = weight, bias
         if param_shape is None:  # shaped to broadcast: the op takes (C,) tensors
             w = None if w is None else w.reshape(-1)

@@ -1,4 +1,10 @@
-"""Normalization layers: modules that hold state and call one functional each."""
+"""Normalization layers: modules that hold state and call one functional each.
+
+Like torch's own layers, each is a leaf of ``torch.fx`` tracing (one ``call_module``
+node; see :mod:`normlab.nn._fx`), and the BatchNorm layers fuse with a Conv/Linear in
+``torch.ao.quantization.fuse_modules``/``fuse_modules_qat`` (see
+:mod:`normlab.tools.quantization`).
+"""
 
 from normlab.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from normlab.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d

@@ -24,6 +24,7 @@ from normlab.functional.batch_norm import (
 )
 from normlab.functional.ema import ema_debias
 from normlab.kernels import traced
+from normlab.nn._fx import Proxy, call_as_leaf
 
 _TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 
@@ -197,6 +198,8 @@ class _NormlabBatchNorm(_BatchNorm):
                 return self._forward_with(input, layout=checked[1])
             self._check_input_dim(input)
             return self._forward_with(input, signature=signature)
+        if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
+            return call_as_leaf(self, input)
         self._check_input_dim(input)
         return self._forward_with(input)
 

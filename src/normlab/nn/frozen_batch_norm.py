@@ -20,6 +20,7 @@ import torch
 from normlab.functional import _checks
 from normlab.functional.batch_norm import _batch_norm
 from normlab.nn._fused import FusedActivation
+from normlab.nn._fx import Proxy, call_as_leaf
 from normlab.nn.batchnorm import _Rank1d, _Rank2d, _Rank3d
 
 
@@ -113,6 +114,8 @@ class _FrozenBatchNorm(FusedActivation, torch.nn.Module):
         pass
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
+            return call_as_leaf(self, input)
         _checks.check_floating(input, "input", type(self).__name__)
         self._check_rank(input)
         if input.shape[1] != self.num_features:

@@ -19,6 +19,7 @@ from normlab.functional import _checks
 from normlab.functional.batch_norm import NonFiniteStatisticsWarning
 from normlab.functional.sample_norms import _instance_norm
 from normlab.nn._fused import FusedActivation
+from normlab.nn._fx import Proxy, call_as_leaf
 
 
 class _InstanceNorm(FusedActivation):
@@ -88,6 +89,8 @@ class _InstanceNorm(FusedActivation):
             )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
+            return call_as_leaf(self, input)
         name = type(self).__name__
         _checks.check_floating(input, "input", name)
         self._check_input_dim(input)

@@ -13,6 +13,7 @@ import torch
 from normlab.functional import _checks
 from normlab.functional.sample_norms import check_groups, group_norm, layer_norm, rms_norm
 from normlab.nn._fused import FusedActivation
+from normlab.nn._fx import Proxy, call_as_leaf
 
 
 class LayerNorm(FusedActivation, torch.nn.LayerNorm):
@@ -50,6 +51,8 @@ class LayerNorm(FusedActivation, torch.nn.LayerNorm):
         self._init_activation(activation, negative_slope)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
+            return call_as_leaf(self, input)
         return layer_norm(
             input,
             self.normalized_shape,
@@ -104,6 +107,8 @@ class GroupNorm(FusedActivation, torch.nn.GroupNorm):
         self._init_activation(activation, negative_slope)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
+            return call_as_leaf(self, input)
         if input.dim() >= 2 and input.shape[1] != self.num_channels:
             raise ValueError(
                 f"{type(self).__name__}(num_groups={self.num_groups}, num_channels="
@@ -160,6 +165,8 @@ class RMSNorm(FusedActivation, torch.nn.RMSNorm):
         self._init_activation(activation, negative_slope)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
+            return call_as_leaf(self, input)
         return rms_norm(
             input,
             self.normalized_shape,

@@ -14,6 +14,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab import distributed
+from normlab.nn._fx import Proxy, call_as_leaf
 from normlab.nn.batchnorm import BatchNorm, _NormlabBatchNorm
 
 # Layers are numbered per process group in the order of their first synchronised call;
@@ -132,6 +133,8 @@ class SyncBatchNorm(_NormlabBatchNorm):
         return (id(group), torch.distributed.get_world_size(self.process_group))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
+            return call_as_leaf(self, input)
         if not self._sync_active():
             return super().forward(input)
         where = type(self).__name__
