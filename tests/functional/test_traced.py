@@ -242,3 +242,22 @@ def test_hessian_through_transforms_matches_eager_double_backward():
     (g,) = torch.autograd.grad(loss(xe), xe, create_graph=True)
     rows = [torch.autograd.grad(g.reshape(-1)[i], xe, retain_graph=True)[0] for i in range(15)]
     torch.testing.assert_close(hess.reshape(15, 15), torch.stack(rows).reshape(15, 15))
+
+
+@pytest.mark.parametrize(
+    "layer,shape",
+    [
+        (lambda: nl.nn.LayerNorm(4), (3, 4)),  # one dim reduced, weight per feature, not per row
+        (lambda: nl.nn.LayerNorm([3, 4]), (2, 3, 4)),
+        (lambda: nl.nn.GroupNorm(2, 4), (3, 4, 5)),
+        (lambda: nl.nn.RMSNorm(4), (3, 4)),
+    ],
+)
+def test_compiled_sample_norms_match_eager(layer, shape):
+    # A reduction that leaves one dim looks like the BatchNorm case, but LayerNorm's weight
+    # is per feature: such calls take the composite path, not the per-channel custom op.
+    m = layer()
+    x = torch.randn(*shape)
+    got = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, m(x))
+    torch._dynamo.reset()
