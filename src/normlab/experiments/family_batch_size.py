@@ -174,12 +174,12 @@ def values_per_statistic(
     return tuple(shapes), tuple(counts)
 
 
-def build_model(config: Config, norm: str) -> nn.Sequential:
+def build_model(config: Config, norm: str, num_classes: int = 10) -> nn.Sequential:
     """The net every run trains: stride-2 3×3 convs, the last map flattened, the hidden
     fully connected layers, a classifier; ``norm`` after every conv and hidden layer
     (instance norm after the convs only). Weights from the global RNG: seed around it."""
     return T.small_cnn(
-        10,
+        num_classes,
         channels=config.channels,
         strides=config.strides,
         norm=norm,
@@ -195,6 +195,11 @@ def measure(config: Config, progress: Progress | None = None) -> Measurement:
         raise ValueError(f"family-batch-size: num_seeds must be at least 1, got {config.num_seeds}")
     if config.epochs <= 0:
         raise ValueError(f"family-batch-size: epochs must be positive, got {config.epochs}")
+    if len(config.batch_sizes) < 2 or min(config.batch_sizes) < 2:
+        raise ValueError(
+            "family-batch-size: batch_sizes needs at least two sizes, each ≥ 2 (BN needs two "
+            f"values per channel), got {config.batch_sizes}"
+        )
     seeds = tuple(config.seed + k for k in range(config.num_seeds))
     batch_sizes = tuple(sorted(config.batch_sizes, reverse=True))
     keys = (*NORMS, PRECISE)
@@ -220,7 +225,7 @@ def measure(config: Config, progress: Progress | None = None) -> Measurement:
         for norm in NORMS:
             for b in batch_sizes:
                 with T.seeded(seed):
-                    model = build_model(config, norm)
+                    model = build_model(config, norm, data.num_classes)
                 hist = T.train(
                     model,
                     data,
@@ -311,7 +316,7 @@ def _counts(values: tuple[int | None, ...]) -> str:
     return "/".join("—" if v is None else str(v) for v in values)
 
 
-def _separation_note(m: Measurement) -> str:
+def _separation_note(m: Measurement, margin: float) -> str:
     """How much of BN's small-batch rise survives population statistics."""
     big, small = m.largest, m.smallest
     running, precise = m.rise("bn"), m.rise(PRECISE)
@@ -320,14 +325,14 @@ def _separation_note(m: Measurement) -> str:
         f"statistics and {precise * 100:.1f} with population statistics recomputed over the "
         f"training set"
     )
-    if running <= 0:
+    if running < margin:  # no rise to split
         return text + "."
     kept = precise / running
     if kept >= 0.5:
         return text + (
             f": {kept:.0%} of it remains, so most of it comes from training on noisy batch "
-            f"statistics (the net learns features that depend on its batch companions), not "
-            f"from bad running estimates."
+            f"statistics (features learnt to work with a batch's own statistics), not from "
+            f"bad running estimates."
         )
     return text + (
         f": only {max(kept, 0.0):.0%} remains, so most of it comes from the running estimates, "
@@ -375,15 +380,23 @@ def _where_bn_breaks_note(m: Measurement, margin: float) -> str:
 
 
 def _steps_note(m: Measurement) -> str:
-    """Equal epochs mean far fewer steps at large batches; say so with the numbers."""
+    """Equal epochs mean far fewer steps at large batches; say what that does to the
+    batch-free norms, whose errors would otherwise not depend on the batch size."""
     big, small = m.largest, m.smallest
-    return (
-        f"Equal epochs mean {m.steps[big]} steps at batch {big} and {m.steps[small]} at batch "
-        f"{small}: the batch-free norms' errors at batch {big} "
-        f"({', '.join(f'{T.NORM_NAMES[k]} {_pct(m.mean_error(k, big))}' for k in NORMS[1:])}) "
-        f"include this shorter training, so their trailing BN there mixes the norm with how "
-        f"fast it trains."
+    changes = ", ".join(
+        f"{T.NORM_NAMES[k]} {_pct(m.mean_error(k, big))} → {_pct(m.mean_error(k, small))}"
+        for k in NORMS[1:]
     )
+    text = (
+        f"Equal epochs mean {m.steps[big]} SGD steps at batch {big} and {m.steps[small]} at "
+        f"batch {small}; the batch-free norms' errors from batch {big} to {small}: {changes}"
+    )
+    if any(m.mean_error(k, big) > m.mean_error("bn", big) for k in ("ln", "in")):
+        text += (
+            f". Part of LN's and IN's trailing BN at batch {big} may be slower training in "
+            f"few steps rather than the norm itself"
+        )
+    return text + "."
 
 
 def present(m: Measurement, config: Config) -> dict:
@@ -424,7 +437,7 @@ def present(m: Measurement, config: Config) -> dict:
         f"in the fully connected layer, which then has none). Wu & He's ResNet-50 pools "
         f"2·49 = 98 values per channel in its last stage at batch 2.",
         _where_bn_breaks_note(m, config.margin),
-        _separation_note(m),
+        _separation_note(m, config.margin),
         _steps_note(m),
         _overlap_note(m),
         f"Errors are the mean (min–max) over seeds {', '.join(map(str, m.seeds))}; one test "
