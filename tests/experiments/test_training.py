@@ -165,3 +165,33 @@ def test_unit_percentiles_against_quantile_of_the_captured_input():
     assert len(per_unit) == 12
     ref = torch.quantile(z[:, 5], torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64))
     torch.testing.assert_close(torch.tensor(per_unit[5], dtype=torch.float64), ref)
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln", "in"])
+def test_small_cnn_with_flattened_map_and_hidden_layer(norm):
+    torch.manual_seed(0)
+    kwargs = {"num_groups": 4} if norm == "gn" else {}
+    m = T.small_cnn(
+        channels=(8, 16),
+        strides=(2, 2),
+        norm=norm,
+        norm_kwargs=kwargs,
+        pool="flatten",
+        hidden=(12,),
+    )
+    assert m(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    fc, _ = T.modules_of(m, nn.Linear)
+    assert fc.in_features == 16 * 2 * 2  # the 2×2 map flattened, not pooled
+    after_fc = list(m)[list(m).index(fc) + 1]
+    if norm == "in":  # undefined on one value per feature: no norm, and a bias instead
+        assert isinstance(after_fc, nn.ReLU) and fc.bias is not None
+    else:
+        expected = {"bn": nlnn.BatchNorm1d, "gn": nlnn.GroupNorm, "ln": nlnn.LayerNorm}[norm]
+        assert isinstance(after_fc, expected) and fc.bias is None
+
+
+def test_small_cnn_defaults_unchanged_and_bad_pool_named():
+    m = T.small_cnn(norm="bn")
+    assert [type(x).__name__ for x in m][-3:] == ["AdaptiveAvgPool2d", "Flatten", "Linear"]
+    with pytest.raises(ValueError, match="pool must be 'avg' or 'flatten'"):
+        T.small_cnn(pool="max")

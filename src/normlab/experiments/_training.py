@@ -172,10 +172,22 @@ def small_cnn(
     image_size: int = 8,
     strides: Sequence[int] = (1, 2, 1),
     norm_kwargs: dict | None = None,
+    pool: str = "avg",
+    hidden: Sequence[int] = (),
 ) -> nn.Sequential:
     """A small CNN for 1×8×8 digits: 3×3 conv (padding 1, the given strides) → [norm] →
-    ReLU blocks, then global average pooling and a Linear classifier. Convolutions have no
-    bias when a norm follows (its β plays that role)."""
+    ReLU blocks, then global average pooling (``pool='avg'``) or the last feature map
+    flattened (``pool='flatten'``), then fully connected Linear → [norm] → ReLU blocks of the
+    widths ``hidden`` (none by default), then a Linear classifier. Convolutions and hidden
+    Linear layers have no bias when a norm follows (its β plays that role).
+
+    In the hidden Linear layers the norm takes its 1-D form (BatchNorm1d: each feature over
+    the batch alone, one value per sample; GroupNorm and LayerNorm over features). Instance
+    norm is undefined there — a sample's feature is a single value, whose own mean it
+    equals — so ``norm='in'`` leaves those layers unnormalised (with a bias).
+    """
+    if pool not in ("avg", "flatten"):
+        raise ValueError(f"small_cnn: pool must be 'avg' or 'flatten', got {pool!r}")
     layers: list[nn.Module] = []
     in_ch, size = 1, image_size
     for out_ch, stride in zip(channels, strides, strict=True):
@@ -186,7 +198,20 @@ def small_cnn(
             layers.append(n)
         layers.append(nn.ReLU())
         in_ch = out_ch
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_ch, num_classes)]
+    if pool == "avg":
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        features = in_ch
+    else:
+        layers.append(nn.Flatten())
+        features = in_ch * size * size
+    for width in hidden:
+        n = None if norm == "in" else norm_layer(norm, width, **(norm_kwargs or {}))
+        layers.append(nn.Linear(features, width, bias=n is None))
+        if n is not None:
+            layers.append(n)
+        layers.append(nn.ReLU())
+        features = width
+    layers.append(nn.Linear(features, num_classes))
     return nn.Sequential(*layers)
 
 
