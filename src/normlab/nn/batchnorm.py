@@ -16,7 +16,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.functional import _checks
-from normlab.functional.activations import get_activation
+from normlab.functional.activations import activation_name
 from normlab.functional.batch_norm import (
     NonFiniteStatisticsWarning,
     _batch_norm,
@@ -45,9 +45,13 @@ class _NormlabBatchNorm(_BatchNorm):
             ``num_batches_tracked``; if False, eval mode uses batch statistics too.
         device, dtype: of the parameters and buffers.
         bias: keyword-only; with ``affine=True``, learn β too (torch ≥ 2.13's flag).
-        activation: keyword-only; fuse 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu' or
-            'identity' (None) after the affine, saving memory in backward.
+        activation: keyword-only; fuse 'relu', 'leaky_relu', 'relu6', 'hardtanh',
+            'hardswish', 'elu', 'sigmoid', 'tanh', 'silu' or 'identity' (None) after the
+            affine, saving memory in backward (see ``normlab.functional.activations``).
         negative_slope: keyword-only; slope of 'leaky_relu'. Default 0.01.
+        min_val, max_val: keyword-only; the bounds of 'hardtanh' (torch's defaults −1, 1;
+            the layer's ``activation`` then reads ``'hardtanh(min_val, max_val)'``).
+        alpha: keyword-only; α of 'elu' (default 1; ``activation`` reads ``'elu(alpha)'``).
         nonfinite: keyword-only; what a training batch with NaN/Inf statistics does to the
             running statistics: 'skip' (default) keeps the last good ones and
             ``num_batches_tracked`` and warns once per layer; 'raise' raises
@@ -79,6 +83,9 @@ class _NormlabBatchNorm(_BatchNorm):
         bias: bool = True,
         activation: str | None = None,
         negative_slope: float = 0.01,
+        min_val: float = -1.0,
+        max_val: float = 1.0,
+        alpha: float = 1.0,
         nonfinite: str = "skip",
         ema_debias: bool = False,
     ) -> None:
@@ -87,7 +94,9 @@ class _NormlabBatchNorm(_BatchNorm):
         _checks.check_eps(eps, where)
         _checks.check_momentum(momentum, where)
         _checks.check_nonfinite(nonfinite, where)
-        get_activation(activation, where)
+        activation = activation_name(
+            activation, min_val=min_val, max_val=max_val, alpha=alpha, where=where
+        )
         if _TORCH_HAS_BIAS_FLAG:
             super().__init__(
                 num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
@@ -98,7 +107,7 @@ class _NormlabBatchNorm(_BatchNorm):
             )
             if not bias and self.affine:
                 self.register_parameter("bias", None)
-        self.activation = None if activation in (None, "identity") else str(activation).lower()
+        self.activation = activation
         self.negative_slope = float(negative_slope)
         self.nonfinite = nonfinite
         self.ema_debias = bool(ema_debias)
