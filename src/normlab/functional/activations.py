@@ -38,6 +38,32 @@ class Activation:
     params: tuple[float, ...] = ()
 
 
+def derivative_from_output(act: Activation, negative_slope: float):
+    """``act'(z)`` as a function of the output ``y = act(z)``, or None where y does not
+    determine it. Exact for the piecewise-linear ones (relu: y > 0; relu6/hardtanh:
+    lo < y < hi, 0 at the bounds as torch's hardtanh_backward; leaky_relu with slope > 0:
+    y > 0), elu (α > 0: y + α below 0) and, as torch's own backward computes them,
+    sigmoid (y·(1 − y)) and tanh (1 − y²). hardswish and silu are not monotone: no."""
+    name = act.name
+    if name == "identity":
+        return lambda y: torch.ones_like(y)
+    if name == "relu" or (name == "leaky_relu" and negative_slope == 0.0):
+        return lambda y: (y > 0).to(y.dtype)
+    if name == "leaky_relu" and negative_slope > 0.0:
+        return lambda y: torch.where(y > 0, torch.ones_like(y), torch.full_like(y, negative_slope))
+    if name in ("relu6", "hardtanh"):
+        lo, hi = act.params
+        return lambda y: ((y > lo) & (y < hi)).to(y.dtype)
+    if name == "elu" and act.params[0] > 0.0:
+        alpha = act.params[0]
+        return lambda y: torch.where(y > 0, torch.ones_like(y), y + alpha)
+    if name == "sigmoid":
+        return lambda y: y * (1 - y)
+    if name == "tanh":
+        return lambda y: 1 - y * y
+    return None
+
+
 def _sigmoid_derivative(z: torch.Tensor, _: float) -> torch.Tensor:
     s = torch.sigmoid(z)
     return s * (1 - s)

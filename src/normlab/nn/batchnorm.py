@@ -198,7 +198,12 @@ class _NormlabBatchNorm(_BatchNorm):
             b.get("num_batches_tracked") is None,
         )
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(γ·x̂ + β)``, or with ``residual`` (a tensor like ``input``)
+        ``act(γ·x̂ + β + residual)``: BN → add → activation as one layer (what
+        :func:`normlab.fuse` makes of a ResNet block's tail)."""
+        if residual is not None:
+            return self._forward_residual(input, residual)
         if self._cache_checks and not traced(input):  # tracers record every call's checks
             signature = self._signature(input)
             checked = self._checked
@@ -208,6 +213,22 @@ class _NormlabBatchNorm(_BatchNorm):
             return self._forward_with(input, signature=signature)
         self._check_input_dim(input)
         return self._forward_with(input)
+
+    def _forward_residual(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """forward(input, residual): the checks on every call (not on the cached hot path)."""
+        if type(self)._normalize is not _NormlabBatchNorm._normalize:
+            raise NotImplementedError(
+                f"{type(self).__name__} computes its statistics its own way and does not take "
+                f"residual=; add the residual and apply the activation after the layer."
+            )
+        self._check_input_dim(input)
+        self.__dict__["_residual"] = residual
+        try:
+            return self._forward_with(input, signature=None)
+        finally:
+            self.__dict__["_residual"] = None
+
+    _residual: torch.Tensor | None = None  # set only during forward(input, residual)
 
     def _forward_with(
         self, input: torch.Tensor, source_fn=None, layout=None, signature=None
@@ -298,6 +319,7 @@ class _NormlabBatchNorm(_BatchNorm):
             where=type(self).__name__,
             source_fn=source_fn if use_batch_stats else None,
             layout=layout,
+            residual=self._residual,
         )
 
     def extra_repr(self) -> str:
