@@ -6,7 +6,16 @@ y = nl.functional.batch_norm(x, rm, rv, training=True)
 """
 
 from normlab import diagnostics, functional, nn, tools
-from normlab.tools import accumulate_stats, adapt, convert, fold, freeze, recalibrate, unfreeze
+from normlab.tools import (
+    accumulate_stats,
+    adapt,
+    convert,
+    fold,
+    freeze,
+    fuse,
+    recalibrate,
+    unfreeze,
+)
 
 __version__ = "0.1.0"
 
@@ -19,6 +28,7 @@ __all__ = [
     "fold",
     "freeze",
     "functional",
+    "fuse",
     "nn",
     "recalibrate",
     "tools",

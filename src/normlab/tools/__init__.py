@@ -11,17 +11,20 @@ from normlab.tools.adapt import Adaptation, adapt
 from normlab.tools.convert import convert
 from normlab.tools.fold import FoldResult, Unfolded, fold
 from normlab.tools.freeze import freeze, unfreeze
+from normlab.tools.fuse import FuseReport, fuse
 from normlab.tools.recalibrate import recalibrate
 
 __all__ = [
     "Adaptation",
     "FoldResult",
+    "FuseReport",
     "Unfolded",
     "accumulate_stats",
     "adapt",
     "convert",
     "fold",
     "freeze",
+    "fuse",
     "recalibrate",
     "unfreeze",
 ]
