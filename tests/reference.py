@@ -67,6 +67,10 @@ ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
     "silu": lambda z: z * torch.sigmoid(z),
+    "relu6": lambda z: torch.clamp(z, 0.0, 6.0),
+    "hardtanh(-0.5, 2.0)": lambda z: torch.clamp(z, -0.5, 2.0),
+    "hardswish": lambda z: z * torch.clamp(z + 3.0, 0.0, 6.0) / 6.0,
+    "elu(0.5)": lambda z: torch.where(z > 0, z, 0.5 * (torch.exp(torch.clamp(z, max=0.0)) - 1)),
 }
 
 

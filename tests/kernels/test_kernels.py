@@ -13,7 +13,10 @@ import normlab.functional as NF
 from normlab import kernels
 from tests import reference as ref
 
-ACTS = ["identity", "relu", "leaky_relu", "sigmoid", "tanh", "silu"]
+ACTS = [
+    "identity", "relu", "leaky_relu", "sigmoid", "tanh", "silu",
+    "relu6", "hardtanh(-0.5, 2.0)", "hardswish", "elu(0.5)",
+]  # fmt: skip
 LAYOUTS = ["cf", "cl", "strided"]
 DTYPES = [torch.float32, torch.float64]
 # float32: statistics in float64; relu/leaky_relu/identity elementwise in float32 with

@@ -205,6 +205,7 @@ def _batch_norm(
     where: str = "batch_norm",
     source_fn: Callable[[torch.Tensor, tuple[int, ...]], tuple[StatsSource, int]] | None = None,
     layout: BatchNormLayout | None = None,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """:func:`batch_norm`, also returning whether a non-finite batch was skipped.
 
@@ -235,6 +236,12 @@ def _batch_norm(
     # (C,) tensors broadcast against x only when C is the last dim (layout.view False);
     # the engine's main entry takes them as they are (param_shape), the others viewed.
     shape = layout.shape if layout.view else None
+    if residual is not None:
+        return _batch_norm_residual(
+            input, residual, running_mean, running_var, weight, bias, training, momentum,
+            eps, activation, negative_slope, nonfinite, num_batches_tracked, where, layout,
+            source_fn, shape,
+        )  # fmt: skip
 
     if not training:
         y = kernels.affine_channels(
@@ -298,6 +305,66 @@ def _batch_norm(
     return y, False
 
 
+def _check_residual(input: torch.Tensor, residual: torch.Tensor, where: str) -> None:
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{where}: residual must be a tensor or None, got {type(residual)!r}")
+    if residual.shape != input.shape or residual.dtype != input.dtype:
+        raise ValueError(
+            f"{where}: residual must have the input's shape and dtype ({tuple(input.shape)}, "
+            f"{input.dtype}), got {tuple(residual.shape)}, {residual.dtype}. It is added to "
+            f"the normalised input before the activation; project it first (a 1x1 conv and "
+            f"BN, as a ResNet downsample does) or cast it with residual.to(input.dtype)."
+        )
+    if residual.device != input.device:
+        raise ValueError(
+            f"{where}: residual is on {residual.device}, the input on {input.device}; move it "
+            f"with residual.to(input.device)."
+        )
+
+
+def _batch_norm_residual(
+    input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
+    activation, negative_slope, nonfinite, num_batches_tracked, where, layout, source_fn,
+    shape,
+) -> tuple[torch.Tensor, bool]:  # fmt: skip
+    """:func:`_batch_norm` with a residual: ``y = act(γ·x̂ + β + r)``. Training, eager:
+    one fused autograd function (:func:`normlab.functional.engine.normalize_batch_residual`);
+    eval and traced code: the layer without activation, then ``act(· + r)`` as torch ops
+    (a compiler fuses those; autograd differentiates them)."""
+    from normlab.functional.activations import get_activation
+    from normlab.functional.engine import normalize_batch_residual
+
+    _check_residual(input, residual, where)
+    if source_fn is not None:
+        raise NotImplementedError(
+            f"{where}: residual= is not supported with statistics gathered elsewhere "
+            f"(SyncBatchNorm across ranks): add the residual and apply the activation after "
+            f"the layer."
+        )
+    act = get_activation(activation, where)
+    if training and not kernels.traced(input) and input.numel() > 0:
+        running = None
+        if running_mean is not None and layout.n > 0:
+            running = RunningUpdate(
+                running_mean, running_var, momentum, num_batches_tracked,
+                skip_nonfinite=nonfinite != "propagate",
+            )  # fmt: skip
+        config = (layout.dims, eps, activation, negative_slope, running, shape)
+        y = normalize_batch_residual(input, residual, weight, bias, config, [])
+        if running is not None and running.skipped:
+            if nonfinite == "raise":
+                raise _nonfinite_error(where)
+            return y, True
+        return y, False
+    z, skipped = _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        channel_dim=layout.channel, activation=None, nonfinite=nonfinite,
+        num_batches_tracked=num_batches_tracked, where=where, layout=layout,
+    )  # fmt: skip
+    z = z + residual
+    return (z if act.name == "identity" else act.forward(z, negative_slope)), skipped
+
+
 def _traced_batch_norm(
     input, running_mean, running_var, weight, bias, momentum, eps, activation,
     negative_slope, nonfinite, num_batches_tracked, where, layout, source, n,
@@ -340,8 +407,9 @@ def batch_norm(
     negative_slope: float = 0.01,
     nonfinite: str = "propagate",
     num_batches_tracked: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Batch normalization: ``y = act(γ · (x − μ) / sqrt(σ² + ε) + β)`` per channel.
+    """Batch normalization: ``y = act(γ · (x − μ) / sqrt(σ² + ε) + β [+ r])`` per channel.
 
     Drop-in for :func:`torch.nn.functional.batch_norm` (same positional arguments and
     semantics), on normlab's engine: stable statistics, closed-form backward, any rank.
@@ -357,9 +425,15 @@ def batch_norm(
             cumulative average and needs ``num_batches_tracked``.
         eps: added to the variance (≥ 0).
         channel_dim: the channel dimension (1 for channels-first; -1 for (N, L, C)).
-        activation: fuse an activation after the affine ('relu', 'leaky_relu', 'sigmoid',
-            'tanh', 'silu', 'identity' or None).
+        activation: fuse an activation after the affine ('relu', 'leaky_relu', 'relu6',
+            'hardtanh', 'hardtanh(min_val, max_val)', 'hardswish', 'elu', 'elu(alpha)',
+            'sigmoid', 'tanh', 'silu', 'identity' or None).
         negative_slope: slope of 'leaky_relu'.
+        residual: optional tensor like ``input`` (same shape and dtype, any strides) added
+            after the affine and before the activation: ResNet's ``relu(bn(x) + identity)``
+            as one layer. Its gradient is dy·act'(z). In training the layer saves x and its
+            output y (not r) when y determines act'(z) (every activation but hardswish and
+            silu; see ``normlab.functional.engine._NormalizeBatchResidual``).
         nonfinite: when the batch statistics are NaN/Inf: 'propagate' (torch) updates the
             running statistics anyway; 'skip' leaves them (and ``num_batches_tracked``)
             unchanged and warns; 'raise' raises ``FloatingPointError`` before any change.
@@ -385,6 +459,7 @@ def batch_norm(
         negative_slope=negative_slope,
         nonfinite=nonfinite,
         num_batches_tracked=num_batches_tracked,
+        residual=residual,
     )
     if skipped:
         warnings.warn(

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from normlab import kernels
-from normlab.functional.activations import get_activation
+from normlab.functional.activations import derivative_from_output, get_activation
 from normlab.functional.ema import fold_running_
 from normlab.functional.stats import Moments, centered_moments, reduce_count, work_dtype
 
@@ -450,3 +450,145 @@ def normalize_with_stats(
 def count(x: torch.Tensor, dims: Sequence[int]) -> int:
     """Elements per statistic for a reduction of ``x`` over ``dims``."""
     return reduce_count(x.shape, dims)
+
+
+# -- BN → add(residual) → activation ----------------------------------------------------
+class _NormalizeBatchResidual(torch.autograd.Function):
+    """Training batch norm with a residual added before the activation (ResNet's
+    ``relu(bn(x) + identity)``, MobileNetV2's ``bn(x) + identity``):
+
+        z = γ·x̂ + β + r,   y = act(z)
+        dz = dy·act'(z),   dr = dz,   (dx, dγ, dβ) = BN's closed form applied to dz
+
+    (the residual enters z with unit weight, so its gradient is dz itself and BN's
+    backward sees dz as if the activation were the identity).
+
+    Saved for backward: x (BN's statistics are recomputed from it, as in
+    :class:`_NormalizeBatch`) and, to get act'(z), the output y where y determines it
+    (:func:`~normlab.functional.activations.derivative_from_output`: identity, relu,
+    leaky_relu, relu6, hardtanh, elu, sigmoid, tanh), so r is not kept by this layer —
+    the next layer saves y anyway, so the fused block keeps no tensor of its own beyond
+    x. For hardswish and silu, r is saved and z recomputed from x and r.
+
+    Kernel path: the fused kernels make z₀ = γ·x̂ + β (and fold the running statistics)
+    and take dz in backward; the add, the activation and dz = dy·act'(y) are torch
+    elementwise ops (one pass each) between them. ``config``: (dims, eps, activation,
+    negative_slope, running, param_shape). Double backward recomputes y with
+    differentiable ops (:func:`normlab.functional.traced.composite`) and differentiates it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, config, out):
+        dims, eps, activation, negative_slope, running, param_shape = config
+        ctx.set_materialize_grads(False)
+        ctx.config = config
+        act = get_activation(activation)
+        from_y = derivative_from_output(act, negative_slope)
+        plan = kernels.plan_batch(x, dims, weight, bias, True, flat=param_shape is not None)
+        ctx.kernel_plan = plan
+        if plan is not None:
+            z, moments, ctx.kernel_stats, folded = kernels.batch_forward(
+                plan, x, weight, bias, eps, None, 0.0, running
+            )
+            if running is not None and not folded:
+                mean, var = kernels.stats_tensors(plan, moments)
+                _update_running(running, mean, var, reduce_count(x.shape, dims))
+            stats_saved: tuple = ()
+            out.append((plan, moments))
+        else:
+            w, b = view_params(weight, param_shape), view_params(bias, param_shape)
+            wd = work_dtype(x.dtype)
+            stats, e = centered_moments(x, dims)
+            invstd = torch.rsqrt(stats.var + eps).to(wd)
+            z = _affine_act(e.mul_(invstd), _to(w, wd), _to(b, wd), None, 0.0, True)
+            count = reduce_count(x.shape, dims)
+            mean, var = stats.mean.to(wd), stats.var.to(wd)
+            if running is not None:
+                _update_running(running, mean, var, count)
+            stats_saved = (stats.shift, stats.delta, invstd)
+            out.append((mean, var))
+        z = z.add_(residual)
+        if act.name == "relu":
+            y = z.relu_()
+        elif act.name == "identity":
+            y = z
+        else:
+            y = act.forward(z, negative_slope)
+        y = y.to(x.dtype)
+        ctx.from_y = from_y is not None
+        # what recovers act'(z): the output itself, or r to recompute z
+        keep = y if from_y is not None else residual
+        ctx.save_for_backward(x, weight, bias, keep, *stats_saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if dy is None:
+            return None, None, None, None, None, None
+        dims, eps, activation, negative_slope, _, param_shape = ctx.config
+        nx, nr, nw, nb = ctx.needs_input_grad[:4]
+        plan = ctx.kernel_plan
+        x, weight, bias, keep, *stats_saved = ctx.saved_tensors
+        act = get_activation(activation)
+        wd = work_dtype(x.dtype)
+        double = torch.is_grad_enabled()
+        if double:
+            # create_graph=True: statistics as differentiable functions of x (the saved y,
+            # if that is what was kept, is connected to this node's graph already)
+            xw = x.to(wd)
+            mean = xw.mean(dims, keepdim=True)
+            var = (xw - mean).pow(2).mean(dims, keepdim=True)
+            invstd = torch.rsqrt(var + eps)
+            stats = Moments(mean, torch.zeros_like(mean), var)
+        elif plan is None:
+            shift, delta, invstd = stats_saved
+            stats = Moments(shift, delta, invstd)
+        else:
+            stats = invstd = None
+        if ctx.from_y:
+            dz = dy.to(wd) * derivative_from_output(act, negative_slope)(keep.to(wd))
+        else:  # z = γ·x̂ + β + r recomputed from x and the saved r (hardswish, silu)
+            if stats is None:
+                st = torch.from_numpy(ctx.kernel_stats)  # (4, C): k, delta, var, invstd
+                k, delta, inv = (st[i].to(wd).reshape(plan.keep) for i in (0, 1, 3))
+            else:
+                k, delta, inv = stats.shift, stats.delta, invstd
+            w, b = view_params(weight, param_shape), view_params(bias, param_shape)
+            z = ((x.to(wd) - k) - delta) * inv
+            z = z if w is None else z * w.to(wd)
+            z = z if b is None else z + b.to(wd)
+            dz = dy.to(wd) * act.derivative(z + keep.to(wd), negative_slope)
+        dr = dz.to(x.dtype) if nr else None
+        needs = (nx, nw, nb)
+        if plan is not None and not double:
+            dx, dw, db = kernels.batch_backward(
+                plan, dz.to(x.dtype), x, weight, bias, ctx.kernel_stats, None, 0.0, needs
+            )
+        else:
+            dx, dw, db = _closed_form_backward(
+                dz, x, view_params(weight, param_shape), view_params(bias, param_shape),
+                stats, invstd, dims, True, None, 0.0, needs, reduce_count(x.shape, dims),
+            )  # fmt: skip
+            if param_shape is not None:
+                dw = None if dw is None else dw.reshape(-1)
+                db = None if db is None else db.reshape(-1)
+        return dx, dr, dw, db, None, None
+
+
+_apply_residual = super(torch.autograd.Function, _NormalizeBatchResidual).apply
+
+
+def normalize_batch_residual(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    config: tuple,
+    out: list,
+) -> torch.Tensor:
+    """y = act(γ·x̂ + β + r) in training mode (see :class:`_NormalizeBatchResidual`;
+    ``config``: dims, eps, activation, negative_slope, running, param_shape); x not empty,
+    not traced; the statistics go to ``out``."""
+    return _apply_residual(
+        _unwrap(x), _unwrap(residual), _unwrap(weight), _unwrap(bias), config, out
+    )

@@ -440,7 +440,13 @@ def _activation(activation: str | None, negative_slope: float) -> np.ndarray:
     if act is None:
         from normlab.functional.activations import get_activation  # validates, as torch path
 
-        act = _kernels().activation_params(get_activation(activation).name, negative_slope)
+        spec = get_activation(activation)
+        if spec.name == "elu":  # α in the name ('elu(0.5)')
+            act = _kernels().activation_params("elu", spec.params[0])
+        elif spec.name == "hardtanh":  # bounds in the name ('hardtanh(0.0, 2.0)')
+            act = _kernels().activation_params("hardtanh", 0.0, *spec.params)
+        else:
+            act = _kernels().activation_params(spec.name, negative_slope)
         act.flags.writeable = False
         if len(_ACTIVATIONS) < 64:
             _ACTIVATIONS[key] = act

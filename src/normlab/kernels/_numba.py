@@ -63,18 +63,32 @@ _JIT = {"cache": True, "fastmath": _FASTMATH, "error_model": "numpy", "nogil": T
 _HELPER = {"cache": True, "fastmath": _FASTMATH, "error_model": "numpy", "inline": "always"}
 
 # act[...] slots
-_SMOOTH, _SLOPE, _A, _C1, _C2, _C3, _G1 = range(7)
+_FAMILY, _SLOPE, _A, _C1, _C2, _C3, _G1 = range(7)
+# act[_FAMILY]: 0 piecewise linear through 0 (storage-dtype code allowed), 1 logistic,
+# and from _OTHER on the float64-only ones: 2 hardtanh (A = min_val, C1 = G1 = max_val),
+# 3 hardswish, 4 elu (A = alpha).
+_PWL, _LOGISTIC, _HARDTANH, _HARDSWISH, _ELU = 0.0, 1.0, 2.0, 3.0, 4.0
+_OTHER = _HARDTANH
 
 
-def activation_params(name: str, negative_slope: float = 0.01) -> np.ndarray:
-    """The float64 ``act`` array the kernels take for activation ``name``."""
-    table = {  # smooth, slope, a, c1, c2, c3, g1 (= c1·a: the σ' coefficient)
-        "identity": (0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0),
-        "relu": (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
-        "leaky_relu": (0.0, float(negative_slope), 0.0, 0.0, 0.0, 0.0, 0.0),
-        "sigmoid": (1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0),
-        "tanh": (1.0, 0.0, 2.0, 2.0, -1.0, 0.0, 4.0),
-        "silu": (1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0),
+def activation_params(
+    name: str, negative_slope: float = 0.01, min_val: float = -1.0, max_val: float = 1.0
+) -> np.ndarray:
+    """The float64 ``act`` array the kernels take for activation ``name``.
+    ``negative_slope``: leaky_relu's slope, or elu's alpha; ``min_val``/``max_val``:
+    hardtanh's bounds (relu6 is hardtanh(0, 6))."""
+    lo, hi = float(min_val), float(max_val)
+    table = {  # family, slope, a, c1, c2, c3, g1 (= c1·a: the σ' coefficient)
+        "identity": (_PWL, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        "relu": (_PWL, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        "leaky_relu": (_PWL, float(negative_slope), 0.0, 0.0, 0.0, 0.0, 0.0),
+        "sigmoid": (_LOGISTIC, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0),
+        "tanh": (_LOGISTIC, 0.0, 2.0, 2.0, -1.0, 0.0, 4.0),
+        "silu": (_LOGISTIC, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0),
+        "relu6": (_HARDTANH, 0.0, 0.0, 6.0, 0.0, 0.0, 6.0),
+        "hardtanh": (_HARDTANH, 0.0, lo, hi, 0.0, 0.0, hi),
+        "hardswish": (_HARDSWISH, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        "elu": (_ELU, 0.0, float(negative_slope), 0.0, 0.0, 0.0, 0.0),
     }
     return np.array(table[name], dtype=np.float64)
 
@@ -160,6 +174,29 @@ def _smooth_grad(z, a, g1, c3):
 
 
 @njit(**_HELPER)
+def _other(z, fam, a, b):
+    """hardtanh (fam 2, bounds a, b), hardswish (3), elu (4, alpha a), as torch's
+    ``F.hardtanh``, ``F.hardswish``, ``F.elu`` (NaN stays NaN)."""
+    if fam == _HARDTANH:
+        return a if z < a else (b if z > b else z)
+    if fam == _HARDSWISH:
+        return 0.0 if z < -3.0 else (z if z > 3.0 else z * (z + 3.0) * (1.0 / 6.0))
+    return z if z > 0.0 else a * math.expm1(z)
+
+
+@njit(**_HELPER)
+def _other_grad(z, fam, a, b):
+    """d act/dz of :func:`_other` at z, with torch's choices at the kinks
+    (``hardtanh_backward``: 0 at the bounds; ``hardswish_backward``: z/3 + 1/2 on
+    [−3, 3]; ``elu_backward``: α·e^z for z ≤ 0)."""
+    if fam == _HARDTANH:
+        return 0.0 if (z <= a or z >= b) else 1.0
+    if fam == _HARDSWISH:
+        return 0.0 if z < -3.0 else (z * (1.0 / 3.0) + 0.5 if z <= 3.0 else 1.0)
+    return a * math.exp(z) if z <= 0.0 else 1.0
+
+
+@njit(**_HELPER)
 def _finish_stats(s1, s2, n, eps):
     """(delta, var, invstd) from the shifted sums Σd, Σd² over n values."""
     delta = s1 / n
@@ -198,9 +235,10 @@ _STORAGE_ROWS = 32  # rows summed in x's dtype per channel before adding into fl
 @njit(**_HELPER)
 def _storage_constants(x, stats, scale, shift, act):
     """Rows k, scale, shift, delta, slope, 0 as a (6, C) array of x's dtype, or a (0, C)
-    array when the activation is smooth or a channel is not safe for x's dtype."""
+    array when the activation is not piecewise linear through 0 or a channel is not safe
+    for x's dtype."""
     C = x.shape[1]
-    if act[_SMOOTH] != 0.0:
+    if act[_FAMILY] != _PWL:
         return np.empty((0, C), dtype=x.dtype)
     for c in range(C):
         if not _storage_math_is_safe(stats[3, c], scale[c], shift[c], stats[0, c]):
@@ -292,7 +330,12 @@ def _sums_row(x, i, c, k):
 
 @njit(**_HELPER)
 def _out_row(x, y, i, c, k, scale, shift, act):
-    if act[_SMOOTH] != 0.0:
+    fam = act[_FAMILY]
+    if fam >= _OTHER:
+        a, b = act[_A], act[_C1]
+        for j in range(x.shape[2]):
+            y[i, c, j] = _other((np.float64(x[i, c, j]) - k) * scale + shift, fam, a, b)
+    elif fam == _LOGISTIC:
         a, c1, c2, c3 = act[_A], act[_C1], act[_C2], act[_C3]
         for j in range(x.shape[2]):
             y[i, c, j] = _smooth((np.float64(x[i, c, j]) - k) * scale + shift, a, c1, c2, c3)
@@ -306,7 +349,15 @@ def _out_row(x, y, i, c, k, scale, shift, act):
 def _grad_sums_row(dy, x, i, c, k, delta, invstd, scale, shift, act):
     a_sum = 0.0
     b_sum = 0.0
-    if act[_SMOOTH] != 0.0:
+    fam = act[_FAMILY]
+    if fam >= _OTHER:
+        a, b = act[_A], act[_G1]
+        for j in range(x.shape[2]):
+            d = np.float64(x[i, c, j]) - k
+            dz = np.float64(dy[i, c, j]) * _other_grad(d * scale + shift, fam, a, b)
+            a_sum += dz
+            b_sum += dz * ((d - delta) * invstd)
+    elif fam == _LOGISTIC:
         a, g1, c3 = act[_A], act[_G1], act[_C3]
         for j in range(x.shape[2]):
             d = np.float64(x[i, c, j]) - k
@@ -325,7 +376,14 @@ def _grad_sums_row(dy, x, i, c, k, delta, invstd, scale, shift, act):
 
 @njit(**_HELPER)
 def _grad_row(dy, x, dx, i, c, k, delta, invstd, scale, shift, ma, mb, act):
-    if act[_SMOOTH] != 0.0:
+    fam = act[_FAMILY]
+    if fam >= _OTHER:
+        a, b = act[_A], act[_G1]
+        for j in range(x.shape[2]):
+            d = np.float64(x[i, c, j]) - k
+            dz = np.float64(dy[i, c, j]) * _other_grad(d * scale + shift, fam, a, b)
+            dx[i, c, j] = scale * (dz - ma - ((d - delta) * invstd) * mb)
+    elif fam == _LOGISTIC:
         a, g1, c3 = act[_A], act[_G1], act[_C3]
         for j in range(x.shape[2]):
             d = np.float64(x[i, c, j]) - k
@@ -364,80 +422,93 @@ def _sums_rows_cl(x, i0, i1, k, acc1, acc2):
 
 
 @njit(**_HELPER)
-def _act_value(z, smooth, slope, a, c1, c2, c3):
-    return _smooth(z, a, c1, c2, c3) if smooth else _pwl(z, slope)
+def _act_value(z, fam, slope, a, c1, c2, c3):
+    if fam == _PWL:
+        return _pwl(z, slope)
+    if fam == _LOGISTIC:
+        return _smooth(z, a, c1, c2, c3)
+    return _other(z, fam, a, c1)
 
 
 @njit(**_HELPER)
 def _out_rows_cl(x, y, i0, i1, k, scale, shift, act):
     """y = act((x − k)·scale + shift) for rows i0..i1 (four rows per load of the
     per-channel constants)."""
-    if act[_SMOOTH] != 0.0:
+    fam = act[_FAMILY]
+    if fam == _LOGISTIC:
         _out_rows_cl_impl(
-            x, y, i0, i1, k, scale, shift, True, 0.0, act[_A], act[_C1], act[_C2], act[_C3]
+            x, y, i0, i1, k, scale, shift, _LOGISTIC, 0.0, act[_A], act[_C1], act[_C2], act[_C3]
         )
+    elif fam == _PWL:
+        _out_rows_cl_impl(x, y, i0, i1, k, scale, shift, _PWL, act[_SLOPE], 0.0, 0.0, 0.0, 0.0)
     else:
-        _out_rows_cl_impl(x, y, i0, i1, k, scale, shift, False, act[_SLOPE], 0.0, 0.0, 0.0, 0.0)
+        _out_rows_cl_impl(x, y, i0, i1, k, scale, shift, fam, 0.0, act[_A], act[_C1], 0.0, 0.0)
 
 
 @njit(**_HELPER)
-def _out_rows_cl_impl(x, y, i0, i1, k, scale, shift, smooth, slope, a, c1, c2, c3):
+def _out_rows_cl_impl(x, y, i0, i1, k, scale, shift, fam, slope, a, c1, c2, c3):
     i = i0
     while i + 4 <= i1:
         for c in range(x.shape[1]):
             kc, sc, sh = k[c], scale[c], shift[c]
             for r in range(4):
                 z = (np.float64(x[i + r, c]) - kc) * sc + sh
-                y[i + r, c] = _act_value(z, smooth, slope, a, c1, c2, c3)
+                y[i + r, c] = _act_value(z, fam, slope, a, c1, c2, c3)
         i += 4
     while i < i1:
         for c in range(x.shape[1]):
             z = (np.float64(x[i, c]) - k[c]) * scale[c] + shift[c]
-            y[i, c] = _act_value(z, smooth, slope, a, c1, c2, c3)
+            y[i, c] = _act_value(z, fam, slope, a, c1, c2, c3)
         i += 1
 
 
 @njit(**_HELPER)
-def _dz_cl(dy, x, i, c, k, scale, shift, smooth, slope, a, g1, c3):
+def _dz_cl(dy, x, i, c, k, scale, shift, fam, slope, a, g1, c3):
     d = np.float64(x[i, c]) - k
     z = d * scale + shift
-    g = _smooth_grad(z, a, g1, c3) if smooth else _pwl_grad(z, slope)
+    if fam == _PWL:
+        g = _pwl_grad(z, slope)
+    elif fam == _LOGISTIC:
+        g = _smooth_grad(z, a, g1, c3)
+    else:
+        g = _other_grad(z, fam, a, g1)
     return np.float64(dy[i, c]) * g, d
 
 
 @njit(**_HELPER)
 def _grad_sums_rows_cl(dy, x, i0, i1, k, delta, invstd, scale, shift, act, acc_a, acc_b):
     """A = Σdz and B = Σdz·x̂ over rows i0..i1, per channel, four rows per pass."""
-    if act[_SMOOTH] != 0.0:
+    fam = act[_FAMILY]
+    if fam == _PWL:
         _grad_sums_rows_cl_impl(
-            dy, x, i0, i1, k, delta, invstd, scale, shift, True, 0.0, act[_A], act[_G1],
-            act[_C3], acc_a, acc_b,
+            dy, x, i0, i1, k, delta, invstd, scale, shift, _PWL, act[_SLOPE], 0.0, 0.0, 0.0,
+            acc_a, acc_b,
         )  # fmt: skip
     else:
         _grad_sums_rows_cl_impl(
-            dy, x, i0, i1, k, delta, invstd, scale, shift, False, act[_SLOPE], 0.0, 0.0, 0.0,
-            acc_a, acc_b,
+            dy, x, i0, i1, k, delta, invstd, scale, shift, fam, 0.0, act[_A], act[_G1],
+            act[_C3], acc_a, acc_b,
         )  # fmt: skip
 
 
 @njit(**_HELPER)
 def _grad_sums_rows_cl_impl(
-    dy, x, i0, i1, k, delta, invstd, scale, shift, smooth, slope, a, g1, c3, acc_a, acc_b
+    dy, x, i0, i1, k, delta, invstd, scale, shift, fam, slope, a, g1, c3, acc_a, acc_b
 ):
     i = i0
     while i + 4 <= i1:
         for c in range(x.shape[1]):
             kc, sc, sh, de, iv = k[c], scale[c], shift[c], delta[c], invstd[c]
-            z0, d0 = _dz_cl(dy, x, i, c, kc, sc, sh, smooth, slope, a, g1, c3)
-            z1, d1 = _dz_cl(dy, x, i + 1, c, kc, sc, sh, smooth, slope, a, g1, c3)
-            z2, d2 = _dz_cl(dy, x, i + 2, c, kc, sc, sh, smooth, slope, a, g1, c3)
-            z3, d3 = _dz_cl(dy, x, i + 3, c, kc, sc, sh, smooth, slope, a, g1, c3)
+            z0, d0 = _dz_cl(dy, x, i, c, kc, sc, sh, fam, slope, a, g1, c3)
+            z1, d1 = _dz_cl(dy, x, i + 1, c, kc, sc, sh, fam, slope, a, g1, c3)
+            z2, d2 = _dz_cl(dy, x, i + 2, c, kc, sc, sh, fam, slope, a, g1, c3)
+            z3, d3 = _dz_cl(dy, x, i + 3, c, kc, sc, sh, fam, slope, a, g1, c3)
             acc_a[c] += (z0 + z1) + (z2 + z3)
             acc_b[c] += ((z0 * (d0 - de) + z1 * (d1 - de)) + (z2 * (d2 - de) + z3 * (d3 - de))) * iv
         i += 4
     while i < i1:
         for c in range(x.shape[1]):
-            z, d = _dz_cl(dy, x, i, c, k[c], scale[c], shift[c], smooth, slope, a, g1, c3)
+            z, d = _dz_cl(dy, x, i, c, k[c], scale[c], shift[c], fam, slope, a, g1, c3)
             acc_a[c] += z
             acc_b[c] += z * ((d - delta[c]) * invstd[c])
         i += 1
@@ -446,21 +517,22 @@ def _grad_sums_rows_cl_impl(
 @njit(**_HELPER)
 def _grad_rows_cl(dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, act):
     """dx = scale·(dz − A/n − x̂·B/n) for rows i0..i1, four rows per constants load."""
-    if act[_SMOOTH] != 0.0:
+    fam = act[_FAMILY]
+    if fam == _PWL:
         _grad_rows_cl_impl(
-            dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, True, 0.0, act[_A],
-            act[_G1], act[_C3],
+            dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, _PWL, act[_SLOPE],
+            0.0, 0.0, 0.0,
         )  # fmt: skip
     else:
         _grad_rows_cl_impl(
-            dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, False, act[_SLOPE],
-            0.0, 0.0, 0.0,
+            dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, fam, 0.0, act[_A],
+            act[_G1], act[_C3],
         )  # fmt: skip
 
 
 @njit(**_HELPER)
 def _grad_rows_cl_impl(
-    dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, smooth, slope, a, g1, c3
+    dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, fam, slope, a, g1, c3
 ):
     i = i0
     while i + 4 <= i1:
@@ -475,12 +547,12 @@ def _grad_rows_cl_impl(
                 mb[c],
             )
             for r in range(4):
-                dz, d = _dz_cl(dy, x, i + r, c, kc, sc, sh, smooth, slope, a, g1, c3)
+                dz, d = _dz_cl(dy, x, i + r, c, kc, sc, sh, fam, slope, a, g1, c3)
                 dx[i + r, c] = sc * (dz - mac - ((d - de) * iv) * mbc)
         i += 4
     while i < i1:
         for c in range(x.shape[1]):
-            dz, d = _dz_cl(dy, x, i, c, k[c], scale[c], shift[c], smooth, slope, a, g1, c3)
+            dz, d = _dz_cl(dy, x, i, c, k[c], scale[c], shift[c], fam, slope, a, g1, c3)
             dx[i, c] = scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c])
         i += 1
 
@@ -547,7 +619,7 @@ def forward_cf(x, weight, bias, eps, act, y, stats, moments):
     """
     N, C, S = x.shape
     n = N * S
-    smooth = act[_SMOOTH] != 0.0
+    pwl = act[_FAMILY] == _PWL
     for c in prange(C):
         k = np.float64(x[0, c, 0])
         s1 = 0.0
@@ -559,7 +631,7 @@ def forward_cf(x, weight, bias, eps, act, y, stats, moments):
         delta, var, invstd = _finish_stats(s1, s2, n, eps)
         scale = np.float64(weight[c]) * invstd
         shift = np.float64(bias[c]) - delta * scale
-        if not smooth and _storage_math_is_safe(invstd, scale, shift, k):
+        if pwl and _storage_math_is_safe(invstd, scale, shift, k):
             # In x's dtype (see the module notes): z = (x − k)·scale + shift.
             t = np.empty(5, dtype=x.dtype)
             t[0], t[1], t[2], t[3], t[4] = k, scale, shift, act[_SLOPE], 0.0
@@ -626,10 +698,10 @@ def backward_cf(dy, x, weight, bias, stats, act, need_dx, dx, sums):
     n = N * S
     scale, shift = _scale_shift(weight, bias, stats)
     storage_sums = x.itemsize == 8 or S <= _STORAGE_SUM_MAX
-    smooth = act[_SMOOTH] != 0.0
+    pwl = act[_FAMILY] == _PWL
     for c in prange(C):
         k, delta, invstd = stats[0, c], stats[1, c], stats[3, c]
-        if not smooth and storage_sums and _storage_math_is_safe(invstd, scale[c], shift[c], k):
+        if pwl and storage_sums and _storage_math_is_safe(invstd, scale[c], shift[c], k):
             # In x's dtype, each row's sums in x's dtype, added up in float64:
             #   dz = dy·act'(z),  A = Σ dz,  B = invstd·Σ dz·(d − delta)
             #   dx = p·dz + q·(d − delta) + r,  p = scale, q = −scale·invstd·B/n,

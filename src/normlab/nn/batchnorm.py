@@ -16,7 +16,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.functional import _checks
-from normlab.functional.activations import get_activation
+from normlab.functional.activations import activation_name
 from normlab.functional.batch_norm import (
     NonFiniteStatisticsWarning,
     _batch_norm,
@@ -46,9 +46,13 @@ class _NormlabBatchNorm(_BatchNorm):
             ``num_batches_tracked``; if False, eval mode uses batch statistics too.
         device, dtype: of the parameters and buffers.
         bias: keyword-only; with ``affine=True``, learn β too (torch ≥ 2.13's flag).
-        activation: keyword-only; fuse 'relu', 'leaky_relu', 'sigmoid', 'tanh', 'silu' or
-            'identity' (None) after the affine, saving memory in backward.
+        activation: keyword-only; fuse 'relu', 'leaky_relu', 'relu6', 'hardtanh',
+            'hardswish', 'elu', 'sigmoid', 'tanh', 'silu' or 'identity' (None) after the
+            affine, saving memory in backward (see ``normlab.functional.activations``).
         negative_slope: keyword-only; slope of 'leaky_relu'. Default 0.01.
+        min_val, max_val: keyword-only; the bounds of 'hardtanh' (torch's defaults −1, 1;
+            the layer's ``activation`` then reads ``'hardtanh(min_val, max_val)'``).
+        alpha: keyword-only; α of 'elu' (default 1; ``activation`` reads ``'elu(alpha)'``).
         nonfinite: keyword-only; what a training batch with NaN/Inf statistics does to the
             running statistics: 'skip' (default) keeps the last good ones and
             ``num_batches_tracked`` and warns once per layer; 'raise' raises
@@ -80,6 +84,9 @@ class _NormlabBatchNorm(_BatchNorm):
         bias: bool = True,
         activation: str | None = None,
         negative_slope: float = 0.01,
+        min_val: float = -1.0,
+        max_val: float = 1.0,
+        alpha: float = 1.0,
         nonfinite: str = "skip",
         ema_debias: bool = False,
     ) -> None:
@@ -88,7 +95,9 @@ class _NormlabBatchNorm(_BatchNorm):
         _checks.check_eps(eps, where)
         _checks.check_momentum(momentum, where)
         _checks.check_nonfinite(nonfinite, where)
-        get_activation(activation, where)
+        activation = activation_name(
+            activation, min_val=min_val, max_val=max_val, alpha=alpha, where=where
+        )
         if _TORCH_HAS_BIAS_FLAG:
             super().__init__(
                 num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
@@ -99,7 +108,7 @@ class _NormlabBatchNorm(_BatchNorm):
             )
             if not bias and self.affine:
                 self.register_parameter("bias", None)
-        self.activation = None if activation in (None, "identity") else str(activation).lower()
+        self.activation = activation
         self.negative_slope = float(negative_slope)
         self.nonfinite = nonfinite
         self.ema_debias = bool(ema_debias)
@@ -190,7 +199,12 @@ class _NormlabBatchNorm(_BatchNorm):
             b.get("num_batches_tracked") is None,
         )
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(γ·x̂ + β)``, or with ``residual`` (a tensor like ``input``)
+        ``act(γ·x̂ + β + residual)``: BN → add → activation as one layer (what
+        :func:`normlab.fuse` makes of a ResNet block's tail)."""
+        if residual is not None:
+            return self._forward_residual(input, residual)
         if self._cache_checks and not traced(input):  # tracers record every call's checks
             signature = self._signature(input)
             checked = self._checked
@@ -202,6 +216,22 @@ class _NormlabBatchNorm(_BatchNorm):
             return call_as_leaf(self, input)
         self._check_input_dim(input)
         return self._forward_with(input)
+
+    def _forward_residual(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """forward(input, residual): the checks on every call (not on the cached hot path)."""
+        if type(self)._normalize is not _NormlabBatchNorm._normalize:
+            raise NotImplementedError(
+                f"{type(self).__name__} computes its statistics its own way and does not take "
+                f"residual=; add the residual and apply the activation after the layer."
+            )
+        self._check_input_dim(input)
+        self.__dict__["_residual"] = residual
+        try:
+            return self._forward_with(input, signature=None)
+        finally:
+            self.__dict__["_residual"] = None
+
+    _residual: torch.Tensor | None = None  # set only during forward(input, residual)
 
     def _forward_with(
         self, input: torch.Tensor, source_fn=None, layout=None, signature=None
@@ -292,6 +322,7 @@ class _NormlabBatchNorm(_BatchNorm):
             where=type(self).__name__,
             source_fn=source_fn if use_batch_stats else None,
             layout=layout,
+            residual=self._residual,
         )
 
     def extra_repr(self) -> str:

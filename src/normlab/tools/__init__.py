@@ -17,6 +17,7 @@ from normlab.tools.adapt import Adaptation, adapt
 from normlab.tools.convert import convert
 from normlab.tools.fold import FoldResult, Unfolded, fold
 from normlab.tools.freeze import freeze, unfreeze
+from normlab.tools.fuse import FuseReport, fuse
 from normlab.tools.quantization import (
     QuantizationFusionWarning,
     to_torch_for_quantization,
@@ -28,6 +29,7 @@ from normlab.tools.sync_stats import SyncReport, sync_running_stats
 __all__ = [
     "Adaptation",
     "FoldResult",
+    "FuseReport",
     "QuantizationFusionWarning",
     "SyncReport",
     "Unfolded",
@@ -36,6 +38,7 @@ __all__ = [
     "convert",
     "fold",
     "freeze",
+    "fuse",
     "recalibrate",
     "sync_running_stats",
     "to_torch_for_quantization",
