@@ -1,4 +1,4 @@
-"""normlab.demo: the model it builds, its config checks and its verdict rule."""
+"""normlab.experiments.demo: the model it builds, its config checks and its verdict rule."""
 
 import math
 
@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import normlab as nl
-from normlab import demo
+from normlab.experiments import demo
+from normlab.report.text import describe_ratio
 
 
 def test_build_mlp_structure_and_init():
@@ -70,7 +71,7 @@ def test_verdict_rule(h, verdict):
 
 
 def test_describe_ratio():
-    assert demo.describe_ratio(1 / 1693.0) == "1,693x smaller"
-    assert demo.describe_ratio(13919.0) == "13,919x larger"
-    assert demo.describe_ratio(0.96) == "0.96x"
-    assert demo.describe_ratio(1 / 3) == "3x smaller"
+    assert describe_ratio(1 / 1693.0) == "1,693x smaller"
+    assert describe_ratio(13919.0) == "13,919x larger"
+    assert describe_ratio(0.96) == "0.96x"
+    assert describe_ratio(1 / 3) == "3x smaller"

@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 
 from normlab.cli import main
-from normlab.report.demo import RESULTS_SCHEMA
+from normlab.experiments.demo import RESULTS_SCHEMA
 
 SMALL = ["--depth", "4", "--width", "16", "--steps", "10"]
 

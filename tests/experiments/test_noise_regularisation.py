@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import normlab.nn as nlnn
@@ -31,3 +32,34 @@ def test_running_stats_control_against_torch():
     torch.testing.assert_close(y, expected)
     (grad,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(grad, scale.expand_as(x))  # statistics are constants
+
+
+def _synthetic(gap_small, gap_large, acc_small=0.0):
+    """BN − control gap differences per seed at batch 16 and 64 (the quick config's);
+    BN's accuracy minus the control's at batch 16 is ``acc_small`` on every seed."""
+    from normlab.experiments.noise_regularisation import Measurement
+
+    def net(values):
+        return {"none": [0.5] * len(values), "bn": list(values), "bn-running": [0.0] * len(values)}
+
+    gaps = {16: net(gap_small), 64: net(gap_large)}
+    acc = {16: net([0.9 + acc_small] * len(gap_small)), 64: net([0.9] * len(gap_large))}
+    acc[16]["bn-running"] = [0.9] * len(gap_small)
+    return Measurement(n_test=5, gap=gaps, test_accuracy=acc, train_accuracy=acc)
+
+
+@pytest.mark.parametrize(
+    ("args", "verdict"),
+    [
+        (([-0.30, -0.32], [-0.10, -0.12]), "holds"),  # clearly smaller gap, larger at 16
+        (([-0.30, -0.32], [-0.10, -0.12], -0.01), "inconclusive"),  # but lower accuracy
+        (([-0.10, -0.12], [-0.30, -0.32]), "inconclusive"),  # advantage grows with batch
+        (([-0.5, 0.3], [-0.1, -0.1]), "inconclusive"),  # within the noise
+        (([0.30, 0.32], [0.0, 0.0]), "fails"),  # BN's gap clearly larger
+    ],
+)
+def test_verdict_rule(args, verdict):
+    from normlab.experiments.registry import get
+
+    exp = get("noise-regularisation")
+    assert exp.judge(exp.quick_config(), _synthetic(*args)) == verdict

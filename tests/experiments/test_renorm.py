@@ -1,3 +1,5 @@
+import pytest
+
 from normlab.experiments import get
 
 
@@ -20,3 +22,28 @@ def test_renorm_beats_bn_on_few_class_batches(quick_result):
     # the strongest effect (≈ 18 points in quick and default mode)
     gain = quick_result("renorm").metrics["brn_minus_bn"]
     assert gain["2 classes × 8"] > 0.05
+
+
+def _synthetic(normal, tiny, few):
+    """BRN − BN accuracy gaps per judged condition (BN at 0.8 everywhere)."""
+    from normlab.experiments.renorm import Measurement
+
+    gaps = {"normal": normal, "tiny": tiny, "few": few, "pairs": 0.0}
+    acc = {c: {"bn": 0.8, "brn": 0.8 + g, "gn": 0.8} for c, g in gaps.items()}
+    return Measurement(n_test=5, test_accuracy=acc, schedule={})
+
+
+@pytest.mark.parametrize(
+    ("gaps", "verdict"),
+    [
+        ((0.005, 0.05, 0.10), "holds"),
+        ((-0.005, 0.02, 0.02), "holds"),  # within the 1-point tolerance at batch 32
+        ((0.05, 0.05, 0.10), "inconclusive"),  # BRN better at batch 32 too: not "matches"
+        ((0.0, 0.005, 0.10), "inconclusive"),  # above BN at batch 4, by less than a point
+        ((0.0, -0.01, 0.10), "fails"),  # BRN below BN at batch 4
+        ((0.0, 0.05, 0.0), "fails"),  # BRN not above BN on few-class batches
+    ],
+)
+def test_verdict_rule(gaps, verdict):
+    exp = get("renorm")
+    assert exp.judge(exp.quick_config(), _synthetic(*gaps)) == verdict

@@ -37,7 +37,7 @@ def demo(
     """Train two deep MLPs on the digits — plain, and with BatchNorm before every
     activation — from the same initial weights; show the vanishing gradients, the
     saturated activations and the stalled training, and their cure."""
-    from normlab.demo import DemoConfig, run_demo
+    from normlab.experiments.demo import DemoConfig, run_demo
     from normlab.report.demo import headline_rows, write_report
 
     config = DemoConfig(depth=depth, width=width, steps=steps, activation=activation, seed=seed)

@@ -129,6 +129,8 @@ def mlp(
     activation: str = "sigmoid",
     bias: bool = True,
     init_std: float | None = None,
+    init_classifier: bool = False,
+    generator: torch.Generator | None = None,
     norm_kwargs: dict | None = None,
 ) -> nn.Sequential:
     """Linear → [norm] → activation for each width, then a Linear classifier.
@@ -145,22 +147,33 @@ def mlp(
         init_std: if given, hidden weights are N(0, init_std² / fan_in) and biases 0
             (init_std = 1 is LeCun's init); None keeps torch's default
             U(±1/sqrt(fan_in)).
+        init_classifier: give the classifier the same N(0, init_std² / fan_in) weights and
+            zero bias (the demo's network); by default it keeps torch's init.
+        generator: draw the ``init_std`` weights from this generator instead of the global
+            RNG (construction still draws torch's default init from the global RNG, which
+            these weights then replace), so the weights depend on the generator alone.
     """
+
+    def init(linear: nn.Linear) -> nn.Linear:
+        if init_std is not None:
+            std = init_std / math.sqrt(linear.in_features)
+            nn.init.normal_(linear.weight, 0.0, std, generator=generator)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        return linear
+
     layers: list[nn.Module] = []
     fan_in = in_features
     for width in widths:
-        linear = nn.Linear(fan_in, width, bias=bias)
-        if init_std is not None:
-            nn.init.normal_(linear.weight, 0.0, init_std / math.sqrt(fan_in))
-            if bias:
-                nn.init.zeros_(linear.bias)
+        linear = init(nn.Linear(fan_in, width, bias=bias))
         layers.append(linear)
         n = norm_layer(norm, width, **(norm_kwargs or {}))
         if n is not None:
             layers.append(n)
         layers.append(_ACTIVATIONS[activation]())
         fan_in = width
-    layers.append(nn.Linear(fan_in, num_classes))
+    classifier = nn.Linear(fan_in, num_classes)
+    layers.append(init(classifier) if init_classifier else classifier)
     return nn.Sequential(*layers)
 
 

@@ -9,6 +9,7 @@ report progress through the optional callback. Plots are described as data
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -17,6 +18,19 @@ Verdict = Literal["holds", "fails", "inconclusive"]
 VERDICTS: tuple[str, ...] = ("holds", "fails", "inconclusive")
 
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], message)
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """A JSON Schema shipped with this package (``results.schema.json`` for ``normlab run``,
+    ``demo.schema.json`` for ``normlab demo``): the one place each schema is defined."""
+    from importlib import resources
+
+    return json.loads(resources.files("normlab.experiments").joinpath(name).read_text())
+
+
+def digits_setup(n_train: int, n_test: int) -> str:
+    """How the reports name the digits split: '8×8, 1348 train / 449 test' (counted)."""
+    return f"8×8, {n_train} train / {n_test} test"
 
 
 def notify(progress: Progress | None, fraction: float, message: str = "") -> None:
@@ -133,6 +147,21 @@ class Experiment:
         return dataclasses.replace(self.default_config(seed), **self.quick_overrides)
 
     def run(self, config, progress: Progress | None = None) -> Result:
+        """Measure → judge → present. An experiment implements the three steps (or, not
+        yet split, overrides ``run``)."""
+        measurement = self.measure(config, progress)
+        return self.present(config, measurement, self.judge(config, measurement))
+
+    def measure(self, config, progress: Progress | None = None) -> Any:
+        """Run the experiment; return a dataclass of numbers only (no display strings)."""
+        raise NotImplementedError
+
+    def judge(self, config, measurement) -> Verdict:
+        """The stated rule (:meth:`rule`) over the measurement."""
+        raise NotImplementedError
+
+    def present(self, config, measurement, verdict: Verdict) -> Result:
+        """The Result: tables, plots and text built from the measurement and the verdict."""
         raise NotImplementedError
 
     def result(self, config, **fields) -> Result:

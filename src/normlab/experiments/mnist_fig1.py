@@ -16,7 +16,14 @@ from typing import ClassVar
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
-from normlab.experiments.base import Experiment, Line, Plot, Progress, Result
+from normlab.experiments.base import (
+    Experiment,
+    Line,
+    Plot,
+    Progress,
+    Result,
+    Verdict,
+)
 from normlab.experiments.registry import register
 
 
@@ -50,6 +57,49 @@ def relative_drift(trace: list[list[float]]) -> float:
     return drift(trace) / spread if spread > 0 else float("inf")
 
 
+def steps_to(history: T.History, target: float) -> int | None:
+    """The first evaluation step at which the test accuracy reached ``target`` (None: never)."""
+    hit = [s for s, a in zip(history.eval_steps, history.test_accuracy, strict=True) if a >= target]
+    return hit[0] if hit else None
+
+
+@dataclass
+class Measurement:
+    """What :class:`MnistFig1` measured: numbers only. Keys of the dicts: 'none', 'bn'."""
+
+    n_train: int
+    n_test: int
+    target_accuracy: float
+    history: dict[str, T.History]
+    traces: dict[str, list[list[list[float]]]]  # [unit][probe] → (p15, p50, p85)
+
+    @property
+    def drifts(self) -> dict[str, list[float]]:
+        return {k: [drift(tr) for tr in self.traces[k]] for k in self.traces}
+
+    @property
+    def median_drift(self) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in self.drifts.items()}
+
+    @property
+    def median_relative_drift(self) -> dict[str, float]:
+        return {k: statistics.median(map(relative_drift, tr)) for k, tr in self.traces.items()}
+
+    @property
+    def drift_ratio(self) -> float:
+        """Median drift without BN over with BN."""
+        d = self.median_drift
+        return d["none"] / d["bn"] if d["bn"] > 0 else float("inf")
+
+    @property
+    def test_accuracy(self) -> dict[str, float]:
+        return {k: h.final_test_accuracy for k, h in self.history.items()}
+
+    @property
+    def steps_to_target(self) -> dict[str, int | None]:
+        return {k: steps_to(h, self.target_accuracy) for k, h in self.history.items()}
+
+
 @register
 class MnistFig1(Experiment):
     id = "mnist-fig1"
@@ -67,7 +117,17 @@ class MnistFig1(Experiment):
     quick_overrides: ClassVar[dict] = {"steps": 300, "num_probes": 6}
     MIN_DRIFT_RATIO = 2.0
 
-    def run(self, config: Config, progress: Progress | None = None) -> Result:
+    def rule(self, config: Config) -> str:
+        return (
+            f"holds if the median over the last hidden layer's units of the drift of the sigmoid "
+            f"input (the largest move of its 15/50/85th percentiles over training, in units of "
+            f"z) is ≥ {self.MIN_DRIFT_RATIO:g}x larger without BN, the BN "
+            f"net reaches {config.target_accuracy:.0%} test accuracy in no more steps, and its "
+            f"final test accuracy is ≥ the plain net's; inconclusive if neither net reaches "
+            f"{config.target_accuracy:.0%}; fails otherwise."
+        )
+
+    def measure(self, config: Config, progress: Progress | None = None) -> Measurement:
         data = load_digits(seed=config.seed)
         eval_every = max(1, config.steps // config.num_probes)
         widths = [config.width] * config.depth
@@ -98,39 +158,31 @@ class MnistFig1(Experiment):
                 label="plain" if norm == "none" else "BN",
             )
             traces[norm] = [[probe[u] for probe in per_probe] for u in range(config.width)]
-
-        drifts = {k: [drift(tr) for tr in traces[k]] for k in traces}
-        median_drift = {k: statistics.median(v) for k, v in drifts.items()}
-        median_rel = {k: statistics.median(map(relative_drift, traces[k])) for k in traces}
-        acc = {k: hist[k].final_test_accuracy for k in hist}
-
-        def steps_to(h: T.History) -> int | None:
-            hit = [
-                s
-                for s, a in zip(h.eval_steps, h.test_accuracy, strict=True)
-                if a >= config.target_accuracy
-            ]
-            return hit[0] if hit else None
-
-        reach = {k: steps_to(h) for k, h in hist.items()}
-        ratio = (
-            median_drift["none"] / median_drift["bn"] if median_drift["bn"] > 0 else float("inf")
+        return Measurement(
+            n_train=len(data.x_train),
+            n_test=len(data.x_test),
+            target_accuracy=config.target_accuracy,
+            history=hist,
+            traces=traces,
         )
-        faster = reach["bn"] is not None and (reach["none"] is None or reach["bn"] <= reach["none"])
-        rule = (
-            f"holds if the median over the last hidden layer's units of the drift of the sigmoid "
-            f"input (the largest move of its 15/50/85th percentiles over training, in units of "
-            f"z) is ≥ {self.MIN_DRIFT_RATIO:g}x larger without BN, the BN "
-            f"net reaches {config.target_accuracy:.0%} test accuracy in no more steps, and its "
-            f"final test accuracy is ≥ the plain net's; inconclusive if neither net reaches "
-            f"{config.target_accuracy:.0%}; fails otherwise."
-        )
+
+    def judge(self, config: Config, m: Measurement) -> Verdict:
+        reach, acc = m.steps_to_target, m.test_accuracy
         if reach["bn"] is None and reach["none"] is None:
-            verdict = "inconclusive"
-        elif ratio >= self.MIN_DRIFT_RATIO and faster and acc["bn"] >= acc["none"]:
-            verdict = "holds"
-        else:
-            verdict = "fails"
+            return "inconclusive"
+        faster = reach["bn"] is not None and (reach["none"] is None or reach["bn"] <= reach["none"])
+        if m.drift_ratio >= self.MIN_DRIFT_RATIO and faster and acc["bn"] >= acc["none"]:
+            return "holds"
+        return "fails"
+
+    def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
+        hist, traces, drifts = m.history, m.traces, m.drifts
+        median_drift, acc, reach, ratio = (
+            m.median_drift,
+            m.test_accuracy,
+            m.steps_to_target,
+            (m.drift_ratio),
+        )
 
         def fmt_steps(s):
             return f"step {s}" if s is not None else "never"
@@ -180,13 +232,15 @@ class MnistFig1(Experiment):
         return self.result(
             config,
             verdict=verdict,
-            rule=rule,
+            rule=self.rule(config),
             measured=measured,
             setup=(
                 f"{config.depth}×{config.width} sigmoid MLP as in the paper, on scikit-learn's "
-                f"8×8 digits (1348 train / 449 test) instead of MNIST, batch {config.batch_size}, "
+                f"8×8 digits ({m.n_train} train / {m.n_test} test) instead of MNIST, batch "
+                f"{config.batch_size}, "
                 f"plain SGD lr {config.lr}, {config.steps} steps instead of 50k; same initial "
-                f"weights with and without BN. Percentiles are taken over the 449 test images "
+                f"weights with and without BN. Percentiles are taken over the {m.n_test} test "
+                f"images "
                 f"in training mode (batch statistics; running statistics untouched) at "
                 f"{len(hist['bn'].eval_steps)} points. Absolute accuracies are not comparable "
                 f"with MNIST's; the comparison is the direction and the size of the drift."
@@ -195,7 +249,7 @@ class MnistFig1(Experiment):
                 "test_accuracy": acc,
                 "steps_to_target": reach,
                 "median_drift": median_drift,
-                "median_relative_drift": median_rel,
+                "median_relative_drift": m.median_relative_drift,
                 "drift_ratio_plain_over_bn": ratio,
                 f"unit{u}_drift": {k: drifts[k][u] for k in drifts},
             },

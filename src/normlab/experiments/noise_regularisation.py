@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from normlab.data import Split, load_digits
 from normlab.experiments import _training as T
-from normlab.experiments.base import Experiment, Line, Plot, Progress, Result
+from normlab.experiments.base import Experiment, Line, Plot, Progress, Result, Verdict
 from normlab.experiments.registry import register
 
 NORMS = ("none", "bn", "bn-running")
@@ -44,6 +44,32 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return mean, se
 
 
+@dataclass
+class Measurement:
+    """What :class:`NoiseRegularisation` measured: per batch size and net (:data:`NORMS`),
+    one value per seed of the test − train cross-entropy gap and the accuracies."""
+
+    n_test: int
+    gap: dict[int, dict[str, list[float]]]
+    test_accuracy: dict[int, dict[str, list[float]]]
+    train_accuracy: dict[int, dict[str, list[float]]]
+
+    def paired(self, table: dict[int, dict[str, list[float]]], batch: int, a: str, b: str):
+        """(mean, standard error) over seeds of net a − net b at ``batch``."""
+        pairs = zip(table[batch][a], table[batch][b], strict=True)
+        return _mean_se([x - y for x, y in pairs])
+
+    @property
+    def gap_diff(self) -> dict[int, tuple[float, float]]:
+        """BN − running-statistics control gap (negative: BN generalises better)."""
+        return {b: self.paired(self.gap, b, "bn", "bn-running") for b in self.gap}
+
+    @property
+    def acc_diff(self) -> dict[int, tuple[float, float]]:
+        """BN − control test accuracy."""
+        return {b: self.paired(self.test_accuracy, b, "bn", "bn-running") for b in self.gap}
+
+
 @register
 class NoiseRegularisation(Experiment):
     id = "noise-regularisation"
@@ -63,7 +89,20 @@ class NoiseRegularisation(Experiment):
         "epochs": 4,
     }
 
-    def run(self, config: Config, progress: Progress | None = None) -> Result:
+    def rule(self, config: Config) -> str:
+        small, large = min(config.batch_sizes), max(config.batch_sizes)
+        z = config.significance
+        return (
+            f"Gap = test − train cross-entropy (eval mode) after {config.epochs} epochs; "
+            f"differences are paired over {config.seeds} seeds. Holds if at the smallest batch "
+            f"({small}) BN's gap is below the running-statistics control's by more than {z:g} "
+            f"standard errors, BN's mean test accuracy there is not lower, and the gap advantage "
+            f"at batch {small} is at least the one at batch {large} (noise falls with batch "
+            f"size); fails if BN's gap is larger by more than {z:g} standard errors; "
+            f"inconclusive otherwise."
+        )
+
+    def measure(self, config: Config, progress: Progress | None = None) -> Measurement:
         # per (batch size, net): lists over seeds
         gap: dict[int, dict[str, list[float]]] = {
             b: {n: [] for n in NORMS} for b in config.batch_sizes
@@ -102,32 +141,27 @@ class NoiseRegularisation(Experiment):
             test_acc[batch][norm].append(hist.final_test_accuracy)
             train_acc[batch][norm].append(hist.final_train_accuracy)
 
-        def paired(table, batch, a, b):
-            return _mean_se([x - y for x, y in zip(table[batch][a], table[batch][b], strict=True)])
+        return Measurement(
+            n_test=len(data.x_test), gap=gap, test_accuracy=test_acc, train_accuracy=train_acc
+        )
 
-        # BN minus control: negative gap difference = BN generalises better
-        d_gap = {b: paired(gap, b, "bn", "bn-running") for b in config.batch_sizes}
-        d_acc = {b: paired(test_acc, b, "bn", "bn-running") for b in config.batch_sizes}
-        d_gap_plain = {b: paired(gap, b, "bn", "none") for b in config.batch_sizes}
-        d_acc_plain = {b: paired(test_acc, b, "bn", "none") for b in config.batch_sizes}
+    def judge(self, config: Config, m: Measurement) -> Verdict:
         small, large = min(config.batch_sizes), max(config.batch_sizes)
         z = config.significance
-        m, se = d_gap[small]
-        rule = (
-            f"Gap = test − train cross-entropy (eval mode) after {config.epochs} epochs; "
-            f"differences are paired over {config.seeds} seeds. Holds if at the smallest batch "
-            f"({small}) BN's gap is below the running-statistics control's by more than {z:g} "
-            f"standard errors, BN's mean test accuracy there is not lower, and the gap advantage "
-            f"at batch {small} is at least the one at batch {large} (noise falls with batch "
-            f"size); fails if BN's gap is larger by more than {z:g} standard errors; "
-            f"inconclusive otherwise."
-        )
-        if m > z * se:
-            verdict = "fails"
-        elif -m > z * se and d_acc[small][0] >= 0 and m <= d_gap[large][0]:
-            verdict = "holds"
-        else:
-            verdict = "inconclusive"
+        d_gap, d_acc = m.gap_diff, m.acc_diff
+        mean, se = d_gap[small]
+        if mean > z * se:
+            return "fails"
+        if -mean > z * se and d_acc[small][0] >= 0 and mean <= d_gap[large][0]:
+            return "holds"
+        return "inconclusive"
+
+    def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
+        gap, test_acc, train_acc = m.gap, m.test_accuracy, m.train_accuracy
+        d_gap, d_acc = m.gap_diff, m.acc_diff
+        d_acc_plain = {b: m.paired(test_acc, b, "bn", "none") for b in config.batch_sizes}
+        d_gap_plain = {b: m.paired(gap, b, "bn", "none") for b in config.batch_sizes}
+        small = min(config.batch_sizes)
 
         def pm(pair, scale=1.0):
             return f"{pair[0] * scale:+.2g}±{pair[1] * scale:.1g}"
@@ -156,11 +190,11 @@ class NoiseRegularisation(Experiment):
         return self.result(
             config,
             verdict=verdict,
-            rule=rule,
+            rule=self.rule(config),
             measured=measured,
             setup=(
                 f"ReLU MLP {list(config.widths)} on {config.train_size} of scikit-learn's "
-                f"digits (so it overfits; test on the 449 held-out digits) instead of the "
+                f"digits (so it overfits; test on the {m.n_test} held-out digits) instead of the "
                 f"paper's ImageNet Inception; plain vs BN vs BN normalising by its running "
                 f"statistics during training (the noise-free control); same initial weights; "
                 f"SGD momentum {config.momentum}, lr {config.lr_per_32} × batch/32, "

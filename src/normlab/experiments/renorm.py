@@ -19,10 +19,12 @@ import torch
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
-from normlab.experiments.base import Experiment, Line, Plot, Progress, Result
+from normlab.experiments.base import Experiment, Line, Plot, Progress, Result, Verdict
 from normlab.experiments.registry import register
 
 NORMS = ("bn", "brn", "gn")
+# the batch conditions, in report order: i.i.d. normal and tiny batches, and two non-i.i.d.
+CONDITIONS = ("normal", "tiny", "few", "pairs")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,31 @@ class Config:
     # by steps / paper_steps
     paper_steps: int = 160_000
     tolerance: float = 0.01  # "matches" and "beats" margins (1 point of test accuracy)
+
+
+@dataclass
+class Measurement:
+    """What :class:`Renorm` measured: eval-mode test accuracy [condition][norm], with the
+    conditions of :data:`CONDITIONS` and the norms of :data:`NORMS`."""
+
+    n_test: int
+    test_accuracy: dict[str, dict[str, float]]
+    schedule: dict[str, int]  # BRN's compressed clip schedule
+
+    @property
+    def brn_minus_bn(self) -> dict[str, float]:
+        return {c: a["brn"] - a["bn"] for c, a in self.test_accuracy.items()}
+
+
+def condition_names(config: Config) -> dict[str, str]:
+    """Condition → how the report names it."""
+    (fc, fp), (pc, pp) = config.few_classes, config.pairs
+    return {
+        "normal": f"iid, batch {config.normal_batch}",
+        "tiny": f"iid, batch {config.tiny_batch}",
+        "few": f"{fc} classes × {fp}",
+        "pairs": f"{pc} classes × {pp}",
+    }
 
 
 @register
@@ -78,15 +105,28 @@ class Renorm(Experiment):
             "r_max_steps": round(40000 * scale),
         }
 
-    def run(self, config: Config, progress: Progress | None = None) -> Result:
+    def rule(self, config: Config) -> str:
+        (fc, fp), (pc, pp) = config.few_classes, config.pairs
+        tol = config.tolerance
+        return (
+            f"Test accuracy in eval mode after {config.steps} steps. Holds if BRN is within "
+            f"{tol * 100:g} point of BN at batch {config.normal_batch} and ≥ {tol * 100:g} point "
+            f"above it both at batch {config.tiny_batch} and with {fc} classes × {fp} per batch "
+            f"(a batch covering few of the classes, as 16 of ImageNet's 1000 in the paper); "
+            f"fails if BRN is not above BN in one of those two; inconclusive otherwise. The "
+            f"{pc} × {pp} pairs condition (the paper's structure, but half of digits' classes "
+            f"per batch) is reported, not judged."
+        )
+
+    def measure(self, config: Config, progress: Progress | None = None) -> Measurement:
         data = load_digits(seed=config.seed)
         schedule = self._schedule(config)
-        (fc, fp), (pc, pp) = config.few_classes, config.pairs
-        conditions = {
-            f"iid, batch {config.normal_batch}": (config.normal_batch, None),
-            f"iid, batch {config.tiny_batch}": (config.tiny_batch, None),
-            f"{fc} classes × {fp}": (fc * fp, config.few_classes),
-            f"{pc} classes × {pp}": (pc * pp, config.pairs),
+        names = condition_names(config)
+        batches = {
+            "normal": (config.normal_batch, None),
+            "tiny": (config.tiny_batch, None),
+            "few": (config.few_classes[0] * config.few_classes[1], config.few_classes),
+            "pairs": (config.pairs[0] * config.pairs[1], config.pairs),
         }
         kwargs = {
             "bn": {"momentum": config.stats_momentum},
@@ -94,9 +134,10 @@ class Renorm(Experiment):
             "gn": {"num_groups": config.gn_groups},
         }
         acc: dict[str, dict[str, float]] = {}
-        total = len(conditions) * len(NORMS)
-        for i, (name, (batch, grouped)) in enumerate(conditions.items()):
-            acc[name] = {}
+        total = len(CONDITIONS) * len(NORMS)
+        for i, cond in enumerate(CONDITIONS):
+            batch, grouped = batches[cond]
+            acc[cond] = {}
             for j, norm in enumerate(NORMS):
                 with T.seeded(config.seed):
                     model = T.mlp(
@@ -121,39 +162,36 @@ class Renorm(Experiment):
                     batch_stream=stream,
                     progress=progress,
                     progress_span=(k / total, (k + 1) / total),
-                    label=f"{T.NORM_NAMES[norm]}, {name}",
+                    label=f"{T.NORM_NAMES[norm]}, {names[cond]}",
                 )
-                acc[name][norm] = hist.final_test_accuracy
+                acc[cond][norm] = hist.final_test_accuracy
+        return Measurement(n_test=len(data.x_test), test_accuracy=acc, schedule=schedule)
 
-        normal, tiny, few, _ = conditions
-        tol = config.tolerance
-        gain = {name: acc[name]["brn"] - acc[name]["bn"] for name in acc}
-        rule = (
-            f"Test accuracy in eval mode after {config.steps} steps. Holds if BRN is within "
-            f"{tol * 100:g} point of BN at batch {config.normal_batch} and ≥ {tol * 100:g} point "
-            f"above it both at batch {config.tiny_batch} and with {fc} classes × {fp} per batch "
-            f"(a batch covering few of the classes, as 16 of ImageNet's 1000 in the paper); "
-            f"fails if BRN is not above BN in one of those two; inconclusive otherwise. The "
-            f"{pc} × {pp} pairs condition (the paper's structure, but half of digits' classes "
-            f"per batch) is reported, not judged."
-        )
-        if abs(gain[normal]) <= tol and gain[tiny] >= tol and gain[few] >= tol:
-            verdict = "holds"
-        elif gain[tiny] <= 0 or gain[few] <= 0:
-            verdict = "fails"
-        else:
-            verdict = "inconclusive"
+    def judge(self, config: Config, m: Measurement) -> Verdict:
+        gain, tol = m.brn_minus_bn, config.tolerance
+        if abs(gain["normal"]) <= tol and gain["tiny"] >= tol and gain["few"] >= tol:
+            return "holds"
+        if gain["tiny"] <= 0 or gain["few"] <= 0:
+            return "fails"
+        return "inconclusive"
+
+    def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
+        label = condition_names(config)
+        acc = {label[c]: m.test_accuracy[c] for c in CONDITIONS}
+        gain = {label[c]: g for c, g in m.brn_minus_bn.items()}
+        schedule = m.schedule
+        normal, tiny, few = label["normal"], label["tiny"], label["few"]
 
         measured = (
             f"BN vs BRN: batch {config.tiny_batch} {acc[tiny]['bn']:.1%} vs "
             f"{acc[tiny]['brn']:.1%}; {few} {acc[few]['bn']:.1%} vs {acc[few]['brn']:.1%}; "
             f"batch {config.normal_batch} {acc[normal]['bn']:.1%} vs {acc[normal]['brn']:.1%}"
         )
-        names = list(conditions)
+        names = list(acc)
         return self.result(
             config,
             verdict=verdict,
-            rule=rule,
+            rule=self.rule(config),
             measured=measured,
             setup=(
                 f"ReLU MLP {list(config.widths)} on scikit-learn's digits instead of "
@@ -166,8 +204,8 @@ class Renorm(Experiment):
                 f"25k, r_max = 3 at 40k) compressed by {config.steps}/{config.paper_steps}: "
                 f"warm-up {schedule['warmup_steps']}, d_max at {schedule['d_max_steps']}, "
                 f"r_max at {schedule['r_max_steps']} steps. Non-i.i.d. batches draw a few "
-                f"classes and several examples of each. Eval-mode test accuracy on the 449 "
-                f"held-out digits; one seed."
+                f"classes and several examples of each. Eval-mode test accuracy on the "
+                f"{m.n_test} held-out digits; one seed."
             ),
             metrics={"test_accuracy": acc, "brn_minus_bn": gain, "brn_schedule": schedule},
             plots=[

@@ -16,12 +16,11 @@ import platform
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from normlab.experiments import registry
-from normlab.experiments.base import Progress, Result
+from normlab.experiments.base import Progress, Result, load_schema
 
 SCHEMA_ID = "normlab.results/1"
 RESULTS_FILE = "results.json"
@@ -172,8 +171,7 @@ def run_experiments(
 
 def schema() -> dict[str, Any]:
     """The JSON schema of results.json (shipped with the package)."""
-    text = resources.files("normlab.experiments").joinpath("results.schema.json").read_text()
-    return json.loads(text)
+    return load_schema("results.schema.json")
 
 
 def load_results(out_dir: str | Path) -> dict[str, Any]:

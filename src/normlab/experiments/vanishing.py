@@ -13,9 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import nn
+
 from normlab.data import load_digits
 from normlab.experiments import _training as T
-from normlab.experiments.base import Experiment, Line, Plot, Progress, Result
+from normlab.experiments.base import (
+    Experiment,
+    Line,
+    Plot,
+    Progress,
+    Result,
+    Verdict,
+    digits_setup,
+)
 from normlab.experiments.registry import register
 
 
@@ -33,6 +43,70 @@ class Config:
     init_scales: tuple[float, ...] = (1.0, 4.0, 10.0)  # N(0, s²/fan_in) init for the sweep
     sweep_steps: int = 300
     saturation: float = 5.0  # |z| above which a sigmoid counts as saturated (seed 000)
+
+
+@dataclass
+class SweepPoint:
+    """One net of the initial-weight-scale sweep, probed at init (and trained if asked)."""
+
+    scale: float  # weights N(0, scale²/fan_in)
+    norm: str  # 'none' or 'bn'
+    probe: T.LayerProbe
+    test_accuracy: float | None  # None: not trained (sweep_steps = 0)
+
+
+@dataclass
+class Measurement:
+    """What :class:`Vanishing` measured: numbers only. Keys of the dicts: 'none', 'bn'."""
+
+    n_train: int
+    n_test: int
+    layer: int  # the seed's "layer 15" (or the last, in a shallower net)
+    init: dict[str, T.LayerProbe]
+    trained: dict[str, T.LayerProbe]
+    history: dict[str, T.History]
+    sweep: list[SweepPoint]
+
+    @property
+    def grad_layer1_init(self) -> dict[str, float]:
+        return {k: p.grad_norm[0] for k, p in self.init.items()}
+
+    @property
+    def grad_gain(self) -> float:
+        """BN's layer-1 gradient norm at init over the plain net's."""
+        g1 = self.grad_layer1_init
+        return g1["bn"] / g1["none"] if g1["none"] > 0 else float("inf")
+
+    @property
+    def grad_ratio(self) -> dict[str, float]:
+        """Layer-1 over last-layer gradient norm at init."""
+        return {k: p.grad_norm[0] / p.grad_norm[-1] for k, p in self.init.items()}
+
+    @property
+    def test_accuracy(self) -> dict[str, float]:
+        return {k: h.final_test_accuracy for k, h in self.history.items()}
+
+    def saturated(self, probes: dict[str, T.LayerProbe]) -> dict[str, float]:
+        """Saturated fraction at :attr:`layer` per net."""
+        return {k: p.saturated_fraction[self.layer - 1] for k, p in probes.items()}
+
+    @property
+    def plain_shrink_per_layer(self) -> float:
+        """Geometric mean factor by which the plain net's gradient grows per layer toward
+        the output at init (÷ this per layer toward the input)."""
+        g = self.init["none"].grad_norm
+        return (g[-1] / g[0]) ** (1 / (len(g) - 1)) if g[0] > 0 else float("inf")
+
+    @property
+    def max_sweep_saturation_plain(self) -> float:
+        return max(
+            (
+                round(p.probe.saturated_fraction[self.layer - 1], 3)
+                for p in self.sweep
+                if p.norm == "none"
+            ),
+            default=0.0,
+        )
 
 
 @register
@@ -61,15 +135,26 @@ class Vanishing(Experiment):
     MIN_GRADIENT_GAIN = 100.0
     MIN_ACCURACY_GAIN = 0.30
 
-    def run(self, config: Config, progress: Progress | None = None) -> Result:
+    def rule(self, config: Config) -> str:
+        return (
+            f"holds if, from the same initial weights, the BN net's first-layer gradient norm "
+            f"at init is ≥ {self.MIN_GRADIENT_GAIN:g}x the plain net's and its test accuracy "
+            f"after {config.steps} steps is ≥ {self.MIN_ACCURACY_GAIN * 100:g} points higher; "
+            f"inconclusive if the BN net itself stays below 50% (too few steps to judge); "
+            f"fails otherwise. Saturation is measured and reported, not part of the verdict."
+        )
+
+    def measure(self, config: Config, progress: Progress | None = None) -> Measurement:
         data = load_digits(seed=config.seed)
         xp, yp = data.x_train[: config.probe_size], data.y_train[: config.probe_size]
         widths = [config.width] * config.depth
-        layer = min(15, config.depth)  # the seed's "layer 15"
 
-        def build(norm: str, init_std: float | None):
+        def build(norm: str, init_std: float | None) -> nn.Sequential:
             with T.seeded(config.seed):
                 return T.mlp(64, widths, data.num_classes, norm=norm, init_std=init_std)
+
+        def probe(model: nn.Module) -> T.LayerProbe:
+            return T.probe_layers(model, xp, yp, saturation=config.saturation)
 
         def fit(model, steps, span, label):
             return T.train(
@@ -90,69 +175,71 @@ class Vanishing(Experiment):
         plain = build("none", None)
         bn = build("bn", None)
         T.copy_weights(plain, bn)
-        init = {"none": T.probe_layers(plain, xp, yp, saturation=config.saturation)}
-        init["bn"] = T.probe_layers(bn, xp, yp, saturation=config.saturation)
-        hist = {
+        init = {"none": probe(plain), "bn": probe(bn)}
+        history = {
             "none": fit(plain, config.steps, (0.0, 0.25), "plain"),
             "bn": fit(bn, config.steps, (0.25, 0.7), "BN"),
         }
-        trained = {"none": T.probe_layers(plain, xp, yp, saturation=config.saturation)}
-        trained["bn"] = T.probe_layers(bn, xp, yp, saturation=config.saturation)
+        trained = {"none": probe(plain), "bn": probe(bn)}
 
         # -- saturation vs initial weight scale ----------------------------------------
-        sweep_rows = []
+        sweep = []
         n_sweep = 2 * len(config.init_scales)
         for i, scale in enumerate(config.init_scales):
             for j, norm in enumerate(("none", "bn")):
                 model = build(norm, scale)
-                p = T.probe_layers(model, xp, yp, saturation=config.saturation)
+                p = probe(model)
                 done = 0.7 + 0.3 * (2 * i + j) / n_sweep
-                acc = "not trained"
+                acc = None
                 if config.sweep_steps:
                     span = (done, done + 0.3 / n_sweep)
                     acc = fit(model, config.sweep_steps, span, f"init x{scale}").final_test_accuracy
-                sweep_rows.append(
-                    [
-                        f"N(0, {scale:g}²/fan_in)",
-                        T.NORM_NAMES["bn" if norm == "bn" else "none"],
-                        f"[{p.z_min[layer - 1]:.1f}, {p.z_max[layer - 1]:.1f}]",
-                        round(p.saturated_fraction[layer - 1], 3),
-                        round(sum(p.saturated_fraction) / len(p.saturated_fraction), 3),
-                        float(f"{p.grad_norm[0] / p.grad_norm[-1]:.3g}"),
-                        acc if isinstance(acc, str) else round(acc, 3),
-                    ]
-                )
-
-        g1 = {k: init[k].grad_norm[0] for k in init}
-        gain = g1["bn"] / g1["none"] if g1["none"] > 0 else float("inf")
-        ratio = {k: init[k].grad_norm[0] / init[k].grad_norm[-1] for k in init}
-        acc = {k: hist[k].final_test_accuracy for k in hist}
-        sat_init = {k: init[k].saturated_fraction[layer - 1] for k in init}
-        sat_trained = {k: trained[k].saturated_fraction[layer - 1] for k in trained}
-        g = init["none"].grad_norm
-        shrink = (g[-1] / g[0]) ** (1 / (len(g) - 1)) if g[0] > 0 else float("inf")
-        max_sweep_sat = max((r[3] for r in sweep_rows if r[1] == "no norm"), default=0.0)
-
-        rule = (
-            f"holds if, from the same initial weights, the BN net's first-layer gradient norm "
-            f"at init is ≥ {self.MIN_GRADIENT_GAIN:g}x the plain net's and its test accuracy "
-            f"after {config.steps} steps is ≥ {self.MIN_ACCURACY_GAIN * 100:g} points higher; "
-            f"inconclusive if the BN net itself stays below 50% (too few steps to judge); "
-            f"fails otherwise. Saturation is measured and reported, not part of the verdict."
+                sweep.append(SweepPoint(scale, norm, p, acc))
+        return Measurement(
+            n_train=len(data.x_train),
+            n_test=len(data.x_test),
+            layer=min(15, config.depth),
+            init=init,
+            trained=trained,
+            history=history,
+            sweep=sweep,
         )
+
+    def judge(self, config: Config, m: Measurement) -> Verdict:
+        acc = m.test_accuracy
         if acc["bn"] < 0.5:
-            verdict = "inconclusive"
-        elif gain >= self.MIN_GRADIENT_GAIN and acc["bn"] - acc["none"] >= self.MIN_ACCURACY_GAIN:
-            verdict = "holds"
-        else:
-            verdict = "fails"
+            return "inconclusive"
+        if m.grad_gain >= self.MIN_GRADIENT_GAIN and acc["bn"] - acc["none"] >= (
+            self.MIN_ACCURACY_GAIN
+        ):
+            return "holds"
+        return "fails"
+
+    def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
+        layer, init, trained, hist = m.layer, m.init, m.trained, m.history
+        gain, ratio, acc = m.grad_gain, m.grad_ratio, m.test_accuracy
+        sat_init = m.saturated(init)
+        shrink = m.plain_shrink_per_layer
+        max_sweep_sat = m.max_sweep_saturation_plain
+        sweep_rows = [
+            [
+                f"N(0, {p.scale:g}²/fan_in)",
+                T.NORM_NAMES[p.norm],
+                f"[{p.probe.z_min[layer - 1]:.1f}, {p.probe.z_max[layer - 1]:.1f}]",
+                round(p.probe.saturated_fraction[layer - 1], 3),
+                round(sum(p.probe.saturated_fraction) / len(p.probe.saturated_fraction), 3),
+                float(f"{p.probe.grad_norm[0] / p.probe.grad_norm[-1]:.3g}"),
+                "not trained" if p.test_accuracy is None else round(p.test_accuracy, 3),
+            ]
+            for p in m.sweep
+        ]
 
         measured = (
             f"layer-1 gradient at init BN/plain {gain:.1g}x (layer 1/{config.depth}: plain "
             f"{ratio['none']:.1g}, BN {ratio['bn']:.2g}); accuracy after {config.steps} steps "
             f"BN {acc['bn']:.1%} vs plain {acc['none']:.1%}; saturated at layer {layer}: "
             f"{sat_init['none']:.0%} at torch's init"
-            + (f", {max_sweep_sat:.0%} with larger init" if sweep_rows else "")
+            + (f", {max_sweep_sat:.0%} with larger init" if m.sweep else "")
         )
         notes = (
             "At torch's default initialisation the plain net's pre-activations stay small "
@@ -223,11 +310,12 @@ class Vanishing(Experiment):
         return self.result(
             config,
             verdict=verdict,
-            rule=rule,
+            rule=self.rule(config),
             measured=measured,
             setup=(
                 f"{config.depth}-layer sigmoid MLP (width {config.width}) on scikit-learn's "
-                f"digits (8×8, 1348 train / 449 test), plain vs BatchNorm before every sigmoid, "
+                f"digits ({digits_setup(m.n_train, m.n_test)}), plain vs BatchNorm before every "
+                f"sigmoid, "
                 f"same initial weights (torch's default U(±1/sqrt(fan_in))), SGD lr {config.lr} "
                 f"momentum {config.momentum}, batch {config.batch_size}, {config.steps} steps. "
                 f"Gradients and saturation on {config.probe_size} training samples in training "
@@ -236,12 +324,12 @@ class Vanishing(Experiment):
                 f"data set or step count; the small scale does not change the direction."
             ),
             metrics={
-                "grad_layer1_init": g1,
+                "grad_layer1_init": m.grad_layer1_init,
                 "grad_gain_bn_over_plain": gain,
                 "grad_ratio_layer1_over_last_init": ratio,
                 "test_accuracy": acc,
                 f"saturated_fraction_layer{layer}_init": sat_init,
-                f"saturated_fraction_layer{layer}_trained": sat_trained,
+                f"saturated_fraction_layer{layer}_trained": m.saturated(trained),
                 "max_saturated_fraction_sweep_plain": max_sweep_sat,
                 "plain_gradient_shrink_per_layer_init": shrink,
                 "grad_norm_init": {k: init[k].grad_norm for k in init},

@@ -1,8 +1,8 @@
 """``normlab demo``'s report: results → report.html (plots embedded) and results.json.
 
-Works from the results dict alone (``DemoResults.to_dict()`` or a loaded results.json), so
-a report can be redrawn without re-running. :data:`RESULTS_SCHEMA` is the JSON Schema of
-results.json.
+Works from the results dict alone (``DemoResults.to_dict()`` of
+:mod:`normlab.experiments.demo`, or a loaded results.json, whose JSON Schema is
+``normlab/experiments/demo.schema.json``), so a report can be redrawn without re-running.
 """
 
 from __future__ import annotations
@@ -11,89 +11,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from normlab.demo import describe_ratio
 from normlab.report.html import Page
 from normlab.report.io import atomic_write_text, jsonable, write_json
-
-_NUM = {"type": ["number", "null"]}
-_NUMS = {"type": "array", "items": _NUM}
-_LAYER = {
-    "type": "object",
-    "required": ["layer", "weight_grad_norm"],
-    "properties": {"layer": {"type": "integer", "minimum": 1}, "weight_grad_norm": _NUM},
-}
-_RUN = {
-    "type": "object",
-    "required": [
-        "name",
-        "init_layers",
-        "after_layers",
-        "loss_steps",
-        "loss",
-        "eval_steps",
-        "test_accuracy",
-        "trace",
-        "final_test_accuracy",
-        "final_train_loss",
-    ],
-    "properties": {
-        "init_layers": {"type": "array", "items": _LAYER, "minItems": 2},
-        "after_layers": {"type": "array", "items": _LAYER, "minItems": 2},
-        "loss": _NUMS,
-        "test_accuracy": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}},
-        "trace": {
-            "type": "object",
-            "required": ["steps", "p15", "p50", "p85"],
-            "properties": {k: _NUMS for k in ("steps", "p15", "p50", "p85")},
-        },
-        "final_test_accuracy": {"type": "number", "minimum": 0, "maximum": 1},
-    },
-}
-#: JSON Schema (draft 2020-12) of results.json.
-RESULTS_SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "normlab demo results",
-    "type": "object",
-    "required": [
-        "config",
-        "data",
-        "init",
-        "trace_unit",
-        "plain",
-        "bn",
-        "init_sweep",
-        "headline",
-        "verdict",
-        "rule",
-        "summary",
-        "seconds",
-    ],
-    "properties": {
-        "config": {
-            "type": "object",
-            "required": ["depth", "width", "steps", "activation", "seed"],
-        },
-        "plain": _RUN,
-        "bn": _RUN,
-        "headline": {
-            "type": "object",
-            "required": [
-                "plain_first_grad",
-                "bn_first_grad",
-                "bn_over_plain_first_grad",
-                "plain_final_accuracy",
-                "bn_final_accuracy",
-            ],
-            "additionalProperties": _NUM,
-        },
-        "init_sweep": {
-            "type": "array",
-            "items": {"type": "object", "required": ["gain", "first_over_last_hidden_grad"]},
-        },
-        "verdict": {"enum": ["holds", "fails", "inconclusive"]},
-        "seconds": {"type": "number", "minimum": 0},
-    },
-}
+from normlab.report.text import describe_ratio
 
 
 def _fmt(x: Any, spec: str = ".2e") -> str:
