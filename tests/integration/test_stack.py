@@ -628,7 +628,8 @@ def test_func_transforms(pair, layer_kw, training, which):
     model.train(training), reference.train(training)
     x = make_input(pair.shape)
     names = {k for k, _ in model.named_parameters()}
-    what = f"{pair.id} torch.func.{which} ({'train' if training else 'eval'})"
+    variant = "-no-stats" if layer_kw else ""
+    what = f"{pair.id}{variant} torch.func.{which} ({'train' if training else 'eval'})"
     ref_buffers = {k: v.clone() for k, v in reference.named_buffers()}
     try:
         expected = _transform(reference, names, ref_buffers, x, which)
