@@ -122,6 +122,36 @@ class _Pool:
 _POOL = _Pool(_limit_from_env())
 
 
+# fork(): the pool's lock may be held by another thread (``take`` allocates with the GIL
+# released), and that thread does not exist in the child: the fork waits for the lock,
+# and the child starts with a free one. The child's pool is a copy: a buffer its tensors
+# (copies of the parent's) still use stays in use there.
+_held_at_fork: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    lock = _POOL.lock
+    lock.acquire()
+    _held_at_fork.append(lock)
+
+
+def _after_fork_in_parent() -> None:
+    _held_at_fork.pop().release()
+
+
+def _after_fork_in_child() -> None:
+    _held_at_fork.clear()
+    _POOL.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
+
+
 def empty_cache() -> None:
     """Release every pooled buffer that no tensor uses (the memory goes back to the
     system); buffers in use stay and are reused once free."""
