@@ -11,12 +11,18 @@ free 2 MiB pages at hand; on a machine whose memory is fragmented, ``defrag=madv
 makes every fault compact memory first, 8x slower than the 4 KiB faults.)
 
 So the kernels' activation-sized outputs (y, dx; 4 MiB and more) come from a pool of
-buffers that stay mapped and faulted in. A buffer is a NumPy byte array; the tensors
-handed out are ``torch.from_numpy`` views of it, whose storage holds a reference to the
-array. A buffer is free again exactly when no tensor uses it any more, which the pool
-reads from the array's reference count (nothing has to be returned by hand, and a
-buffer still referenced — by a view, by autograd's saved tensors, by ``.grad`` — is
-never handed out twice).
+buffers that stay mapped and faulted in. A buffer is a NumPy byte array. Each tensor
+handed out is a new tensor *set* onto a new storage over the array's memory (the storage
+``torch.from_numpy`` makes, which holds a reference to the array until it is freed):
+``Tensor.set_``, not a view op, so for autograd and for users the output is a fresh
+tensor (``_is_view()`` False, ``_base`` None) and in-place ops on it (``relu_``,
+``ReLU(inplace=True)``, ``y += residual``) are as legal as on torch's own outputs. (A
+``view``/``as_strided`` of the ``from_numpy`` tensor would be a view in autograd's eyes,
+and autograd forbids in-place ops on views returned by a custom Function.) A buffer is
+free again exactly when no storage over it is alive, which the pool reads from the
+array's reference count (nothing has to be returned by hand, and a buffer still used —
+by a view, by autograd's saved tensors, by ``.grad``, by a tensor modified in place — is
+never handed out twice; ``share_memory_`` moves a tensor to a new storage and frees it).
 
 The pool holds at most ``NORMLAB_POOL_MB`` MiB (default 1024) in all, in use or free;
 past that, outputs are ordinary ``torch.empty_like`` tensors. A request that does not
@@ -116,6 +122,36 @@ class _Pool:
 _POOL = _Pool(_limit_from_env())
 
 
+# fork(): the pool's lock may be held by another thread (``take`` allocates with the GIL
+# released), and that thread does not exist in the child: the fork waits for the lock,
+# and the child starts with a free one. The child's pool is a copy: a buffer its tensors
+# (copies of the parent's) still use stays in use there.
+_held_at_fork: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    lock = _POOL.lock
+    lock.acquire()
+    _held_at_fork.append(lock)
+
+
+def _after_fork_in_parent() -> None:
+    _held_at_fork.pop().release()
+
+
+def _after_fork_in_child() -> None:
+    _held_at_fork.clear()
+    _POOL.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
+
+
 def empty_cache() -> None:
     """Release every pooled buffer that no tensor uses (the memory goes back to the
     system); buffers in use stay and are reused once free."""
@@ -165,4 +201,7 @@ def empty_like(
     if arr is None:
         return torch.empty_like(x, memory_format=memory_format)
     stride = torch.empty_like(x, memory_format=memory_format, device="meta").stride()
-    return torch.from_numpy(arr).view(x.dtype).as_strided(x.shape, stride)
+    # set_ rather than view/as_strided: the result must not be an autograd view (see the
+    # module docstring); the storage's reference to ``arr`` marks the buffer as in use.
+    storage = torch.from_numpy(arr).untyped_storage()
+    return torch.empty(0, dtype=x.dtype).set_(storage, 0, x.shape, stride)

@@ -49,12 +49,58 @@ x̂ and z are recomputed from the saved x; nothing else activation-sized is kept
 from __future__ import annotations
 
 import math
+import os
 import types as types_module
 
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
+
+# -- the threading layer --------------------------------------------------------------------
+THREADING_LAYER = "workqueue"
+
+
+def _choose_threading_layer() -> str | None:
+    """Run the threaded kernels on Numba's ``workqueue`` threading layer unless the user
+    chose one (``NUMBA_THREADING_LAYER``, ``NUMBA_THREADING_LAYER_PRIORITY`` or
+    ``numba.config.THREADING_LAYER``) or Numba's threads are already running; returns
+    the layer set, or None when left alone.
+
+    Numba's default on Linux without the ``tbb`` package is ``omp``: the *system* GNU
+    OpenMP runtime, a second one next to the libgomp torch bundles. That layer
+
+    * is not fork-safe: a child forked after a threaded kernel ran is killed by Numba as
+      soon as it launches one ("fork() called from a process already using GNU OpenMP"),
+      which breaks 'fork' multiprocessing pools, DataLoader workers and forking servers;
+    * keeps a second team of threads that spin after every parallel region
+      (``GOMP_SPINCOUNT``: ~300 000 polls) on the cores torch's own team is about to use,
+      which slowed torch's ops after a normlab layer (``benchmarks/side_effects.py``).
+
+    ``workqueue`` is fork-safe (its thread pool is rebuilt in the child), its workers
+    sleep on condition variables between launches, and it loads no OpenMP runtime. It
+    is not thread-safe: concurrent launches abort the process. normlab serialises its
+    launches (``normlab.kernels._LAUNCH``); *other* ``parallel=True`` Numba code run
+    concurrently from several Python threads in the same process should choose a
+    thread-safe layer itself (``NUMBA_THREADING_LAYER=tbb`` with the ``tbb`` package,
+    or ``omp``, which then applies to normlab too). Numba docs, "The Threading Layers".
+    """
+    from numba.core import config
+    from numba.np.ufunc import parallel
+
+    if (
+        parallel._is_initialized
+        or "NUMBA_THREADING_LAYER" in os.environ
+        or "NUMBA_THREADING_LAYER_PRIORITY" in os.environ
+        or str(config.THREADING_LAYER).lower() != "default"
+    ):
+        return None
+    config.THREADING_LAYER = THREADING_LAYER
+    return THREADING_LAYER
+
+
+# Before any parallel kernel below is compiled or loaded: that starts Numba's threads.
+_choose_threading_layer()
 
 # Reassociation lets LLVM vectorise the float64 sums; no 'nnan'/'ninf', so NaN and Inf
 # propagate as in torch's ops (the running-statistics policy depends on it).
