@@ -298,7 +298,50 @@ def update_running(
         running  = ok ? (1 − f)·running + f·batch : running
 
     'raise' asserts ``ok`` (``torch._assert_async``) before any buffer changes.
+
+    Under torch.func transforms the statistics are wrapped tensors while the buffers are
+    plain ones the transform captured, and functorch refuses in-place ops on captures. A
+    buffer update is not part of what is differentiated (torch's own kernels do it below
+    the transform), so the statistics are unwrapped to their values and the update runs
+    with functorch disabled. Under vmap the statistics differ per sample: an error, as
+    torch's BatchNorm gives.
     """
+    if _functorch_active():
+        mean, unbiased_var = _value(mean), _value(unbiased_var)
+        if mean is None or unbiased_var is None:
+            raise RuntimeError(_VMAP_RUNNING_ERROR.format(where=where))
+        with torch._C._DisableFuncTorch():
+            _update_running(
+                running_mean, running_var, num_batches_tracked, mean, unbiased_var,
+                momentum, nonfinite, where,
+            )  # fmt: skip
+        return
+    _update_running(
+        running_mean, running_var, num_batches_tracked, mean, unbiased_var, momentum,
+        nonfinite, where,
+    )  # fmt: skip
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _value(t: torch.Tensor) -> torch.Tensor | None:
+    """The plain tensor under torch.func's grad/jvp wrappers (None if vmap batched it)."""
+    from torch._C._functorch import get_unwrapped, is_batchedtensor, is_gradtrackingtensor
+
+    t = t.detach()
+    while True:
+        if is_batchedtensor(t):
+            return None
+        if not is_gradtrackingtensor(t):
+            return t
+        t = get_unwrapped(t)
+
+
+def _update_running(
+    running_mean, running_var, num_batches_tracked, mean, unbiased_var, momentum, nonfinite,
+    where,
+) -> None:  # fmt: skip
     try:
         with torch.no_grad():
             m = mean.reshape(running_mean.shape).to(running_mean.dtype)
@@ -328,8 +371,7 @@ def update_running(
             running_mean.copy_(new_m)
             running_var.copy_(new_v)
     except RuntimeError as e:
-        # under vmap the batched statistics cannot go into the shared buffers in place:
-        # torch's messages then speak of shapes or of vmap, never of the layer
-        if torch._C._are_functorch_transforms_active():
+        # a buffer that vmap batched (per-sample buffers passed in) meets shared ones
+        if _functorch_active():
             raise RuntimeError(_VMAP_RUNNING_ERROR.format(where=where)) from e
         raise

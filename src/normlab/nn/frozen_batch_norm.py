@@ -70,6 +70,17 @@ class _FrozenBatchNorm(FusedActivation, torch.nn.Module):
             "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
         )
 
+    def reset_parameters(self) -> None:
+        """The constructor's state (γ = 1, β = 0, mean 0, var 1, counter 0), as torch's
+        ``BatchNorm.reset_parameters``: what ``module.to_empty(device=...)`` after meta-device
+        construction needs to make the layer usable."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.num_batches_tracked.zero_()
+
     @classmethod
     def from_batch_norm(cls, bn: torch.nn.Module, **kwargs) -> _FrozenBatchNorm:
         """A frozen copy of a BatchNorm layer (torch's or normlab's): same eps, statistics,
