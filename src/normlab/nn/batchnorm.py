@@ -59,6 +59,17 @@ class _NormlabBatchNorm(_BatchNorm):
             Stored buffers stay torch's raw EMA, so checkpoints are unchanged.
             See :meth:`population_stats`.
         channel_dim: keyword-only (``BatchNorm`` only); the channel dimension.
+        degenerate: keyword-only; what training does with <= 1 value per channel (batch 1
+            without spatial dims, or a mask leaving <= 1 position): 'error' (default,
+            torch's error), 'eval' (normalise with the running statistics, leave them and
+            ``num_batches_tracked`` untouched) or 'skip' (return the input unchanged). See
+            :func:`normlab.functional.batch_norm`. SyncBatchNorm decides on the global count.
+
+    ``forward(input, mask=None)``: ``mask`` (bool, broadcastable to the input without its
+    channel dim, True where a position counts) leaves padded positions out of every
+    statistic and gradient; their outputs are the normalised value. See
+    :func:`normlab.functional.batch_norm` and :mod:`normlab.functional.masked`. Not for
+    BatchRenorm and GhostBatchNorm, which raise.
 
     Reference: Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training
     by Reducing Internal Covariate Shift", ICML 2015.
@@ -81,8 +92,16 @@ class _NormlabBatchNorm(_BatchNorm):
         negative_slope: float = 0.01,
         nonfinite: str = "skip",
         ema_debias: bool = False,
+        degenerate: str = "error",
     ) -> None:
         where = type(self).__name__
+        _checks.check_degenerate(degenerate, where)
+        if degenerate == "eval" and not track_running_stats:
+            raise ValueError(
+                f"{where}: degenerate='eval' normalises a batch of <= 1 value per channel with "
+                f"the running statistics, but track_running_stats=False keeps none. Use "
+                f"degenerate='skip' or 'error', or track_running_stats=True."
+            )
         _checks.check_num_features(num_features, where)
         _checks.check_eps(eps, where)
         _checks.check_momentum(momentum, where)
@@ -102,6 +121,7 @@ class _NormlabBatchNorm(_BatchNorm):
         self.negative_slope = float(negative_slope)
         self.nonfinite = nonfinite
         self.ema_debias = bool(ema_debias)
+        self.degenerate = degenerate
         self._warned_nonfinite = False
 
     # -- input checks -------------------------------------------------------------------
@@ -180,6 +200,7 @@ class _NormlabBatchNorm(_BatchNorm):
             self.momentum,
             self.eps,
             self.nonfinite,
+            self.degenerate,
             self.num_features,
             self._channel_dim,
             None if w is None else w.shape,
@@ -189,7 +210,10 @@ class _NormlabBatchNorm(_BatchNorm):
             b.get("num_batches_tracked") is None,
         )
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            self._check_input_dim(input)
+            return self._forward_with(input, mask=mask)
         if self._cache_checks and not traced(input):  # tracers record every call's checks
             signature = self._signature(input)
             checked = self._checked
@@ -201,7 +225,7 @@ class _NormlabBatchNorm(_BatchNorm):
         return self._forward_with(input)
 
     def _forward_with(
-        self, input: torch.Tensor, source_fn=None, layout=None, signature=None
+        self, input: torch.Tensor, source_fn=None, layout=None, signature=None, mask=None
     ) -> torch.Tensor:
         """Forward after input checks; ``source_fn`` supplies training statistics computed
         elsewhere (see ``normlab.functional.batch_norm._batch_norm``), e.g. across ranks.
@@ -236,13 +260,20 @@ class _NormlabBatchNorm(_BatchNorm):
                 buffers.get("num_batches_tracked") if tracking else None,
                 type(self).__name__,
                 True,
+                self.degenerate,
             )
             self.__dict__["_checked"] = (signature, layout)
         if not use_batch_stats and self.ema_debias:
             mean, var = self.population_stats()
         args = (input, mean, var, use_batch_stats, tracking)
         # Only SyncBatchNorm passes a source_fn; variants overriding _normalize take 5 args.
-        if source_fn is not None:
+        if (mask is not None or self.degenerate != "error") and not self._plain_normalize():
+            y = self._variant_extras(input, mask, mean, var, use_batch_stats)
+            if y is not None:
+                return y
+        if mask is not None:
+            y, skipped = self._normalize(*args, source_fn=source_fn, mask=mask)
+        elif source_fn is not None:
             y, skipped = self._normalize(*args, source_fn=source_fn)
         elif layout is not None:
             y, skipped = self._normalize(*args, layout=layout)
@@ -259,6 +290,36 @@ class _NormlabBatchNorm(_BatchNorm):
             )
         return y
 
+    def _plain_normalize(self) -> bool:
+        return type(self)._normalize is _NormlabBatchNorm._normalize
+
+    def _variant_extras(self, input, mask, mean, var, use_batch_stats):
+        """``mask`` and ``degenerate`` for variants with their own ``_normalize`` (renorm,
+        ghost): no mask; the degenerate policy on the static count, before their call.
+        Returns the output, or None to proceed normally."""
+        name = type(self).__name__
+        if mask is not None:
+            raise TypeError(
+                f"{name}: mask= is not supported by this variant (its statistics are not "
+                f"plain batch statistics); use normlab.nn.BatchNorm* or SyncBatchNorm for "
+                f"masked batches."
+            )
+        c = self._channel_dim % input.dim()
+        n = input.numel() // max(input.shape[c], 1)
+        if not use_batch_stats or n != 1:
+            return None
+        from normlab.functional.batch_norm import BatchNormLayout, _degenerate_output
+
+        shape = [1] * input.dim()
+        shape[c] = input.shape[c]
+        dims = tuple(d for d in range(input.dim()) if d != c)
+        layout = BatchNormLayout(dims, shape, n, c != input.dim() - 1, c)
+        params = self._parameters
+        return _degenerate_output(
+            input, mean, var, params.get("weight"), params.get("bias"), self.eps,
+            self.activation, self.negative_slope, name, layout, self.degenerate,
+        )  # fmt: skip
+
     def _normalize(
         self,
         input: torch.Tensor,
@@ -268,6 +329,7 @@ class _NormlabBatchNorm(_BatchNorm):
         tracking: bool,
         source_fn=None,
         layout=None,
+        mask=None,
     ) -> tuple[torch.Tensor, bool]:
         """The one functional call of this layer; variants (renorm, ghost) override it.
         ``layout``: the cached result of the checks, for a call with a validated signature."""
@@ -289,6 +351,8 @@ class _NormlabBatchNorm(_BatchNorm):
             where=type(self).__name__,
             source_fn=source_fn if use_batch_stats else None,
             layout=layout,
+            mask=mask,
+            degenerate=self.degenerate,
         )
 
     def extra_repr(self) -> str:
@@ -303,6 +367,8 @@ class _NormlabBatchNorm(_BatchNorm):
             s += f", nonfinite={self.nonfinite!r}"
         if self.ema_debias:
             s += ", ema_debias=True"
+        if self.degenerate != "error":
+            s += f", degenerate={self.degenerate!r}"
         return s
 
 
