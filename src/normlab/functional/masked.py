@@ -172,3 +172,25 @@ def check_sample_mask(mask, input, channel_dim, where):
     """:func:`check_mask` for the per-sample norms (same rules), the floating check first."""
     _checks.check_floating(input, "input", where)
     return check_mask(mask, input, channel_dim, where)
+
+
+def normalize_sample_masked(
+    input: torch.Tensor,
+    m: torch.Tensor,
+    dims: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A per-sample norm's masked training computation: ``(y, count, mean, var)`` with
+    statistics over ``dims`` of the counted positions (keepdim, working dtype; the
+    returned statistics are the raw ones, before empty slices are made (0, 1))."""
+    x = input.to(work_dtype(input.dtype))
+    count, mean, var = masked_moments(x, m, dims)
+    safe_mean, safe_var = empty_slices_safe(count, mean, var)
+    y = normalize_masked(
+        input, m, safe_mean, safe_var, weight, bias, eps, activation, negative_slope
+    )
+    return y, count, mean, var

@@ -49,7 +49,9 @@ class LayerNorm(FusedActivation, torch.nn.LayerNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self._init_activation(activation, negative_slope)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: optional bool, True where an element counts (see
+        :func:`normlab.functional.layer_norm`)."""
         return layer_norm(
             input,
             self.normalized_shape,
@@ -58,6 +60,7 @@ class LayerNorm(FusedActivation, torch.nn.LayerNorm):
             self.eps,
             activation=self.activation,
             negative_slope=self.negative_slope,
+            mask=mask,
         )
 
     def extra_repr(self) -> str:
@@ -103,7 +106,9 @@ class GroupNorm(FusedActivation, torch.nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self._init_activation(activation, negative_slope)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: optional bool, broadcastable to ``(N, *S)``, True where a position
+        counts (see :func:`normlab.functional.group_norm`)."""
         if input.dim() >= 2 and input.shape[1] != self.num_channels:
             raise ValueError(
                 f"{type(self).__name__}(num_groups={self.num_groups}, num_channels="
@@ -119,6 +124,7 @@ class GroupNorm(FusedActivation, torch.nn.GroupNorm):
             self.eps,
             activation=self.activation,
             negative_slope=self.negative_slope,
+            mask=mask,
         )
 
     def extra_repr(self) -> str:
