@@ -97,7 +97,13 @@ def layer_norm(
 
         lead = input.dim() - len(shape)
         if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(input.shape[:lead]):
-            mask = mask.reshape(*mask.shape, *([1] * len(shape)))  # a mask of whole tokens
+            # whole tokens: no counted token's statistics change, padded ones keep theirs
+            m = masked.check_mask(
+                mask.reshape(*mask.shape, *([1] * len(shape))), input, None, where
+            )
+            y = layer_norm(input, normalized_shape, weight, bias, eps, activation=activation,
+                           negative_slope=negative_slope)  # fmt: skip
+            return masked.stop_padded_grad(y, m)
         m = masked.check_mask(mask, input, None, where)
         if kernels.traced(input) or not bool(mask.all()):
             return masked.normalize_sample_masked(
