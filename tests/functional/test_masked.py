@@ -57,7 +57,7 @@ def test_sequence_batch_norm_equals_torch_on_the_valid_positions(layout, momentu
     for step, lengths in enumerate([(6, 2, 4, 1), (3, 3, 6, 2), (1, 1, 5, 6)]):
         x, m, dy = _sequence_batch(step, lengths=lengths)
         xin = (x.clone() if layout == "NLC" else x.transpose(1, 2).contiguous()).requires_grad_()
-        y = layer(xin, m)
+        y = layer(xin, mask=m)
         y_nlc = y if layout == "NLC" else y.transpose(1, 2)
         (y_nlc[m] * dy[m]).sum().backward()
         v = x[m].clone().requires_grad_()  # (K, C): the valid positions only
@@ -98,7 +98,7 @@ def test_all_true_mask_equals_no_mask_exactly():
     ones = torch.ones(5, 7, dtype=torch.bool)
     a, b = nl.nn.BatchNorm1d(4), nl.nn.BatchNorm1d(4)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = a(xa, ones), b(xb)
+    ya, yb = a(xa, mask=ones), b(xb)
     assert torch.equal(ya, yb)
     ya.sum().backward()
     yb.sum().backward()
@@ -154,7 +154,7 @@ def test_group_norm_instance_norm_and_layer_norm_against_slice_loops():
     with torch.no_grad():
         y.weight.copy_(w)
         y.bias.copy_(b)
-    out = y(x, m)
+    out = y(x, mask=m)
     inorm = NF.instance_norm(x, None, None, w, b, mask=m)
     lnorm = NF.layer_norm(x, (C, *x.shape[2:]), mask=m[:, None])
     for n in range(N):
@@ -179,7 +179,7 @@ def test_instance_norm_running_statistics_average_the_instances_with_a_variance(
     m[2] = False
     m[2, 1, 1] = True  # one counted position: no variance, left out of the running update
     layer = nl.nn.InstanceNorm2d(4, track_running_stats=True, dtype=torch.float64)
-    layer(x, m)
+    layer(x, mask=m)
     means = torch.stack([x[n][:, m[n]].mean(1) for n in (0, 1)]).mean(0)
     vars_ = torch.stack([x[n][:, m[n]].var(1) for n in (0, 1)]).mean(0)
     torch.testing.assert_close(layer.running_mean, 0.1 * means, rtol=1e-12, atol=0)
@@ -191,7 +191,7 @@ def test_layer_norm_token_mask_only_stops_gradients():
     x = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
     m = _lengths_mask([5, 3], 5)
     ln = nl.nn.LayerNorm(8, dtype=torch.float64)
-    y = ln(x, m)
+    y = ln(x, mask=m)
     torch.testing.assert_close(y, F.layer_norm(x, (8,), ln.weight, ln.bias))
     y.sum().backward()
     assert (x.grad[~m] == 0).all() and x.grad[m].abs().sum() > 0
@@ -215,13 +215,13 @@ def test_bad_masks_get_clear_errors():
     bn = nl.nn.BatchNorm1d(3)
     x = torch.randn(4, 3, 6)
     with pytest.raises(ValueError, match=r"expected \(4, 6\)"):
-        bn(x, torch.ones(4, 3, dtype=torch.bool))
+        bn(x, mask=torch.ones(4, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match=r"torch\.bool"):
-        bn(x, torch.ones(4, 6))
+        bn(x, mask=torch.ones(4, 6))
     with pytest.raises(ValueError, match=r"expected \(4, 5\)"):
         NF.group_norm(torch.randn(4, 2, 5), 1, mask=torch.ones(5, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="not supported"):
-        nl.nn.BatchRenorm1d(3)(x, torch.ones(4, 6, dtype=torch.bool))
+        nl.nn.BatchRenorm1d(3)(x, mask=torch.ones(4, 6, dtype=torch.bool))
 
 
 def test_eval_mode_mask_changes_no_output_and_stops_gradients():
@@ -230,7 +230,7 @@ def test_eval_mode_mask_changes_no_output_and_stops_gradients():
     bn.eval()
     x = torch.randn(4, 3, 6, requires_grad=True)
     m = _lengths_mask([6, 2, 3, 1], 6)
-    y = bn(x, m)
+    y = bn(x, mask=m)
     assert torch.equal(y, bn(x))
     y.sum().backward()
     assert (x.grad.transpose(1, 2)[~m] == 0).all()
@@ -244,7 +244,7 @@ def test_degenerate_error_is_the_default_with_and_without_mask():
         nl.nn.BatchNorm1d(3)(torch.randn(1, 3))
     m = _lengths_mask([1, 0], 4)
     with pytest.raises(ValueError, match="the mask leaves 1"):
-        nl.nn.BatchNorm1d(3)(torch.randn(2, 3, 4), m)
+        nl.nn.BatchNorm1d(3)(torch.randn(2, 3, 4), mask=m)
     with pytest.raises(ValueError, match="degenerate must be one of"):
         nl.nn.BatchNorm1d(3, degenerate="ignore")
     with pytest.raises(ValueError, match="track_running_stats=False"):
@@ -275,7 +275,7 @@ def test_degenerate_eval_is_eval_mode_and_keeps_the_state(cls, kw, masked):
     if masked:
         x = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
         m = _lengths_mask([1, 0], 4)
-        y = layer(x, m)
+        y = layer(x, mask=m)
     else:
         x = torch.randn(1, 3, generator=g, dtype=torch.float64, requires_grad=True)
         y = layer(x)
@@ -322,7 +322,7 @@ def test_degenerate_skip_with_mask_keeps_state_and_stops_padded_gradients():
     layer = nl.nn.BatchNorm(3, channel_dim=-1, degenerate="skip")
     x = torch.randn(2, 4, 3, requires_grad=True)
     m = _lengths_mask([0, 1], 4)
-    y = layer(x, m)
+    y = layer(x, mask=m)
     assert torch.equal(y, x)
     y.sum().backward()
     assert torch.equal(x.grad, m[..., None].expand(2, 4, 3).float())
@@ -345,7 +345,7 @@ def test_compiled_mask_matches_eager_over_steps():
     for step, lengths in enumerate([(6, 2, 4, 1), (3, 3, 6, 2)]):
         x, m, dy = _sequence_batch(step, lengths=lengths)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = eager(xa, m), f(xb, m)
+        ya, yb = eager(xa, mask=m), f(xb, mask=m)
         torch.testing.assert_close(yb[m], ya[m], rtol=1e-10, atol=1e-10)
         (ya[m] * dy[m]).sum().backward()
         (yb[m] * dy[m]).sum().backward()
@@ -367,8 +367,8 @@ def test_compiled_masked_degenerate_is_branch_free(degenerate):
     for lengths in [(1, 0, 0, 0), (6, 2, 4, 1)]:  # the same graph: degenerate, then not
         m = _lengths_mask(lengths, 6)
         before = {k: v.clone() for k, v in layer.state_dict().items()}
-        y = f(x, m)
-        y_ref = eager_ref(x, m)
+        y = f(x, mask=m)
+        y_ref = eager_ref(x, mask=m)
         torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
         if sum(lengths) <= 1:
             for k, v in layer.state_dict().items():
@@ -381,8 +381,24 @@ def test_compiled_masked_degenerate_is_branch_free(degenerate):
 def test_compiled_masked_degenerate_error_asserts_and_static_counts_branch():
     f = _compiled(nl.nn.BatchNorm(3, channel_dim=-1))
     with pytest.raises(RuntimeError, match="more than 1 value per channel"):
-        f(torch.randn(2, 4, 3), _lengths_mask([1, 0], 4))
+        f(torch.randn(2, 4, 3), mask=_lengths_mask([1, 0], 4))
     layer = nl.nn.BatchNorm1d(3, degenerate="skip")
     g = _compiled(layer)
     x = torch.randn(1, 3)
     assert torch.equal(g(x), x) and int(layer.num_batches_tracked) == 0
+
+
+def test_vmap_over_sequences_with_masks():
+    # torch.func takes the traced path: per-example masked statistics, branch-free
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 4, 6, 2, generator=g, dtype=torch.float64)  # (B, N, L, C)
+    m = torch.rand(3, 4, 6, generator=g) < 0.7
+    m[:, 0, :2] = True
+    w, b = _params(2)
+
+    def f(x, m):
+        return NF.batch_norm(x, None, None, w, b, True, channel_dim=-1, mask=m)
+
+    y = torch.func.vmap(f)(x, m)
+    for i in range(3):
+        torch.testing.assert_close(y[i][m[i]], f(x[i], m[i])[m[i]].detach(), rtol=1e-10, atol=1e-10)

@@ -32,7 +32,7 @@ def _masked_rank(rank: int, world: int, momentum):
     for step in range(len(LENGTHS)):
         x, dy, m = _data(step)
         xr = x[rank : rank + 1].clone().requires_grad_()
-        y = layer(xr, m[rank : rank + 1])
+        y = layer(xr, mask=m[rank : rank + 1])
         (y * torch.where(m[rank : rank + 1, :, None], dy[rank : rank + 1], 0.0)).sum().backward()
         out.append((y.detach(), xr.grad.clone()))
     grads = (layer.weight.grad.clone(), layer.bias.grad.clone())
@@ -80,7 +80,7 @@ def _degenerate_rank(rank: int, world: int, degenerate: str, masked: bool):
     if masked:  # rank 0: one counted position, rank 1: none; one value in total
         x = torch.randn(1, C, 4, dtype=torch.float64, requires_grad=True)
         m = torch.tensor([[rank == 0, False, False, False]])
-        y = layer(x, m)
+        y = layer(x, mask=m)
     else:  # rank 0 holds the only sample, rank 1 an empty batch
         x = torch.randn(1 - rank, C, dtype=torch.float64, requires_grad=True)
         m = None

@@ -456,11 +456,16 @@ def _masked_batch_norm(
     from normlab.functional import traced
 
     ok = count > 1
-    if degenerate == "error":
+    if degenerate == "error" and torch._C._are_functorch_transforms_active():
+        # vmap has no batching rule for asserts: the undefined statistics become NaN
+        nan = float("nan")
+        mean_n, var_n = torch.where(ok, mean, nan), torch.where(ok, var, nan)
+    elif degenerate == "error":
         torch._assert_async(
-            ok, f"{where}: expected more than 1 value per channel when training, but the "
+            ok,
+            f"{where}: expected more than 1 value per channel when training, but the "
             f"mask leaves <= 1 (degenerate='error')",
-        )  # fmt: skip
+        )
         mean_n, var_n = mean, var
     elif degenerate == "eval":
         mean_n = torch.where(ok, mean, view_params(running_mean, shape).to(wd))
@@ -541,7 +546,8 @@ def batch_norm(
             (the output is empty). Without a mask the count is a shape, so compiled code
             branches on it like eager code; with a mask it is data: eager code branches on
             it (a host sync), traced code selects with ``torch.where`` and masks the
-            running update, and 'error' becomes an asynchronous assert.
+            running update, and 'error' becomes an asynchronous assert (under
+            torch.func.vmap, which cannot assert, NaN outputs for such an example).
 
     Shapes: y has the shape, dtype and memory format of ``input``. Statistics are reduced
     over every dim but ``channel_dim`` (N·H·W values per channel for images). Float16 and
