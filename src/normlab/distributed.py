@@ -346,6 +346,60 @@ def global_stats_source(
     return StatsSource(Moments(shift, delta, var), max(n, 1), reduce_sums), n
 
 
+class _GlobalMaskedMoments(torch.autograd.Function):
+    """Masked moments of the global batch, differentiable: forward ONE all_gather (as
+    :func:`all_gather_moments`), backward ONE all_reduce of ``[∂L/∂mean, ∂L/∂var]``
+    (every rank's loss uses the same global statistics, so their gradients add), then
+
+        ∂mean/∂x_i = m_i / N,   ∂var/∂x_i = 2·m_i·(x_i − mean) / N
+
+    (the mean's own term in ∂var vanishes: Σ m·(x − mean) = 0 over the global batch)."""
+
+    @staticmethod
+    def forward(ctx, x, m, dims, group, where, tag, dtype):
+        from normlab.functional.masked import masked_moments
+
+        count, mean, var = masked_moments(x, m, dims)
+        n_local = int(count.reshape(-1)[0]) if count.numel() else 0
+        n, gmean, gm2 = all_gather_moments(
+            n_local, mean, var * n_local, group, dtype=dtype, where=where, tag=tag
+        )
+        shape = mean.shape
+        gmean = gmean.view(shape).to(x.dtype)
+        gvar = (gm2 / max(n, 1)).view(shape).to(x.dtype)
+        ctx.save_for_backward(x, m, gmean)
+        ctx.config = (n, group, where, tag)
+        return x.new_tensor(float(n)), gmean, gvar
+
+    @staticmethod
+    def backward(ctx, _dcount, dmean, dvar):
+        x, m, gmean = ctx.saved_tensors
+        n, group, where, tag = ctx.config
+        sums = all_reduce_checked(torch.stack([dmean, dvar]), group, where=where, tag=tag)
+        n = max(n, 1)
+        dx = sums[0] / n + sums[1] * (2.0 / n) * (x - gmean)
+        dx = torch.where(m, dx, dx.new_zeros(()))
+        return dx, None, None, None, None, None, None
+
+
+def global_masked_moments(
+    x: torch.Tensor,
+    m: torch.Tensor,
+    dims: tuple[int, ...],
+    group=None,
+    *,
+    where: str = "SyncBatchNorm",
+    tag: int = 0,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(N, mean, var)`` of the counted positions (``m`` True) of every rank's ``x``
+    together: N the global count (0-d, x's dtype), keepdim ``mean`` and biased ``var``,
+    differentiable with respect to ``x`` (see :class:`_GlobalMaskedMoments`). Each rank
+    gathers its own count, so padding never enters the merged statistics. Every rank must
+    call it (and backpropagate through it when the statistics are used)."""
+    return _GlobalMaskedMoments.apply(x, m, dims, group, where, tag, dtype or x.dtype)
+
+
 # -- process groups this process owns ----------------------------------------------------
 
 

@@ -112,3 +112,17 @@ def one_value_per_channel_error(shape: tuple[int, ...], where: str) -> ValueErro
         f"larger batch, a per-sample norm (normlab.nn.GroupNorm / LayerNorm), or "
         f"normlab.nn.SyncBatchNorm to pool statistics across ranks."
     )
+
+
+DEGENERATE_POLICIES = ("error", "eval", "skip")
+
+
+def check_degenerate(policy: str, where: str) -> str:
+    if policy not in DEGENERATE_POLICIES:
+        raise ValueError(
+            f"{where}: degenerate must be one of {DEGENERATE_POLICIES}, got {policy!r}. It says "
+            f"what training does with <= 1 value per channel: 'error' raises, 'eval' normalises "
+            f"with the running statistics and leaves them untouched, 'skip' returns the input "
+            f"unchanged."
+        )
+    return policy

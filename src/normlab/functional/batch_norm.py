@@ -19,7 +19,7 @@ from normlab.functional.engine import (
     normalize_with_stats,
     view_params,
 )
-from normlab.functional.stats import reduce_count
+from normlab.functional.stats import reduce_count, work_dtype
 
 
 class NonFiniteStatisticsWarning(RuntimeWarning):
@@ -160,12 +160,15 @@ def _check_batch_norm(
     num_batches_tracked: torch.Tensor | None,
     where: str,
     local_stats: bool,
+    degenerate: str = "error",
 ) -> BatchNormLayout:
     """Every check of a :func:`batch_norm` call, raising the documented errors; the
     result depends only on the arguments' types, shapes and flags. ``local_stats``: the
     training statistics are this input's (no ``source_fn``), so one value per channel is
-    an error here rather than after the collective."""
+    an error here rather than after the collective. ``degenerate``: see :func:`batch_norm`;
+    only 'error' raises for one value per channel here."""
     _checks.check_eps(eps, where)
+    _checks.check_degenerate(degenerate, where)
     _checks.check_momentum(momentum, where)
     _checks.check_nonfinite(nonfinite, where)
     c, dims, shape = channel_layout(
@@ -181,8 +184,14 @@ def _check_batch_norm(
             f"running_mean/running_var are None. Pass them, or training=True to use the "
             f"batch's own statistics."
         )
+    if training and degenerate == "eval" and running_mean is None:
+        raise ValueError(
+            f"{where}: degenerate='eval' normalises a batch of <= 1 value per channel with the "
+            f"running statistics, but there are none (running_mean/running_var are None, "
+            f"track_running_stats=False). Pass them, or use degenerate='skip' or 'error'."
+        )
     n = reduce_count(input.shape, dims)
-    if training and local_stats and n == 1:
+    if training and local_stats and n == 1 and degenerate == "error":
         raise _checks.one_value_per_channel_error(tuple(input.shape), where)
     return BatchNormLayout(dims, shape, n, c != input.dim() - 1, c)
 
@@ -206,6 +215,8 @@ def _batch_norm(
     source_fn: Callable[[torch.Tensor, tuple[int, ...]], tuple[StatsSource, int]] | None = None,
     layout: BatchNormLayout | None = None,
     residual: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    degenerate: str = "error",
 ) -> tuple[torch.Tensor, bool]:
     """:func:`batch_norm`, also returning whether a non-finite batch was skipped.
 
@@ -216,6 +227,10 @@ def _batch_norm(
     ``layout``: the result of :func:`_check_batch_norm` for arguments of the same types,
     shapes and flags, which skips the checks (a layer validates once per input
     signature, see ``normlab.nn.batchnorm``); None checks everything.
+
+    ``mask``, ``degenerate``: see :func:`batch_norm`. With a mask, ``source_fn`` is instead
+    ``source_fn(x, m, dims) -> (count, mean, var)``, the masked global moments
+    (:func:`normlab.distributed.global_masked_moments`).
     """
     if layout is None:
         layout = _check_batch_norm(
@@ -232,7 +247,14 @@ def _batch_norm(
             num_batches_tracked,
             where,
             source_fn is None,
+            degenerate,
         )
+    if mask is not None:
+        return _masked_batch_norm(
+            input, mask, running_mean, running_var, weight, bias, training, momentum, eps,
+            activation, negative_slope, nonfinite, num_batches_tracked, where, source_fn,
+            layout, degenerate,
+        )  # fmt: skip
     # (C,) tensors broadcast against x only when C is the last dim (layout.view False);
     # the engine's main entry takes them as they are (param_shape), the others viewed.
     shape = layout.shape if layout.view else None
@@ -266,13 +288,23 @@ def _batch_norm(
     n = layout.n
     if source_fn is not None:
         source, n = source_fn(input, layout.dims)  # every rank gets the same n: all raise or none
+        if n == 1 and degenerate != "error":  # the GLOBAL count: every rank decides alike
+            return _degenerate_output(
+                input, running_mean, running_var, weight, bias, eps, activation,
+                negative_slope, where, layout, degenerate,
+            ), False  # fmt: skip
         if n == 1:
             raise ValueError(
                 f"{where}: expected more than 1 value per channel when training, but the "
                 f"global batch across all ranks has only one (this rank's input: "
                 f"{list(input.shape)}). Use larger per-rank batches, or eval mode to use the "
-                f"running statistics."
+                f"running statistics, or degenerate='eval'/'skip'."
             )
+    elif n == 1 and degenerate != "error":  # a static shape: a Python branch traces too
+        return _degenerate_output(
+            input, running_mean, running_var, weight, bias, eps, activation, negative_slope,
+            where, layout, degenerate,
+        ), False  # fmt: skip
     if kernels.traced(input):  # torch.compile, export, jit.trace, torch.func, meta
         return _traced_batch_norm(
             input, running_mean, running_var, weight, bias, momentum, eps, activation,
@@ -392,6 +424,136 @@ def _traced_batch_norm(
     return y
 
 
+def _degenerate_output(
+    input, running_mean, running_var, weight, bias, eps, activation, negative_slope, where,
+    layout, degenerate,
+) -> torch.Tensor:  # fmt: skip
+    """The training output for <= 1 value per channel under ``degenerate`` 'eval' or
+    'skip' (see :func:`batch_norm`); the running statistics are not touched.
+
+    'eval': eval mode's computation with the running statistics (so its gradients are
+    torch's eval-mode BatchNorm gradients). 'skip': the raw input itself (no statistics,
+    affine or activation), connected to the learnable parameters by an exact ``0·p`` so
+    that they get zero gradients rather than none (DDP expects every parameter to get one).
+    """
+    if degenerate == "eval":
+        y, _ = _batch_norm(
+            input, running_mean, running_var, weight, bias, False, 0.0, eps,
+            channel_dim=layout.channel, activation=activation, negative_slope=negative_slope,
+            where=where, layout=layout,
+        )  # fmt: skip
+        return y
+    zero = None
+    for p in (weight, bias):
+        if p is not None and p.requires_grad:
+            t = (p * 0).sum()
+            zero = t if zero is None else zero + t
+    return input if zero is None else input + zero.to(input.dtype)
+
+
+def _one_counted_value_error(input: torch.Tensor, count: int, where: str) -> ValueError:
+    return ValueError(
+        f"{where}: expected more than 1 value per channel when training, but the mask leaves "
+        f"{count} of the input of size {list(input.shape)} (all ranks together for "
+        f"SyncBatchNorm). Batch statistics of <= 1 value are undefined. Use a mask with more "
+        f"True positions, eval mode, or degenerate='eval' (running statistics) / 'skip' "
+        f"(pass the batch through) for such batches."
+    )
+
+
+def _masked_batch_norm(
+    input, mask, running_mean, running_var, weight, bias, training, momentum, eps,
+    activation, negative_slope, nonfinite, num_batches_tracked, where, source_fn, layout,
+    degenerate,
+) -> tuple[torch.Tensor, bool]:  # fmt: skip
+    """:func:`_batch_norm` with a ``mask`` (semantics: :mod:`normlab.functional.masked`).
+    Torch ops, not the kernels. Eager code branches on the counted number (a host sync,
+    which the unmasked path never pays); traced code cannot, so there the degenerate
+    policy is branch-free: 'eval' and 'skip' select with ``torch.where`` between the batch
+    result and the running statistics / the input, the running update is masked by
+    ``count > 1``, and 'error' becomes ``torch._assert_async``."""
+    from normlab.functional import masked
+
+    m = masked.check_mask(mask, input, layout.channel, where)
+    if not training:  # running statistics: the mask only stops gradients at padding
+        y, _ = _batch_norm(
+            input, running_mean, running_var, weight, bias, False, momentum, eps,
+            channel_dim=layout.channel, activation=activation, negative_slope=negative_slope,
+            where=where, layout=layout,
+        )  # fmt: skip
+        return masked.stop_padded_grad(y, m), False
+    if source_fn is None and not kernels.traced(input) and bool(mask.all()):
+        # nothing is padded: the unmasked path, bit for bit (kernels included)
+        return _batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            channel_dim=layout.channel, activation=activation, negative_slope=negative_slope,
+            nonfinite=nonfinite, num_batches_tracked=num_batches_tracked, where=where,
+            layout=layout, degenerate=degenerate,
+        )  # fmt: skip
+    shape = layout.shape
+    w, b = view_params(weight, shape), view_params(bias, shape)
+    wd = work_dtype(input.dtype)
+    x = input.to(wd)
+    if source_fn is None:
+        count, mean, var = masked.masked_moments(x, m, layout.dims)
+    else:  # SyncBatchNorm: the global batch's (differentiable through the collectives)
+        count, mean, var = source_fn(x, m, layout.dims)
+    count = count.reshape(())  # the same for every channel: the mask has no channel dim
+    if not kernels.traced(input):
+        n = int(count)
+        if n <= 1:
+            if degenerate == "error":
+                raise _one_counted_value_error(input, n, where)
+            y = _degenerate_output(
+                input, running_mean, running_var, weight, bias, eps, activation,
+                negative_slope, where, layout, degenerate,
+            )  # fmt: skip
+            return masked.stop_padded_grad(y, m), False
+        y = masked.normalize_masked(input, m, mean, var, w, b, eps, activation, negative_slope)
+        skipped = False
+        if running_mean is not None:
+            skipped = update_running_stats_(
+                running_mean, running_var, mean.detach().reshape(-1),
+                (var.detach() * (n / (n - 1))).reshape(-1), momentum,
+                num_batches_tracked=num_batches_tracked, nonfinite=nonfinite, where=where,
+            )  # fmt: skip
+            if skipped and nonfinite == "raise":  # pragma: no cover - raised inside
+                raise _nonfinite_error(where)
+        return y, skipped
+    from normlab.functional import traced
+
+    ok = count > 1
+    if degenerate == "error" and torch._C._are_functorch_transforms_active():
+        # vmap has no batching rule for asserts: the undefined statistics become NaN
+        nan = float("nan")
+        mean_n, var_n = torch.where(ok, mean, nan), torch.where(ok, var, nan)
+    elif degenerate == "error":
+        torch._assert_async(
+            ok,
+            f"{where}: expected more than 1 value per channel when training, but the "
+            f"mask leaves <= 1 (degenerate='error')",
+        )
+        mean_n, var_n = mean, var
+    elif degenerate == "eval":
+        mean_n = torch.where(ok, mean, view_params(running_mean, shape).to(wd))
+        var_n = torch.where(ok, var, view_params(running_var, shape).to(wd))
+    else:
+        mean_n, var_n = torch.where(ok, mean, 0.0), torch.where(ok, var, 1.0)
+    y = masked.normalize_masked(input, m, mean_n, var_n, w, b, eps, activation, negative_slope)
+    if degenerate == "skip":
+        y = torch.where(ok, y, _degenerate_output(
+            masked.stop_padded_grad(input, m), None, None, weight, bias, eps, activation,
+            negative_slope, where, layout, "skip",
+        ))  # fmt: skip
+    if running_mean is not None:
+        unbiased = var * (count / (count - 1))  # NaN/Inf for count <= 1: masked out by ok
+        traced.update_running(
+            running_mean, running_var, num_batches_tracked, mean.detach(), unbiased.detach(),
+            momentum, nonfinite, where, gate=ok,
+        )  # fmt: skip
+    return y, False
+
+
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -408,6 +570,8 @@ def batch_norm(
     nonfinite: str = "propagate",
     num_batches_tracked: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    degenerate: str = "error",
 ) -> torch.Tensor:
     """Batch normalization: ``y = act(γ · (x − μ) / sqrt(σ² + ε) + β [+ r])`` per channel.
 
@@ -438,6 +602,26 @@ def batch_norm(
             running statistics anyway; 'skip' leaves them (and ``num_batches_tracked``)
             unchanged and warns; 'raise' raises ``FloatingPointError`` before any change.
         num_batches_tracked: optional 0-d counter, incremented with each update.
+        mask: optional bool tensor broadcastable to the input without its channel dim
+            (``(N, L)`` for ``(N, L, C)`` or ``(N, C, L)``), True where a position counts.
+            Padded positions enter no statistic (batch or running) and get no gradient;
+            their outputs are the normalised value (Keras 3 and Flax do the same), held
+            constant for autograd. In eval the output does not depend on the mask (running
+            statistics); it only stops gradients at padding. Masked statistics use torch
+            ops, not the Numba kernels; ``mask=None`` is the unchanged fast path. Details:
+            :mod:`normlab.functional.masked`.
+        degenerate: what training does with <= 1 value per channel (batch 1 without
+            spatial dims, or a mask leaving <= 1 position): 'error' (default) raises;
+            'eval' normalises with the running statistics (eval mode's output and
+            gradients) and leaves them and ``num_batches_tracked`` untouched, and needs
+            running statistics; 'skip' returns the raw input unchanged ("pass the batch
+            through untouched": no affine, no activation; dx = dy, zero gradients for γ, β)
+            and touches no statistics. A count of 0 with an empty input is not degenerate
+            (the output is empty). Without a mask the count is a shape, so compiled code
+            branches on it like eager code; with a mask it is data: eager code branches on
+            it (a host sync), traced code selects with ``torch.where`` and masks the
+            running update, and 'error' becomes an asynchronous assert (under
+            torch.func.vmap, which cannot assert, NaN outputs for such an example).
 
     Shapes: y has the shape, dtype and memory format of ``input``. Statistics are reduced
     over every dim but ``channel_dim`` (N·H·W values per channel for images). Float16 and
@@ -460,6 +644,8 @@ def batch_norm(
         nonfinite=nonfinite,
         num_batches_tracked=num_batches_tracked,
         residual=residual,
+        mask=mask,
+        degenerate=degenerate,
     )
     if skipped:
         warnings.warn(

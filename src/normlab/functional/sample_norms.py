@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from normlab import kernels
 from normlab.functional import _checks
 from normlab.functional.batch_norm import (
     NonFiniteStatisticsWarning,
@@ -59,6 +60,7 @@ def layer_norm(
     *,
     activation: str | None = None,
     negative_slope: float = 0.01,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Layer normalization: ``y = act(γ ⊙ (x − μ) / sqrt(σ² + ε) + β)``, with μ and the
     biased σ² over the trailing ``normalized_shape`` dims of each sample.
@@ -71,6 +73,13 @@ def layer_norm(
         weight, bias: elementwise γ, β of shape ``normalized_shape``, or None.
         eps: added to the variance (≥ 0).
         activation, negative_slope: fused activation after the affine (keyword-only).
+        mask: optional bool tensor, True where an element counts (keyword-only):
+            broadcastable to the input (e.g. ``(N, 1, H, W)`` for LayerNorm over
+            ``(C, H, W)``), or of the input's leading shape ``input.shape[:-k]`` (a token
+            mask, which leaves each counted token's output as without a mask and only stops
+            gradients at padded tokens). Padded elements enter no statistic and get no
+            gradient; their outputs are the normalised value (see
+            :mod:`normlab.functional.masked`; torch ops, not the engine's kernels).
 
     Numerics: the engine's shifted two-pass statistics (float32 for half inputs),
     closed-form backward.
@@ -83,6 +92,23 @@ def layer_norm(
     shape, dims = normalized_dims(input, normalized_shape, where)
     _check_affine(weight, "weight", shape, where)
     _check_affine(bias, "bias", shape, where)
+    if mask is not None:
+        from normlab.functional import masked
+
+        lead = input.dim() - len(shape)
+        if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(input.shape[:lead]):
+            # whole tokens: no counted token's statistics change, padded ones keep theirs
+            m = masked.check_mask(
+                mask.reshape(*mask.shape, *([1] * len(shape))), input, None, where
+            )
+            y = layer_norm(input, normalized_shape, weight, bias, eps, activation=activation,
+                           negative_slope=negative_slope)  # fmt: skip
+            return masked.stop_padded_grad(y, m)
+        m = masked.check_mask(mask, input, None, where)
+        if kernels.traced(input) or not bool(mask.all()):
+            return masked.normalize_sample_masked(
+                input, m, dims, weight, bias, eps, activation, negative_slope
+            )[0]
     y, _, _ = normalize_batch(
         input, dims, weight, bias, eps=eps, activation=activation, negative_slope=negative_slope
     )
@@ -156,6 +182,7 @@ def group_norm(
     *,
     activation: str | None = None,
     negative_slope: float = 0.01,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group normalization: the C channels of each sample split into ``num_groups`` groups
     of C/G; each group normalised with its own mean and biased variance over its C/G·S
@@ -168,6 +195,12 @@ def group_norm(
     input is not copied) and reduced over every dim after G. The output keeps the input's
     memory format. G = 1 is LayerNorm over ``(C, *S)`` with per-channel affine; G = C is
     InstanceNorm.
+
+    ``mask`` (keyword-only): bool, broadcastable to ``(N, *S)`` (the input without its
+    channel dim), True where a position counts; each group's statistics are then over
+    its C/G channels at the counted positions only. Padded positions get no gradient and
+    the normalised value as output; a group with no counted position normalises with
+    mean 0, variance 1 (see :mod:`normlab.functional.masked`; torch ops).
 
     Reference: Wu & He, "Group Normalization", ECCV 2018, eq. (1)-(2), §3.1.
     """
@@ -188,6 +221,15 @@ def group_norm(
     pshape = (1, num_groups, c // num_groups) + (1,) * len(spatial)
     w, b = view_params(weight, pshape), view_params(bias, pshape)
     dims = tuple(range(2, grouped.dim()))
+    if mask is not None:
+        from normlab.functional import masked
+
+        m = masked.check_mask(mask, input, 1, where)  # (N, 1, *S)
+        if kernels.traced(input) or not bool(mask.all()):
+            y = masked.normalize_sample_masked(
+                grouped, m.unsqueeze(1), dims, w, b, eps, activation, negative_slope
+            )[0]
+            return y.reshape(input.shape)
     y, _, _ = normalize_batch(
         grouped, dims, w, b, eps=eps, activation=activation, negative_slope=negative_slope
     )
@@ -208,6 +250,7 @@ def _instance_norm(
     negative_slope: float = 0.01,
     nonfinite: str = "propagate",
     where: str = "instance_norm",
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """:func:`instance_norm`, also returning whether a non-finite update was skipped."""
     _checks.check_floating(input, "input", where)
@@ -239,6 +282,15 @@ def _instance_norm(
         )
     shape = _param_shape(input.dim(), 1, c)
     w, b = view_params(weight, shape), view_params(bias, shape)
+    if mask is not None:
+        from normlab.functional import masked
+
+        m = masked.check_mask(mask, input, 1, where)
+        if kernels.traced(input) or not bool(mask.all()) or not use_input_stats:
+            return _masked_instance_norm(
+                input, m, running_mean, running_var, w, b, use_input_stats, momentum, eps,
+                activation, negative_slope, nonfinite, where,
+            )  # fmt: skip
     if not use_input_stats:
         if running_mean is None:
             raise ValueError(
@@ -283,6 +335,51 @@ def _instance_norm(
     return y, skipped
 
 
+def _masked_instance_norm(
+    input, m, running_mean, running_var, w, b, use_input_stats, momentum, eps, activation,
+    negative_slope, nonfinite, where,
+) -> tuple[torch.Tensor, bool]:  # fmt: skip
+    """:func:`_instance_norm` with a validated mask ``m`` (N, 1, *S). Running statistics:
+    torch's rule restricted to the instances with at least 2 counted positions (the batch
+    average of their means and unbiased variances); none such: no update."""
+    from normlab.functional import masked
+
+    shape = _param_shape(input.dim(), 1, input.shape[1])
+    if not use_input_stats:
+        y = normalize_with_stats(
+            input, running_mean.view(shape), running_var.view(shape), w, b, eps=eps,
+            activation=activation, negative_slope=negative_slope,
+        )  # fmt: skip
+        return masked.stop_padded_grad(y, m), False
+    dims = tuple(range(2, input.dim()))
+    y, count, mean, var = masked.normalize_sample_masked(
+        input, m, dims, w, b, eps, activation, negative_slope
+    )
+    if running_mean is None or input.numel() == 0:
+        return y, False
+    n_inst = input.shape[0]
+    count = count.detach().reshape(n_inst, 1)
+    ok = count > 1  # (N, 1): instances with a variance
+    k = ok.sum(0).to(mean.dtype)  # (1,)
+    mean = torch.where(ok, mean.detach().reshape(n_inst, -1), 0.0).sum(0) / k.clamp(min=1)
+    unbiased = var.detach().reshape(n_inst, -1) * (count / (count - 1).clamp(min=1))
+    unbiased = torch.where(ok, unbiased, 0.0).sum(0) / k.clamp(min=1)
+    if kernels.traced(input):
+        from normlab.functional import traced
+
+        traced.update_running(
+            running_mean, running_var, None, mean, unbiased, momentum, nonfinite, where,
+            gate=(k > 0).reshape(()),
+        )  # fmt: skip
+        return y, False
+    if int(k) == 0:
+        return y, False
+    skipped = update_running_stats_(
+        running_mean, running_var, mean, unbiased, momentum, nonfinite=nonfinite, where=where
+    )
+    return y, skipped
+
+
 def instance_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None = None,
@@ -296,6 +393,7 @@ def instance_norm(
     activation: str | None = None,
     negative_slope: float = 0.01,
     nonfinite: str = "propagate",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Instance normalization: each (sample, channel) slice ``x[n, c]`` normalised by its
     own mean and biased variance over the spatial dims; per-channel affine; activation.
@@ -317,6 +415,12 @@ def instance_norm(
         activation, negative_slope: fused activation (keyword-only).
         nonfinite: running-statistics policy for NaN/Inf batches ('propagate' is torch;
             see :func:`normlab.functional.batch_norm`).
+        mask: optional bool, broadcastable to ``(N, *S)``, True where a position counts
+            (keyword-only): each instance's statistics over its counted positions only
+            (no error for <= 1 of them: such an instance normalises with variance 0, or
+            mean 0 / variance 1 when empty); padded positions get no gradient and the
+            normalised value. Running statistics average the instances with >= 2
+            counted positions. See :mod:`normlab.functional.masked`.
 
     Raises ValueError for one spatial element with ``use_input_stats`` (reliability 3).
 
@@ -335,6 +439,7 @@ def instance_norm(
         activation=activation,
         negative_slope=negative_slope,
         nonfinite=nonfinite,
+        mask=mask,
     )
     if skipped:
         warnings.warn(

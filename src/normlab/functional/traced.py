@@ -288,6 +288,7 @@ def update_running(
     momentum: float | None,
     nonfinite: str,
     where: str,
+    gate: torch.Tensor | None = None,
 ) -> None:
     """One running-statistics step as branch-free tensor code (torch's rule, the policy of
     :func:`normlab.functional.batch_norm.update_running_stats_`):
@@ -305,6 +306,10 @@ def update_running(
     the transform), so the statistics are unwrapped to their values and the update runs
     with functorch disabled. Under vmap the statistics differ per sample: an error, as
     torch's BatchNorm gives.
+
+    ``gate``: an optional 0-d bool; False leaves everything (counter included) unchanged
+    whatever the statistics, and a non-finite batch is then no error (masked statistics
+    of <= 1 counted value under ``degenerate='eval'/'skip'``).
     """
     if _functorch_active():
         mean, unbiased_var = _value(mean), _value(unbiased_var)
@@ -352,11 +357,13 @@ def _update_running(
                 ok = torch.isfinite(m).all() & torch.isfinite(v).all()
                 if nonfinite == "raise":
                     torch._assert_async(
-                        ok,
+                        ok if gate is None else ok | ~gate,
                         f"{where}: the batch statistics are not finite (the input holds "
                         f"NaN or Inf); running statistics were left unchanged",
                     )
                     ok = None
+            if gate is not None:
+                ok = gate if ok is None else ok & gate
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1 if ok is None else ok.to(num_batches_tracked.dtype))
             if momentum is None:

@@ -40,8 +40,8 @@ class _BatchRenorm(_NormlabBatchNorm):
         r_max_steps, d_max_steps: keyword-only; the steps at which r_max_t and d_max_t
             reach ``r_max`` and ``d_max`` (linear ramps from ``warmup_steps``). Defaults
             40000 and 25000 (the paper's §5.1). All three 0: final limits from step 0.
-        device, dtype, bias, activation, negative_slope, nonfinite: keyword-only; as
-            :class:`normlab.nn.BatchNorm2d`.
+        device, dtype, bias, activation, negative_slope, nonfinite, degenerate:
+            keyword-only; as :class:`normlab.nn.BatchNorm2d`.
 
     The step is ``num_batches_tracked`` (a buffer, so it is saved in the state_dict); a
     batch skipped by ``nonfinite='skip'`` does not advance it. Running statistics are
@@ -68,6 +68,7 @@ class _BatchRenorm(_NormlabBatchNorm):
         activation: str | None = None,
         negative_slope: float = 0.01,
         nonfinite: str = "skip",
+        degenerate: str = "error",
     ) -> None:
         where = type(self).__name__
         check_clip_limits(r_max, d_max, where)
@@ -86,6 +87,7 @@ class _BatchRenorm(_NormlabBatchNorm):
             activation=activation,
             negative_slope=negative_slope,
             nonfinite=nonfinite,
+            degenerate=degenerate,
         )
         self.r_max = float(r_max)
         self.d_max = float(d_max)

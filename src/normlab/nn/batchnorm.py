@@ -64,6 +64,17 @@ class _NormlabBatchNorm(_BatchNorm):
             Stored buffers stay torch's raw EMA, so checkpoints are unchanged.
             See :meth:`population_stats`.
         channel_dim: keyword-only (``BatchNorm`` only); the channel dimension.
+        degenerate: keyword-only; what training does with <= 1 value per channel (batch 1
+            without spatial dims, or a mask leaving <= 1 position): 'error' (default,
+            torch's error), 'eval' (normalise with the running statistics, leave them and
+            ``num_batches_tracked`` untouched) or 'skip' (return the input unchanged). See
+            :func:`normlab.functional.batch_norm`. SyncBatchNorm decides on the global count.
+
+    ``forward(input, mask=None)``: ``mask`` (bool, broadcastable to the input without its
+    channel dim, True where a position counts) leaves padded positions out of every
+    statistic and gradient; their outputs are the normalised value. See
+    :func:`normlab.functional.batch_norm` and :mod:`normlab.functional.masked`. Not for
+    BatchRenorm and GhostBatchNorm, which raise.
 
     Reference: Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training
     by Reducing Internal Covariate Shift", ICML 2015.
@@ -89,8 +100,16 @@ class _NormlabBatchNorm(_BatchNorm):
         alpha: float = 1.0,
         nonfinite: str = "skip",
         ema_debias: bool = False,
+        degenerate: str = "error",
     ) -> None:
         where = type(self).__name__
+        _checks.check_degenerate(degenerate, where)
+        if degenerate == "eval" and not track_running_stats:
+            raise ValueError(
+                f"{where}: degenerate='eval' normalises a batch of <= 1 value per channel with "
+                f"the running statistics, but track_running_stats=False keeps none. Use "
+                f"degenerate='skip' or 'error', or track_running_stats=True."
+            )
         _checks.check_num_features(num_features, where)
         _checks.check_eps(eps, where)
         _checks.check_momentum(momentum, where)
@@ -112,6 +131,7 @@ class _NormlabBatchNorm(_BatchNorm):
         self.negative_slope = float(negative_slope)
         self.nonfinite = nonfinite
         self.ema_debias = bool(ema_debias)
+        self.degenerate = degenerate
         self._warned_nonfinite = False
 
     # -- input checks -------------------------------------------------------------------
@@ -190,6 +210,7 @@ class _NormlabBatchNorm(_BatchNorm):
             self.momentum,
             self.eps,
             self.nonfinite,
+            self.degenerate,
             self.num_features,
             self._channel_dim,
             None if w is None else w.shape,
@@ -199,10 +220,25 @@ class _NormlabBatchNorm(_BatchNorm):
             b.get("num_batches_tracked") is None,
         )
 
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``act(γ·x̂ + β)``, or with ``residual`` (a tensor like ``input``)
         ``act(γ·x̂ + β + residual)``: BN → add → activation as one layer (what
-        :func:`normlab.fuse` makes of a ResNet block's tail)."""
+        :func:`normlab.fuse` makes of a ResNet block's tail). ``mask``: optional bool,
+        broadcastable to the input without the channel dim, True where a position counts
+        (see :func:`normlab.functional.batch_norm`); pass it by keyword."""
+        if mask is not None:
+            if residual is not None:
+                raise ValueError(
+                    f"{type(self).__name__}: residual= and mask= together are not supported; "
+                    f"add the residual after the layer."
+                )
+            self._check_input_dim(input)
+            return self._forward_with(input, mask=mask)
         if residual is not None:
             return self._forward_residual(input, residual)
         if self._cache_checks and not traced(input):  # tracers record every call's checks
@@ -234,7 +270,7 @@ class _NormlabBatchNorm(_BatchNorm):
     _residual: torch.Tensor | None = None  # set only during forward(input, residual)
 
     def _forward_with(
-        self, input: torch.Tensor, source_fn=None, layout=None, signature=None
+        self, input: torch.Tensor, source_fn=None, layout=None, signature=None, mask=None
     ) -> torch.Tensor:
         """Forward after input checks; ``source_fn`` supplies training statistics computed
         elsewhere (see ``normlab.functional.batch_norm._batch_norm``), e.g. across ranks.
@@ -269,13 +305,20 @@ class _NormlabBatchNorm(_BatchNorm):
                 buffers.get("num_batches_tracked") if tracking else None,
                 type(self).__name__,
                 True,
+                self.degenerate,
             )
             self.__dict__["_checked"] = (signature, layout)
         if not use_batch_stats and self.ema_debias:
             mean, var = self.population_stats()
         args = (input, mean, var, use_batch_stats, tracking)
         # Only SyncBatchNorm passes a source_fn; variants overriding _normalize take 5 args.
-        if source_fn is not None:
+        if (mask is not None or self.degenerate != "error") and not self._plain_normalize():
+            y = self._variant_extras(input, mask, mean, var, use_batch_stats)
+            if y is not None:
+                return y
+        if mask is not None:
+            y, skipped = self._normalize(*args, source_fn=source_fn, mask=mask)
+        elif source_fn is not None:
             y, skipped = self._normalize(*args, source_fn=source_fn)
         elif layout is not None:
             y, skipped = self._normalize(*args, layout=layout)
@@ -292,6 +335,36 @@ class _NormlabBatchNorm(_BatchNorm):
             )
         return y
 
+    def _plain_normalize(self) -> bool:
+        return type(self)._normalize is _NormlabBatchNorm._normalize
+
+    def _variant_extras(self, input, mask, mean, var, use_batch_stats):
+        """``mask`` and ``degenerate`` for variants with their own ``_normalize`` (renorm,
+        ghost): no mask; the degenerate policy on the static count, before their call.
+        Returns the output, or None to proceed normally."""
+        name = type(self).__name__
+        if mask is not None:
+            raise TypeError(
+                f"{name}: mask= is not supported by this variant (its statistics are not "
+                f"plain batch statistics); use normlab.nn.BatchNorm* or SyncBatchNorm for "
+                f"masked batches."
+            )
+        c = self._channel_dim % input.dim()
+        n = input.numel() // max(input.shape[c], 1)
+        if not use_batch_stats or n != 1:
+            return None
+        from normlab.functional.batch_norm import BatchNormLayout, _degenerate_output
+
+        shape = [1] * input.dim()
+        shape[c] = input.shape[c]
+        dims = tuple(d for d in range(input.dim()) if d != c)
+        layout = BatchNormLayout(dims, shape, n, c != input.dim() - 1, c)
+        params = self._parameters
+        return _degenerate_output(
+            input, mean, var, params.get("weight"), params.get("bias"), self.eps,
+            self.activation, self.negative_slope, name, layout, self.degenerate,
+        )  # fmt: skip
+
     def _normalize(
         self,
         input: torch.Tensor,
@@ -301,6 +374,7 @@ class _NormlabBatchNorm(_BatchNorm):
         tracking: bool,
         source_fn=None,
         layout=None,
+        mask=None,
     ) -> tuple[torch.Tensor, bool]:
         """The one functional call of this layer; variants (renorm, ghost) override it.
         ``layout``: the cached result of the checks, for a call with a validated signature."""
@@ -323,6 +397,8 @@ class _NormlabBatchNorm(_BatchNorm):
             source_fn=source_fn if use_batch_stats else None,
             layout=layout,
             residual=self._residual,
+            mask=mask,
+            degenerate=self.degenerate,
         )
 
     def extra_repr(self) -> str:
@@ -337,6 +413,8 @@ class _NormlabBatchNorm(_BatchNorm):
             s += f", nonfinite={self.nonfinite!r}"
         if self.ema_debias:
             s += ", ema_debias=True"
+        if self.degenerate != "error":
+            s += f", degenerate={self.degenerate!r}"
         return s
 
 

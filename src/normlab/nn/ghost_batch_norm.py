@@ -23,7 +23,7 @@ class _GhostBatchNorm(_NormlabBatchNorm):
             :class:`torch.nn.BatchNorm2d` (same defaults, buffers and state_dict keys).
         virtual_batch_size: keyword-only, required; samples per ghost batch (Hoffer et
             al. use 128). A batch of at most this size is plain BatchNorm.
-        bias, activation, negative_slope, nonfinite, ema_debias: keyword-only; as
+        bias, activation, negative_slope, nonfinite, ema_debias, degenerate: keyword-only; as
             :class:`normlab.nn.BatchNorm2d`.
 
     Running statistics are updated once per forward call (``num_batches_tracked`` + 1)

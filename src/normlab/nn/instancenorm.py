@@ -88,7 +88,10 @@ class _InstanceNorm(FusedActivation):
                 f"{tuple(input.shape)}. Use {name[:-2]}{{1,2,3}}d for other ranks."
             )
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: optional bool, broadcastable to ``(N, *S)`` (``(*S)`` for unbatched
+        input), True where a position counts (see
+        :func:`normlab.functional.instance_norm`)."""
         if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
             return call_as_leaf(self, input)
         name = type(self).__name__
@@ -112,6 +115,8 @@ class _InstanceNorm(FusedActivation):
             )
         unbatched = input.dim() == self._get_no_batch_dim()
         x = input.unsqueeze(0) if unbatched else input
+        if unbatched and isinstance(mask, torch.Tensor):
+            mask = mask.unsqueeze(0)
         y, skipped = _instance_norm(
             x,
             self.running_mean,
@@ -125,6 +130,7 @@ class _InstanceNorm(FusedActivation):
             negative_slope=self.negative_slope,
             nonfinite=self.nonfinite,
             where=name,
+            mask=mask,
         )
         if skipped and not self._warned_nonfinite:
             self._warned_nonfinite = True

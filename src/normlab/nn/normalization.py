@@ -50,7 +50,9 @@ class LayerNorm(FusedActivation, torch.nn.LayerNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self._init_activation(activation, negative_slope)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: optional bool, True where an element counts (see
+        :func:`normlab.functional.layer_norm`)."""
         if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
             return call_as_leaf(self, input)
         return layer_norm(
@@ -61,6 +63,7 @@ class LayerNorm(FusedActivation, torch.nn.LayerNorm):
             self.eps,
             activation=self.activation,
             negative_slope=self.negative_slope,
+            mask=mask,
         )
 
     def extra_repr(self) -> str:
@@ -106,7 +109,9 @@ class GroupNorm(FusedActivation, torch.nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self._init_activation(activation, negative_slope)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: optional bool, broadcastable to ``(N, *S)``, True where a position
+        counts (see :func:`normlab.functional.group_norm`)."""
         if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
             return call_as_leaf(self, input)
         if input.dim() >= 2 and input.shape[1] != self.num_channels:
@@ -124,6 +129,7 @@ class GroupNorm(FusedActivation, torch.nn.GroupNorm):
             self.eps,
             activation=self.activation,
             negative_slope=self.negative_slope,
+            mask=mask,
         )
 
     def extra_repr(self) -> str:

@@ -66,8 +66,16 @@ class SyncBatchNorm(_NormlabBatchNorm):
     dtype=None, *, bias=True``; ``process_group=None`` is the default group) plus
     normlab's keyword-only ``channel_dim`` (any input rank ≥ 2, channel at
     ``channel_dim``), ``activation``, ``negative_slope``, ``nonfinite`` and
-    ``ema_debias`` (see :class:`normlab.nn.BatchNorm`). The ``nonfinite`` policy acts on
-    the global statistics, so every rank skips or raises together.
+    ``ema_debias`` and ``degenerate`` (see :class:`normlab.nn.BatchNorm`). The
+    ``nonfinite`` policy acts on the global statistics, so every rank skips or raises
+    together; ``degenerate`` on the global count (all ranks together <= 1 value per
+    channel), identical on every rank.
+
+    ``forward(input, mask=None)``: with a mask (see :class:`normlab.nn.BatchNorm`) each
+    rank's count is that of its counted positions, so the statistics are those of the
+    concatenated valid positions of all ranks; forward gathers (count, mean, M2) as above,
+    backward all-reduces the gradients of the global mean and variance (torch ops, not the
+    kernels). Every rank must pass a mask or none.
 
     Buffers and ``state_dict`` keys are those of ``torch.nn.SyncBatchNorm`` and
     ``BatchNorm*d``. It deliberately does *not* subclass ``torch.nn.SyncBatchNorm``: DDP
@@ -95,6 +103,7 @@ class SyncBatchNorm(_NormlabBatchNorm):
         negative_slope: float = 0.01,
         nonfinite: str = "skip",
         ema_debias: bool = False,
+        degenerate: str = "error",
     ) -> None:
         if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
             raise TypeError(f"SyncBatchNorm: channel_dim must be an int, got {channel_dim!r}")
@@ -111,6 +120,7 @@ class SyncBatchNorm(_NormlabBatchNorm):
             negative_slope=negative_slope,
             nonfinite=nonfinite,
             ema_debias=ema_debias,
+            degenerate=degenerate,
         )
         self._channel_dim = channel_dim
         self.process_group = process_group
@@ -132,11 +142,11 @@ class SyncBatchNorm(_NormlabBatchNorm):
         group = self.process_group or torch.distributed.GroupMember.WORLD
         return (id(group), torch.distributed.get_world_size(self.process_group))
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
             return call_as_leaf(self, input)
         if not self._sync_active():
-            return super().forward(input)
+            return super().forward(input, mask=mask)
         where = type(self).__name__
         key = self._group_key()
         first = self._handshaken != key
@@ -161,6 +171,12 @@ class SyncBatchNorm(_NormlabBatchNorm):
             # by every rank alike, so the ranks never disagree on whether one is due.
             self._handshaken, self._tag = key, tag
             _NEXT_TAG[key] = tag + 1
+        if mask is not None:  # every rank gathers its own count of counted positions
+            source_fn = partial(
+                distributed.global_masked_moments, group=self.process_group, where=where,
+                tag=tag, dtype=input.dtype,
+            )  # fmt: skip
+            return self._forward_with(input, source_fn, mask=mask)
         source_fn = partial(
             distributed.global_stats_source, group=self.process_group, where=where, tag=tag
         )
@@ -250,6 +266,7 @@ def _extras(module: _BatchNorm) -> dict:
         "negative_slope": module.negative_slope,
         "nonfinite": module.nonfinite,
         "ema_debias": module.ema_debias,
+        "degenerate": module.degenerate,
     }
 
 
