@@ -312,18 +312,19 @@ def update_running(
     of <= 1 counted value under ``degenerate='eval'/'skip'``).
     """
     if _functorch_active():
-        mean, unbiased_var = _value(mean), _value(unbiased_var)
-        if mean is None or unbiased_var is None:
+        values = [_value(t) for t in (mean, unbiased_var)]
+        values.append(None if gate is None else _value(gate))
+        if values[0] is None or values[1] is None or (gate is not None and values[2] is None):
             raise RuntimeError(_VMAP_RUNNING_ERROR.format(where=where))
         with torch._C._DisableFuncTorch():
             _update_running(
-                running_mean, running_var, num_batches_tracked, mean, unbiased_var,
-                momentum, nonfinite, where,
+                running_mean, running_var, num_batches_tracked, *values[:2], momentum,
+                nonfinite, where, values[2],
             )  # fmt: skip
         return
     _update_running(
         running_mean, running_var, num_batches_tracked, mean, unbiased_var, momentum,
-        nonfinite, where,
+        nonfinite, where, gate,
     )  # fmt: skip
 
 
@@ -345,7 +346,7 @@ def _value(t: torch.Tensor) -> torch.Tensor | None:
 
 def _update_running(
     running_mean, running_var, num_batches_tracked, mean, unbiased_var, momentum, nonfinite,
-    where,
+    where, gate,
 ) -> None:  # fmt: skip
     try:
         with torch.no_grad():

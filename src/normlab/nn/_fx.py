@@ -52,9 +52,10 @@ _FUSING_PRODUCERS = (
 )
 
 
-def call_as_leaf(module: torch.nn.Module, input: Proxy) -> Proxy:
-    """Record ``module(input)`` as one ``call_module`` node of ``input``'s tracer and
-    return its Proxy (what ``torch.fx.Tracer.call_module`` does for a leaf module).
+def call_as_leaf(module: torch.nn.Module, input: Proxy, **kwargs) -> Proxy:
+    """Record ``module(input, **kwargs)`` as one ``call_module`` node of ``input``'s tracer
+    and return its Proxy (what ``torch.fx.Tracer.call_module`` does for a leaf module);
+    keyword arguments that are None are left out.
 
     Raises:
         TypeError: the layer is the root of the trace (a ``call_module`` node needs a
@@ -77,7 +78,8 @@ def call_as_leaf(module: torch.nn.Module, input: Proxy) -> Proxy:
             f"e.g. torch.fx.symbolic_trace(torch.nn.Sequential(layer)), not the layer alone."
         )
     _warn_if_unfused(module, input, tracer, path)
-    return tracer.create_proxy("call_module", path, (input,), {})
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return tracer.create_proxy("call_module", path, (input,), kwargs)
 
 
 def _warn_if_unfused(module: torch.nn.Module, input: Proxy, tracer, path: str) -> None:

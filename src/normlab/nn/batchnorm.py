@@ -231,6 +231,9 @@ class _NormlabBatchNorm(_BatchNorm):
         :func:`normlab.fuse` makes of a ResNet block's tail). ``mask``: optional bool,
         broadcastable to the input without the channel dim, True where a position counts
         (see :func:`normlab.functional.batch_norm`); pass it by keyword."""
+        if mask is not None or residual is not None:
+            if isinstance(input, Proxy):  # torch.fx: one call_module node with its arguments
+                return call_as_leaf(self, input, residual=residual, mask=mask)
         if mask is not None:
             if residual is not None:
                 raise ValueError(
