@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench lint format clean chromium
+.PHONY: venv demo test test-fast bench lint format clean chromium
 
 # torch first, pinned: 2.13.0 is a CPU build on local disk; an unpinned torch would pull
 # gigabytes of CUDA. Everything else comes from pyproject.toml.
@@ -23,6 +23,12 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Every unit test, in under 2 minutes on 2 cores: leaves out the tests marked slow (long
+# experiment runs, full demos, fresh interpreters), distributed (gloo process groups) and
+# browser (Chromium); `make test` runs them all and stays the CI command.
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow and not distributed and not browser" $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/normlab bench --out benchmarks/results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import torch
 from normlab import train as training
 from normlab.cli import main
 
-pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 STEPS = 5
 
@@ -35,6 +36,7 @@ def single():
     return training.run_rank(_cfg()).to_dict()  # the global batch in one process
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world, batch_size", [(2, 64), (3, 64)])  # 3 ranks: 22, 21, 21
 def test_sync_loss_trajectory_matches_one_process(gloo_pools, single, world, batch_size):
     pool = gloo_pools.get(world)
@@ -49,6 +51,7 @@ def test_sync_loss_trajectory_matches_one_process(gloo_pools, single, world, bat
     assert diff > 1e-3
 
 
+@pytest.mark.distributed
 def test_cli_train_nproc_2_steps_5_runs_and_matches_one_process(capsys):
     main(["train", "--nproc", "2", "--steps", "5", "--json"])  # the documented defaults
     result = json.loads(capsys.readouterr().out)
@@ -58,6 +61,7 @@ def test_cli_train_nproc_2_steps_5_runs_and_matches_one_process(capsys):
     torch.testing.assert_close(result["losses"], single.losses, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.distributed
 def test_cli_reports_every_failing_rank(capsys):
     # a global batch larger than the training set fails inside every worker
     with pytest.raises(SystemExit) as exit_info:
@@ -74,6 +78,7 @@ def test_cli_rejects_bad_options_before_spawning(capsys):
     assert "nproc" in capsys.readouterr().err
 
 
+@pytest.mark.distributed
 def test_runs_unchanged_under_torchrun(single, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {k: v for k, v in os.environ.items() if k not in training.TORCHRUN_VARS}
@@ -93,3 +98,20 @@ def test_runs_unchanged_under_torchrun(single, tmp_path):
     assert result["launcher"] == "torchrun" and result["world_size"] == 2
     torch.testing.assert_close(result["losses"], single["losses"], rtol=1e-4, atol=1e-4)
     assert time.monotonic() - start < 150
+
+
+# -- one process, no process group (fast) -------------------------------------------------
+
+
+def test_one_process_run_through_the_cli(capsys):
+    args = ["train", "--steps", "2", "--batch-size", "32", "--width", "8"]
+    main([*args, "--no-sync", "--log-every", "1"])
+    printed = capsys.readouterr().out
+    assert "normlab train" in printed and "spawning" not in printed  # no workers
+    logged = [float(m) for m in re.findall(r"step +\d+  loss (\S+)", printed)]
+    main([*args, "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["world_size"] == 1 and result["launcher"] == "single"
+    assert result["backend"] == "none" and len(result["losses"]) == 2
+    # same seed, same start; SyncBatchNorm outside a process group is plain BatchNorm
+    assert logged == pytest.approx(result["losses"], abs=1e-4)  # printed to 4 decimals

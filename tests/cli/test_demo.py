@@ -13,6 +13,7 @@ from normlab.experiments.demo import RESULTS_SCHEMA
 SMALL = ["--depth", "4", "--width", "16", "--steps", "10"]
 
 
+@pytest.mark.slow  # the demo_run fixture: a 20-layer demo (17 s on the loaded box)
 def test_demo_30_steps_writes_a_valid_report(demo_run):
     code, out, payload = demo_run
     assert code == 0
@@ -32,6 +33,7 @@ def test_demo_30_steps_writes_a_valid_report(demo_run):
     assert h["plain_saturated_fraction"] > 0.05 and h["bn_saturated_fraction"] < 0.001
 
 
+@pytest.mark.slow  # the demo_run fixture: a 20-layer demo (17 s on the loaded box)
 def test_report_is_self_contained(demo_run):
     _, out, payload = demo_run
     html = (out / "report.html").read_text()
@@ -45,6 +47,7 @@ def test_report_is_self_contained(demo_run):
     assert payload["verdict"] in html and "Fig. 1" in html
 
 
+@pytest.mark.slow  # two demos (8 s); test_demo_other_activation_and_bad_option stays fast
 def test_demo_table_and_determinism(tmp_path, capsys):
     main(["demo", *SMALL, "--out", str(tmp_path / "a")])
     text = capsys.readouterr().out

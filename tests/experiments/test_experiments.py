@@ -12,9 +12,10 @@ import pytest
 
 from normlab.experiments import registry, runner
 from normlab.experiments.base import VERDICTS, Result
+from tests.experiments.conftest import quick_ids
 
 
-@pytest.mark.parametrize("claim_id", registry.all_ids())
+@pytest.mark.parametrize("claim_id", quick_ids())
 def test_quick_run_is_well_formed(claim_id, quick_result):
     exp = registry.get(claim_id)
     r = quick_result(claim_id)
@@ -40,12 +41,12 @@ def test_quick_run_is_well_formed(claim_id, quick_result):
     jsonschema.validate(payload, runner.schema())
 
 
-@pytest.mark.parametrize("claim_id", registry.all_ids())
+@pytest.mark.parametrize("claim_id", quick_ids())
 def test_run_never_prints(claim_id, quick_run):
     assert quick_run(claim_id).printed == "", "experiments report through Result, never print"
 
 
-@pytest.mark.parametrize("claim_id", registry.all_ids())
+@pytest.mark.parametrize("claim_id", quick_ids())
 def test_run_leaves_the_global_rng_alone(claim_id, quick_run):
     # seed inside _training.seeded (or use a torch.Generator): a caller's random stream
     # must not depend on which experiments ran before

@@ -11,6 +11,7 @@ ID = "family-batch-size"
 # -- the quick run measures what the experiment is about ----------------------------------
 
 
+@pytest.mark.slow  # the quick run takes seconds (conftest.QUICK_RUN_MARKS)
 def test_values_per_statistic_are_as_designed(quick_result):
     # quick config: 8×8 → stride-2 conv 32 ch (4×4) → stride-2 conv 64 ch (2×2) → fc 128;
     # GN with 8 groups. Hand-counted from that design, not from the code under test.
@@ -24,12 +25,14 @@ def test_values_per_statistic_are_as_designed(quick_result):
     assert quick_result(ID).metrics["layer_shapes"] == [[32, 4, 4], [64, 2, 2], [128]]
 
 
+@pytest.mark.slow  # the quick run takes seconds (conftest.QUICK_RUN_MARKS)
 def test_bn_degrades_at_batch_2(quick_result):
     # BN's error rose by 27–56 points from batch 32 to 2 over quick seeds 0–15
     err = quick_result(ID).metrics["mean_test_error"]["bn"]
     assert err["2"] > err["32"] + 0.15
 
 
+@pytest.mark.slow  # the quick run takes seconds (conftest.QUICK_RUN_MARKS)
 def test_gn_varies_less_across_batch_sizes_than_bn(quick_result):
     # over quick seeds 0–15 GN's spread was at most 0.48 of BN's (GN's is mostly the shorter
     # training at batch 32: 21 steps)
@@ -41,6 +44,7 @@ def test_gn_varies_less_across_batch_sizes_than_bn(quick_result):
     assert spread["gn"] < 0.6 * spread["bn"]
 
 
+@pytest.mark.slow  # the quick run takes seconds (conftest.QUICK_RUN_MARKS)
 def test_per_seed_errors_are_recorded_for_every_norm_and_batch(quick_result):
     err = quick_result(ID).metrics["test_error"]
     assert set(err) == {"bn", "gn", "ln", "in", "bn-precise"}

@@ -1,8 +1,11 @@
 import math
 
+import pytest
+
 from normlab.experiments.landscape import QUANTITIES, loss_matched_ratios
 
 
+@pytest.mark.slow  # the quick run takes seconds (conftest.QUICK_RUN_MARKS)
 def test_every_quantity_measured(quick_result):
     median = quick_result("landscape").metrics["median"]
     assert set(median["bn"]) == set(QUANTITIES)

@@ -3,6 +3,7 @@ import pytest
 from normlab.experiments import get
 
 
+@pytest.mark.slow  # the quick run takes seconds (conftest.QUICK_RUN_MARKS)
 def test_four_batch_conditions(quick_result):
     assert len(quick_result("renorm").tables["eval-mode test accuracy"]["rows"]) == 4
 
@@ -18,6 +19,7 @@ def test_schedule_is_the_papers_compressed():
     }
 
 
+@pytest.mark.slow  # the quick run takes seconds (conftest.QUICK_RUN_MARKS)
 def test_renorm_beats_bn_on_few_class_batches(quick_result):
     # the strongest effect (≈ 18 points in quick and default mode)
     gain = quick_result("renorm").metrics["brn_minus_bn"]

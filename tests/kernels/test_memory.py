@@ -115,6 +115,7 @@ def test_training_steps_reusing_buffers_match_torch(pool, monkeypatch):
     assert pool.hits >= 2
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch (5 s on the loaded box)
 def test_a_bad_pool_size_in_the_environment_is_named():
     code = "import normlab.kernels._memory"
     env = {"NORMLAB_POOL_MB": "lots", "PATH": ""}

@@ -6,7 +6,12 @@ dm-haiku's ``descriptors.py`` drives its integration tests.
 A case's ``expected(layer, x)`` receives a *copy* of the layer taken before the call and
 returns ``(y, owner)``: the expected output, and a module whose parameters received the
 expected gradients (after ``y.backward``) and whose buffers hold the expected state
-after the call.
+after the call. It must work for float32 and float64 layers and inputs.
+
+``fused`` lists the modes ('train', 'eval') in which the layer reaches normlab's fused
+kernels (``normlab.kernels``) under ``NORMLAB_KERNELS=numba``, in a call with gradients or
+in inference (no grad): the generic tests run such a case in such a mode on both paths,
+``numba`` and ``torch``, and check that the kernels ran on the one and not on the other.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class Case:
     batch_stats: bool = False  # training mode uses batch statistics (train ≠ eval)
     channels_last: bool = False  # 4-D per-channel layer: the output keeps channels-last
     gradgrad: bool = True
+    fused: tuple[str, ...] = ()  # modes reaching the kernels (test_fused_matches_dispatch)
     errors: tuple[tuple[tuple[int, ...], type, str], ...] = field(default=())
 
 
@@ -57,7 +63,7 @@ def via_torch(factory):
     """Expectation: torch's own layer, loaded with our state_dict, in the same mode."""
 
     def expected(layer, x):
-        t = factory()
+        t = factory().to(x.dtype)
         t.load_state_dict(layer.state_dict())
         t.train(layer.training)
         return t(x), t
@@ -155,6 +161,7 @@ CASES: list[Case] = [
         via_torch(lambda: torch.nn.BatchNorm1d(3)),
         batch_stats=True,
         errors=_BN_ERRORS_1D,
+        fused=("train", "eval"),
     ),
     Case(
         "BatchNorm1d-noaffine-cumulative",
@@ -162,6 +169,7 @@ CASES: list[Case] = [
         (4, 3, 5),
         via_torch(lambda: torch.nn.BatchNorm1d(3, affine=False, momentum=None)),
         batch_stats=True,
+        fused=("train", "eval"),
     ),
     Case(
         "BatchNorm2d",
@@ -171,6 +179,7 @@ CASES: list[Case] = [
         batch_stats=True,
         channels_last=True,
         errors=(((4, 3, 3), ValueError, r"expected 4-D"),),
+        fused=("train", "eval"),
     ),
     Case(
         # no process group: SyncBatchNorm is plain BatchNorm (the multi-rank cases live in
@@ -181,6 +190,7 @@ CASES: list[Case] = [
         via_torch(lambda: torch.nn.BatchNorm2d(3)),
         batch_stats=True,
         channels_last=True,
+        fused=("train", "eval"),
     ),
     Case(
         "BatchNorm3d",
@@ -188,6 +198,7 @@ CASES: list[Case] = [
         (3, 2, 2, 2, 2),
         via_torch(lambda: torch.nn.BatchNorm3d(2)),
         batch_stats=True,
+        fused=("train", "eval"),
     ),
     Case(
         "BatchNorm-channel-last",
@@ -195,6 +206,7 @@ CASES: list[Case] = [
         (4, 5, 3),
         bn_reference(channel_dim=-1),
         batch_stats=True,
+        fused=("train", "eval"),
     ),
     # -- BatchRenorm -------------------------------------------------------------------
     Case(
@@ -205,6 +217,7 @@ CASES: list[Case] = [
         batch_stats=True,
         gradgrad=False,  # external statistics (StatsSource): no double backward
         errors=_BN_ERRORS_1D,
+        fused=("eval",),
     ),
     Case(
         "BatchRenorm2d-warmup",  # default schedule at step 0: plain BatchNorm
@@ -215,6 +228,7 @@ CASES: list[Case] = [
         channels_last=True,
         gradgrad=False,
         errors=(((4, 3, 3), ValueError, r"BatchRenorm2d: expected 4-D.*BatchRenorm1d"),),
+        fused=("eval",),
     ),
     Case(
         "BatchRenorm3d",
@@ -223,6 +237,7 @@ CASES: list[Case] = [
         renorm_reference,
         batch_stats=True,
         gradgrad=False,
+        fused=("eval",),
     ),
     # -- GhostBatchNorm ------------------------------------------------------------------
     Case(
@@ -232,6 +247,7 @@ CASES: list[Case] = [
         ghost_reference,
         batch_stats=True,
         errors=_BN_ERRORS_1D,
+        fused=("train", "eval"),
     ),
     Case(
         "GhostBatchNorm2d-remainder",  # 5 = 2 + 2 + 1 row of 4 values
@@ -240,6 +256,7 @@ CASES: list[Case] = [
         ghost_reference,
         batch_stats=True,
         channels_last=True,
+        fused=("train", "eval"),
     ),
     Case(
         "GhostBatchNorm3d",
@@ -247,6 +264,7 @@ CASES: list[Case] = [
         (4, 2, 2, 2, 2),
         ghost_reference,
         batch_stats=True,
+        fused=("eval",),
     ),
     # -- FrozenBatchNorm -----------------------------------------------------------------
     Case(
@@ -255,6 +273,7 @@ CASES: list[Case] = [
         (5, 3),
         frozen_reference,
         errors=(((2, 3, 4, 4), ValueError, r"FrozenBatchNorm1d: expected 2-D"),),
+        fused=("train", "eval"),
     ),
     Case(
         "FrozenBatchNorm2d",
@@ -263,12 +282,14 @@ CASES: list[Case] = [
         frozen_reference,
         channels_last=True,
         errors=(((2, 4, 1, 1), ValueError, r"num_features=3.*4 channels"),),
+        fused=("train", "eval"),
     ),
     Case(
         "FrozenBatchNorm3d",
         _made(lambda: nl.nn.FrozenBatchNorm3d(2, eps=0.1)),
         (2, 2, 2, 1, 3),
         frozen_reference,
+        fused=("train", "eval"),
     ),
     # -- LayerNorm, GroupNorm, InstanceNorm, RMSNorm: torch's counterparts ---------------
     Case(
@@ -289,6 +310,7 @@ CASES: list[Case] = [
         _made(lambda: nl.nn.LayerNorm((2, 3, 2), elementwise_affine=False)),
         (2, 2, 3, 2),
         via_torch(lambda: torch.nn.LayerNorm((2, 3, 2), elementwise_affine=False)),
+        fused=("train", "eval"),
     ),
     Case(
         "GroupNorm",
@@ -328,6 +350,7 @@ CASES: list[Case] = [
             ((2, 3, 1, 1), ValueError, r"more than 1 spatial element"),
             ((2, 4, 3, 3), ValueError, r"num_features=3\) got an input with 4 channels"),
         ),
+        fused=("eval",),  # the running statistics go through the affine kernel
     ),
     Case(
         "InstanceNorm3d-affine",

@@ -1,6 +1,10 @@
 """Generic tests over the layer table (tests/nn/descriptors.py): forward, backward and
 state against an independent expectation, gradcheck, state_dict, pickle, repr, memory
-formats, train/eval, bad inputs, empty and half-precision batches."""
+formats, train/eval, bad inputs, empty and half-precision batches.
+
+A case that reaches the fused kernels (``Case.fused``) runs the path-dependent tests twice,
+with ``NORMLAB_KERNELS=numba`` and ``=torch`` (the torch-op path, the engine's reference),
+and each run checks which path it took."""
 
 from __future__ import annotations
 
@@ -18,6 +22,59 @@ from tests.nn.descriptors import CASES, Case
 
 ids = [c.id for c in CASES]
 cases = pytest.mark.parametrize("case", CASES, ids=ids)
+# The tests whose code path depends on NORMLAB_KERNELS run a case on both paths where it
+# reaches the kernels (Case.fused), on the torch ops alone elsewhere.
+PATHS = ("numba", "torch")
+
+
+def _paths(case: Case, mode: str | None = None) -> tuple[str, ...]:
+    reaches = mode in case.fused if mode else bool(case.fused)
+    return PATHS if reaches else PATHS[1:]
+
+
+case_paths = pytest.mark.parametrize(
+    ("case", "path"), [pytest.param(c, p, id=f"{c.id}-{p}") for c in CASES for p in _paths(c)]
+)
+case_mode_paths = pytest.mark.parametrize(
+    ("case", "mode", "path"),
+    [
+        pytest.param(c, m, p, id=f"{c.id}-{m}-{p}")
+        for c in CASES
+        for m in ("train", "eval")
+        for p in _paths(c, m)
+    ],
+)
+_KERNEL_CALLS = ("batch_forward", "batch_backward", "affine_forward")
+
+
+class _KernelSpy:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.calls = 0
+
+    def check(self, case: Case, *, reached: bool = False) -> None:
+        """Never a kernel on the torch path; on the numba path, some if ``reached``."""
+        if self.path == "torch":
+            assert self.calls == 0, "NORMLAB_KERNELS=torch still ran the fused kernels"
+        elif reached:
+            assert self.calls > 0, f"{case.id} never reached the kernels: a silent fallback"
+
+
+def _use_path(monkeypatch, path: str) -> _KernelSpy:
+    """Select the path by environment (read on every call) and count the kernels' calls."""
+    from normlab import kernels
+
+    monkeypatch.setenv(kernels.KERNELS_ENV, path)
+    spy = _KernelSpy(path)
+    for name in _KERNEL_CALLS:
+        original = getattr(kernels, name)
+
+        def counted(*args, _original=original, **kwargs):
+            spy.calls += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, counted)
+    return spy
 
 
 def _input(case: Case, dtype=torch.float32, seed=0) -> torch.Tensor:
@@ -35,18 +92,38 @@ def test_every_exported_layer_is_in_the_table():
 
 
 @cases
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_forward_backward_and_state_match_expectation(case, mode):
-    layer = case.make().train(mode == "train")
-    twin = copy.deepcopy(layer)
-    x = _input(case)
+def test_fused_matches_dispatch(case, monkeypatch):
+    # Case.fused is what the engine does: a layer that starts (or stops) reaching the
+    # kernels must be run on both paths by the tests below (or stop claiming to be)
+    spy = _use_path(monkeypatch, "numba")
+    reached = []
+    for mode in ("train", "eval"):
+        spy.calls = 0
+        for dtype in (torch.float32, torch.float64):
+            layer = case.make().to(dtype).train(mode == "train")
+            x = _input(case, dtype).requires_grad_()
+            layer(x).sum().backward()  # with gradients
+            with torch.no_grad():
+                layer(x)  # inference
+        if spy.calls:
+            reached.append(mode)
+    assert case.fused == tuple(reached), f"set fused={tuple(reached)} for {case.id}"
+
+
+@case_mode_paths
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_forward_backward_and_state_match_expectation(case, mode, path, dtype, monkeypatch):
+    spy = _use_path(monkeypatch, path)
+    layer = case.make().to(dtype).train(mode == "train")
+    twin, inference = copy.deepcopy(layer), copy.deepcopy(layer)
+    x = _input(case, dtype)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya = layer(xa)
     yb, owner = case.expected(twin, xb)
     assert ya.shape == x.shape and ya.dtype == x.dtype
-    tol = {"rtol": 1e-5, "atol": 1e-5}
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-9}
     torch.testing.assert_close(ya.double(), yb.double(), **tol)
-    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
     ya.backward(dy)
     yb.backward(dy.to(yb.dtype))
     torch.testing.assert_close(xa.grad.double(), xb.grad.double(), **tol)
@@ -56,11 +133,18 @@ def test_forward_backward_and_state_match_expectation(case, mode):
     theirs = owner.state_dict()
     for name, v in layer.state_dict().items():
         torch.testing.assert_close(v, theirs[name].to(v.dtype), **tol, msg=name)
+    # inference (no autograd graph): the kernels' forward-only entry points in both modes
+    with torch.no_grad():
+        y_inf = inference(x)
+    torch.testing.assert_close(y_inf.double(), yb.detach().double(), **tol)
+    for name, v in inference.state_dict().items():
+        torch.testing.assert_close(v, theirs[name].to(v.dtype), **tol, msg=name)
+    spy.check(case, reached=True)
 
 
-@cases
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_gradcheck_float64(case, mode):
+@case_mode_paths
+def test_gradcheck_float64(case, mode, path, monkeypatch):
+    spy = _use_path(monkeypatch, path)
     layer = case.make().double().train(mode == "train")
     names = [n for n, _ in layer.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for _, p in layer.named_parameters())
@@ -74,6 +158,7 @@ def test_gradcheck_float64(case, mode):
     assert gradcheck(f, (x, *params), fast_mode=True)
     if case.gradgrad:
         assert gradgradcheck(f, (x, *params), fast_mode=True)
+    spy.check(case)
 
 
 @cases
@@ -107,8 +192,9 @@ def test_pickle_deepcopy_and_repr(case):
     assert repr(layer).startswith(type(layer).__name__ + "(")
 
 
-@cases
-def test_non_contiguous_and_channels_last_inputs(case):
+@case_paths
+def test_non_contiguous_and_channels_last_inputs(case, path, monkeypatch):
+    spy = _use_path(monkeypatch, path)
     layer = case.make()
     x = _input(case)
     y = copy.deepcopy(layer)(x)
@@ -121,10 +207,12 @@ def test_non_contiguous_and_channels_last_inputs(case):
         torch.testing.assert_close(ycl, y)
         if case.channels_last:
             assert ycl.is_contiguous(memory_format=torch.channels_last)
+    spy.check(case)
 
 
-@cases
-def test_train_and_eval_modes(case):
+@case_paths
+def test_train_and_eval_modes(case, path, monkeypatch):
+    spy = _use_path(monkeypatch, path)
     layer = case.make()
     x = _input(case)
     y_train = layer(x)
@@ -136,6 +224,7 @@ def test_train_and_eval_modes(case):
         assert torch.equal(v, before[k]), f"eval changed {k}"
     if not case.batch_stats:
         assert torch.equal(y1, y_train)  # no batch statistics: train and eval agree
+    spy.check(case)
 
 
 @cases

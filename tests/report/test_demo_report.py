@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from normlab.report.demo import render_html, write_report
 
 
+@pytest.mark.slow  # the demo_run fixture: a 20-layer demo (17 s on the loaded box)
 def test_report_redraws_from_json_and_escapes(demo_run, tmp_path):
     _, out, _ = demo_run
     results = json.loads((out / "results.json").read_text())
@@ -16,6 +19,7 @@ def test_report_redraws_from_json_and_escapes(demo_run, tmp_path):
     assert paths["report"].read_text().count("<img ") == 4
 
 
+@pytest.mark.slow  # the demo_run fixture: a 20-layer demo (17 s on the loaded box)
 def test_failed_render_leaves_no_partial_report(demo_run, tmp_path):
     _, out, _ = demo_run
     results = json.loads((out / "results.json").read_text())

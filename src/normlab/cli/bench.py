@@ -88,8 +88,10 @@ def bench(
     ] = None,
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Time normlab's BatchNorm+ReLU against torch eager, torch.compile and a plain copy_
-    (interleaved, medians), with saved-tensor bytes and the kernels' JIT time."""
+    """Time normlab's BatchNorm+ReLU against torch eager, torch.compile and a plain copy_.
+
+    Interleaved medians, with the bytes each saves for backward and the kernels' JIT time.
+    """
     import torch
 
     from normlab import bench as nb

@@ -34,9 +34,12 @@ def demo(
         Path, typer.Option("--out", help="Report directory (report.html, results.json).")
     ] = Path("normlab-demo"),
 ) -> None:
-    """Train two deep MLPs on the digits — plain, and with BatchNorm before every
-    activation — from the same initial weights; show the vanishing gradients, the
-    saturated activations and the stalled training, and their cure."""
+    """Train two deep MLPs on the digits, plain and with BatchNorm before every activation.
+
+    Same initial weights: the plain net's gradients vanish, its units saturate, its loss stalls.
+
+    BatchNorm's net trains. The report goes to --out (report.html and results.json).
+    """
     from normlab.experiments.demo import DemoConfig, run_demo
     from normlab.report.demo import headline_rows, write_report
 

@@ -125,9 +125,14 @@ def diagnose(
         ),
     ] = 5.0,
 ) -> None:
-    """Probe one forward/backward pass of your model: per-layer gradient norms,
-    pre-activation ranges, saturated and dead fractions, a verdict per layer and what to
-    change. Your model's weights, running statistics and modes are left untouched."""
+    """Probe one forward/backward pass of your model and say what to change.
+
+    FILE defines model(), batch() returning (inputs, target) or inputs, and maybe loss_fn.
+
+    Per layer: gradient norm, pre-activation range, saturated and dead fractions, a verdict.
+
+    Your model's weights, running statistics and modes are left untouched.
+    """
     from normlab.diagnostics import diagnose as run_diagnosis
 
     model, batch, loss_fn = load_user_file(file)

@@ -36,9 +36,9 @@ def train(
 ) -> None:
     """Train a small CNN on the digits with DDP and SyncBatchNorm.
 
-    Runs in one process, spawns --nproc local gloo workers, or, under
-    `torchrun --nproc_per_node N -m normlab.train`, joins torchrun's process group.
-    Only rank 0 prints.
+    Runs in one process, or spawns --nproc local gloo workers; only rank 0 prints.
+
+    Under `torchrun --nproc_per_node N -m normlab.train` it joins torchrun's process group.
     """
     from normlab import train as training
 
