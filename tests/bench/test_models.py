@@ -10,11 +10,23 @@ from normlab.report import write_json
 
 _timing = {
     "type": "object",
-    "required": ["seconds", "min", "max", "spread", "samples", "torch_over"],
+    "required": [
+        "seconds",
+        "min",
+        "max",
+        "spread",
+        "samples",
+        "torch_over",
+        "cpu_seconds",
+        "cpu_samples",
+        "cpu_torch_over",
+    ],
     "properties": {
         "seconds": {"type": "number", "exclusiveMinimum": 0},
         "samples": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
         "torch_over": {"type": "number", "exclusiveMinimum": 0},
+        "cpu_seconds": {"type": "number", "minimum": 0},
+        "cpu_samples": {"type": "array", "items": {"type": "number", "minimum": 0}},
     },
 }
 _saved = {
@@ -101,6 +113,7 @@ def test_tiny_run_writes_valid_json_with_every_field(tiny_runs, name, tmp_path):
     assert list(run["variants"]) == list(models.eager_variants())
     for v in run["variants"].values():
         assert len(v["train"]["samples"]) == len(v["eval"]["samples"]) == 2
+        assert len(v["train"]["cpu_samples"]) == 2
         assert v["train"]["min"] <= v["train"]["seconds"] <= v["train"]["max"]
         saved = v["saved"]
         assert saved["activation_bytes"] + saved["param_bytes"] == saved["bytes"]

@@ -100,7 +100,7 @@ def test_bench_model_exits_nonzero_when_losses_disagree(monkeypatch, capsys):
     from normlab.bench import models
 
     def disagreeing(case, **kwargs):
-        timing = {"seconds": 0.1, "min": 0.1, "max": 0.1, "spread": 0.0, "torch_over": 1.0}
+        timing = {"seconds": 0.1, "spread": 0.0, "torch_over": 1.0, "cpu_torch_over": 1.0}
         variant = {
             "inplace": True,
             "inplace_note": None,

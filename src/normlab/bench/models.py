@@ -24,7 +24,11 @@ Then ``warmup`` untimed steps each, then ``repeats`` rounds in which every varia
 one timed step in turn (**interleaved in one process**, so a shared machine's drift hits
 all alike; each round starts one variant later, so none always follows the same
 neighbour); the median is reported, with the spread (max − min) / median, and ``×torch``
-= torch's median / the variant's.
+= torch's median / the variant's. The process's CPU time per step
+(``time.process_time``, all threads) is reported beside the wall time: on a shared machine
+the wall time includes time the process sat descheduled, the CPU time does not (it does
+count OpenMP threads spinning while they wait, so it is the cleaner yardstick on one
+thread).
 
 Memory, for the eager variants: the bytes autograd saves for backward in one training
 forward (distinct storages, parameters reported apart;
@@ -161,6 +165,7 @@ class _Variant:
     first_loss: float = float("nan")
     graph_breaks: int | None = None
     samples: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "eval": []})
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "eval": []})
 
 
 def _prepare(v: _Variant, base: nn.Module, compile_backend: str | None) -> None:
@@ -235,9 +240,10 @@ def _time_phases(
             for r in range(repeats):
                 k = r % len(order)
                 for v, fn in order[k:] + order[:k]:
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), time.process_time()
                     fn()
                     v.samples[phase].append(time.perf_counter() - start)
+                    v.cpu[phase].append(time.process_time() - cpu)
                 if on_repeat is not None:
                     on_repeat()
         finally:
@@ -268,15 +274,19 @@ def _graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
-def _timing(samples: list[float], torch_median: float | None) -> dict:
-    med = statistics.median(samples)
+def _timing(v: _Variant, torch_v: _Variant, phase: str) -> dict:
+    samples, cpu = v.samples[phase], v.cpu[phase]
+    med, cpu_med = statistics.median(samples), statistics.median(cpu)
     return {
         "seconds": med,
         "min": min(samples),
         "max": max(samples),
         "spread": (max(samples) - min(samples)) / med,
         "samples": samples,
-        "torch_over": None if torch_median is None else torch_median / med,
+        "torch_over": statistics.median(torch_v.samples[phase]) / med,
+        "cpu_seconds": cpu_med,
+        "cpu_samples": cpu,
+        "cpu_torch_over": statistics.median(torch_v.cpu[phase]) / cpu_med if cpu_med > 0 else None,
     }
 
 
@@ -352,8 +362,7 @@ def run_model(
             "graph_breaks": v.graph_breaks,
         }
         for phase in ("train", "eval"):
-            torch_med = statistics.median(torch_v.samples[phase])
-            row[phase] = _timing(v.samples[phase], torch_med)
+            row[phase] = _timing(v, torch_v, phase)
         row["saved"] = None if v.compiled else _saved(v, x, y)
         row["rss"] = None
         result["variants"][v.name] = row

@@ -75,12 +75,13 @@ def _models_tables(results: dict) -> list[Table]:
         table = Table(
             title=f"{run['model']}, batch {run['batch']}, {run['size']}×{run['size']}, "
             f"{run['memory_format']}, {env['threads']} threads, median of "
-            f"{results['repeats']} steps ± spread (max − min) / median; ×torch = torch / variant",
+            f"{results['repeats']} steps ± spread (max − min) / median; ×torch = torch / variant "
+            f"(CPU: process CPU time, train / eval)",
             title_justify="left",
         )
         table.add_column("variant")
         table.add_column("in-place")
-        for col in ("train ms", "×torch", "eval ms", "×torch", "saved MB (tensors)"):
+        for col in ("train ms", "×torch", "eval ms", "×torch", "CPU ×torch", "saved MB (tensors)"):
             table.add_column(col, justify="right")
         table.add_column("peak RSS MB (+training)", justify="right")
         table.add_column("loss Δrel", justify="right")
@@ -91,6 +92,8 @@ def _models_tables(results: dict) -> list[Table]:
                 ratio = t["torch_over"]
                 colour = "green" if ratio >= 1.0 else "red"
                 cells += [f"{_ms(t['seconds'])} ±{t['spread']:.0%}", f"[{colour}]{ratio:.2f}[/]"]
+            cpu = [v[phase]["cpu_torch_over"] for phase in ("train", "eval")]
+            cells.append(" / ".join("-" if r is None else f"{r:.2f}" for r in cpu))
             saved, rss = v["saved"], v["rss"]
             cells.append(
                 "-" if saved is None else f"{_mb(saved['activation_bytes'])} ({saved['tensors']})"
