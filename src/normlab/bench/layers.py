@@ -1,4 +1,4 @@
-"""What ``normlab bench`` measures: normlab's batch norm against torch and a plain copy.
+"""The layer benchmark of ``normlab bench``: normlab's batch norm against torch and a plain copy.
 
 For each case (a shape, a layout, BN + ReLU by default), in one process and interleaved
 (every repeat times every contender once, in turn, so drifts of a shared machine hit them
@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from normlab import kernels
+from normlab.bench.memory import saved_for_backward
 
 TimedFn = Callable[[], object]
 
@@ -134,23 +135,15 @@ def _eval_step(module: torch.nn.Module, x: torch.Tensor) -> TimedFn:
 
 
 def saved_tensors(fn: TimedFn, activation_numel: int) -> dict:
-    """Bytes autograd keeps for backward during ``fn()`` (distinct storages) and how many
-    saved tensors are activation-sized (``numel >= activation_numel``)."""
-    seen: dict[int, int] = {}
-    big = 0
-
-    def pack(t: torch.Tensor):
-        nonlocal big
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        if t.numel() >= activation_numel:
-            big += 1
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return {"bytes": sum(seen.values()), "tensors": len(seen), "activation_sized": big}
+    """Bytes autograd keeps for backward during ``fn()`` (distinct storages; ``tensors``
+    counts those storages) and how many saved tensors are activation-sized
+    (``numel >= activation_numel``); see :func:`normlab.bench.memory.saved_for_backward`."""
+    saved = saved_for_backward(fn, activation_numel=activation_numel)
+    return {
+        "bytes": saved["bytes"],
+        "tensors": saved["storages"],
+        "activation_sized": saved["activation_sized"],
+    }
 
 
 @contextlib.contextmanager
