@@ -470,9 +470,11 @@ class _NormalizeBatchResidual(torch.autograd.Function):
     the next layer saves y anyway, so the fused block keeps no tensor of its own beyond
     x. For hardswish and silu, r is saved and z recomputed from x and r.
 
-    Kernel path: the fused kernels make z₀ = γ·x̂ + β (and fold the running statistics)
-    and take dz in backward; the add, the activation and dz = dy·act'(y) are torch
-    elementwise ops (one pass each) between them. ``config``: (dims, eps, activation,
+    Kernel path (:func:`normlab.kernels.batch_forward_residual`): one kernel call reads
+    the statistics, folds the running ones and writes y = act(γ·x̂ + β + r) in its write
+    pass; backward is one two-pass kernel call producing dx and dr = dz together, dz read
+    from the saved y (or z recomputed from x and r). The torch-op path (BN, then the add
+    and the activation as torch ops) is the reference. ``config``: (dims, eps, activation,
     negative_slope, running, param_shape). Double backward recomputes y with
     differentiable ops (:func:`normlab.functional.traced.composite`) and differentiates it.
     """
@@ -486,27 +488,29 @@ class _NormalizeBatchResidual(torch.autograd.Function):
         from_y = derivative_from_output(act, negative_slope)
         plan = kernels.plan_batch(x, dims, weight, bias, True, flat=param_shape is not None)
         ctx.kernel_plan = plan
-        if plan is not None:
-            z, moments, ctx.kernel_stats, folded = kernels.batch_forward(
-                plan, x, weight, bias, eps, None, 0.0, running
+        if plan is not None:  # one kernel: statistics, then y = act(γ·x̂ + β + r)
+            y, moments, ctx.kernel_stats, folded = kernels.batch_forward_residual(
+                plan, x, residual, weight, bias, eps, activation, negative_slope, running
             )
             if running is not None and not folded:
                 mean, var = kernels.stats_tensors(plan, moments)
                 _update_running(running, mean, var, reduce_count(x.shape, dims))
-            stats_saved: tuple = ()
             out.append((plan, moments))
-        else:
-            w, b = view_params(weight, param_shape), view_params(bias, param_shape)
-            wd = work_dtype(x.dtype)
-            stats, e = centered_moments(x, dims)
-            invstd = torch.rsqrt(stats.var + eps).to(wd)
-            z = _affine_act(e.mul_(invstd), _to(w, wd), _to(b, wd), None, 0.0, True)
-            count = reduce_count(x.shape, dims)
-            mean, var = stats.mean.to(wd), stats.var.to(wd)
-            if running is not None:
-                _update_running(running, mean, var, count)
-            stats_saved = (stats.shift, stats.delta, invstd)
-            out.append((mean, var))
+            ctx.from_y = from_y is not None
+            ctx.save_for_backward(x, weight, bias, y if ctx.from_y else residual)
+            return y
+        # the torch-op reference: BN, then the add and the activation as torch ops
+        w, b = view_params(weight, param_shape), view_params(bias, param_shape)
+        wd = work_dtype(x.dtype)
+        stats, e = centered_moments(x, dims)
+        invstd = torch.rsqrt(stats.var + eps).to(wd)
+        z = _affine_act(e.mul_(invstd), _to(w, wd), _to(b, wd), None, 0.0, True)
+        count = reduce_count(x.shape, dims)
+        mean, var = stats.mean.to(wd), stats.var.to(wd)
+        if running is not None:
+            _update_running(running, mean, var, count)
+        stats_saved = (stats.shift, stats.delta, invstd)
+        out.append((mean, var))
         z = z.add_(residual)
         if act.name == "relu":
             y = z.relu_()
@@ -543,35 +547,29 @@ class _NormalizeBatchResidual(torch.autograd.Function):
         elif plan is None:
             shift, delta, invstd = stats_saved
             stats = Moments(shift, delta, invstd)
-        else:
-            stats = invstd = None
+        else:  # one kernel: dx and dr = dz together
+            dx, dr, dw, db = kernels.batch_backward_residual(
+                plan, dy, x, keep, ctx.from_y, weight, bias, ctx.kernel_stats, activation,
+                negative_slope, (nx, nr, nw, nb),
+            )  # fmt: skip
+            return dx, dr, dw, db, None, None
         if ctx.from_y:
             dz = dy.to(wd) * derivative_from_output(act, negative_slope)(keep.to(wd))
         else:  # z = γ·x̂ + β + r recomputed from x and the saved r (hardswish, silu)
-            if stats is None:
-                st = torch.from_numpy(ctx.kernel_stats)  # (4, C): k, delta, var, invstd
-                k, delta, inv = (st[i].to(wd).reshape(plan.keep) for i in (0, 1, 3))
-            else:
-                k, delta, inv = stats.shift, stats.delta, invstd
+            k, delta, inv = stats.shift, stats.delta, invstd
             w, b = view_params(weight, param_shape), view_params(bias, param_shape)
             z = ((x.to(wd) - k) - delta) * inv
             z = z if w is None else z * w.to(wd)
             z = z if b is None else z + b.to(wd)
             dz = dy.to(wd) * act.derivative(z + keep.to(wd), negative_slope)
         dr = dz.to(x.dtype) if nr else None
-        needs = (nx, nw, nb)
-        if plan is not None and not double:
-            dx, dw, db = kernels.batch_backward(
-                plan, dz.to(x.dtype), x, weight, bias, ctx.kernel_stats, None, 0.0, needs
-            )
-        else:
-            dx, dw, db = _closed_form_backward(
-                dz, x, view_params(weight, param_shape), view_params(bias, param_shape),
-                stats, invstd, dims, True, None, 0.0, needs, reduce_count(x.shape, dims),
-            )  # fmt: skip
-            if param_shape is not None:
-                dw = None if dw is None else dw.reshape(-1)
-                db = None if db is None else db.reshape(-1)
+        dx, dw, db = _closed_form_backward(
+            dz, x, view_params(weight, param_shape), view_params(bias, param_shape),
+            stats, invstd, dims, True, None, 0.0, (nx, nw, nb), reduce_count(x.shape, dims),
+        )  # fmt: skip
+        if param_shape is not None:
+            dw = None if dw is None else dw.reshape(-1)
+            db = None if db is None else db.reshape(-1)
         return dx, dr, dw, db, None, None
 
 
