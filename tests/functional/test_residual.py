@@ -241,3 +241,76 @@ def test_large_channels_first_storage_path_matches():
     wx, wr = torch.autograd.grad(want, (xd, rd), dy.double())
     torch.testing.assert_close(gx.double(), wx, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gr.double(), wr, rtol=1e-4, atol=1e-5)
+
+
+# -- the traced path: one custom op per BN + add + act ----------------------------------
+@pytest.mark.parametrize("mode", ["torch", "numba"])
+@pytest.mark.parametrize(
+    "act, dtype, cl",
+    [("relu", torch.float32, False), ("hardswish", torch.float32, True),
+     ("elu(0.5)", torch.float64, False)],
+)  # fmt: skip
+def test_opcheck_residual_ops(mode, act, dtype, cl, monkeypatch):
+    from normlab.functional import traced
+
+    monkeypatch.setenv(kernels.KERNELS_ENV, mode)
+    x, r = _inputs(dtype, cl, seed=8)
+    w = torch.linspace(0.5, 2.0, 5, dtype=dtype).requires_grad_()
+    b = torch.linspace(-1.0, 1.0, 5, dtype=dtype).requires_grad_()
+    args = (x.requires_grad_(), r.requires_grad_(), w, b, 1, 1e-5, act, 0.01)
+    torch.library.opcheck(traced.batch_norm_residual_train, args)
+    y, stats = traced.batch_norm_residual_train(*args)
+    src = y.detach() if act != "hardswish" else r.detach()
+    back = (torch.randn_like(y), x.detach(), src, w.detach(), b.detach(), stats, 1, act, 0.01,
+            True, True, True, True)  # fmt: skip
+    torch.library.opcheck(traced.batch_norm_residual_train_backward, back)
+
+
+@pytest.mark.parametrize("mode", ["torch", "numba"])
+@pytest.mark.parametrize("act", ["relu", "silu", "elu(0.5)"])
+def test_compiled_fused_block_is_one_op_and_matches(mode, act, monkeypatch):
+    monkeypatch.setenv(kernels.KERNELS_ENV, mode)
+    fused = nl.nn.BatchNorm2d(5, activation=act)
+    plain = torch.nn.BatchNorm2d(5)
+    ref_act = {"relu": F.relu, "silu": F.silu, "elu(0.5)": lambda z: F.elu(z, 0.5)}[act]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd
+
+        def fw(g, _):
+            graphs.append(g)
+            return g
+
+        return aot_autograd(fw_compiler=fw, bw_compiler=fw)(gm, example_inputs)
+
+    compiled = torch.compile(fused, backend=backend, fullgraph=True)
+    x, r = _inputs(torch.float32, False, seed=9)
+    x1, r1 = x.clone().requires_grad_(), r.clone().requires_grad_()
+    x2, r2 = x.clone().requires_grad_(), r.clone().requires_grad_()
+    y1, y2 = compiled(x1, r1), ref_act(plain(x2) + r2)
+    torch.testing.assert_close(y1, y2, **TOL[torch.float32])
+    dy = torch.randn_like(y1)
+    got = torch.autograd.grad(y1, (x1, r1, fused.weight, fused.bias), dy)
+    want = torch.autograd.grad(y2, (x2, r2, plain.weight, plain.bias), dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    torch.testing.assert_close(fused.running_mean, plain.running_mean, **TOL[torch.float32])
+    torch.testing.assert_close(fused.running_var, plain.running_var, **TOL[torch.float32])
+    fw_graph, bw_graph = graphs[0].graph, graphs[1].graph
+    targets = [str(n.target) for n in fw_graph.nodes if n.op == "call_function"]
+    assert sum("batch_norm_residual_train" in t for t in targets) == 1
+    # the add and the activation are inside the op: no other activation-sized op
+    big = [
+        str(n.target)
+        for n in fw_graph.nodes
+        if n.op == "call_function"
+        and "getitem" not in str(n.target)
+        and str(n.target) != "aten.detach.default"  # the saved y: no computation
+        and isinstance(n.meta.get("val"), torch.Tensor)
+        and n.meta["val"].shape == x.shape
+    ]
+    assert big == [], targets
+    bw = [str(n.target) for n in bw_graph.nodes if n.op == "call_function"]
+    assert sum("batch_norm_residual_train_backward" in t for t in bw) == 1
+    torch._dynamo.reset()

@@ -356,6 +356,22 @@ def _batch_norm_residual(
                 raise _nonfinite_error(where)
             return y, True
         return y, False
+    if training and kernels.traced(input) and _residual_op_applies(input, layout, weight, bias):
+        from normlab.functional import traced
+
+        # torch.compile / export: one custom op for BN + add + act (the fused kernels)
+        y, mean, var = traced.normalize_batch_residual(
+            input, residual, layout.channel, weight, bias, eps=eps, activation=activation,
+            negative_slope=negative_slope,
+        )  # fmt: skip
+        n = layout.n
+        if running_mean is not None and n > 0:
+            unbiased = var * (n / (n - 1)) if n > 1 else var * float("nan")
+            traced.update_running(
+                running_mean, running_var, num_batches_tracked, mean, unbiased, momentum,
+                nonfinite, where,
+            )  # fmt: skip
+        return y, False
     z, skipped = _batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
         channel_dim=layout.channel, activation=None, nonfinite=nonfinite,
@@ -363,6 +379,18 @@ def _batch_norm_residual(
     )  # fmt: skip
     z = z + residual
     return (z if act.name == "identity" else act.forward(z, negative_slope)), skipped
+
+
+def _residual_op_applies(input, layout, weight, bias) -> bool:
+    """Whether traced training BN → add → act goes through the residual custom ops: the
+    custom-op conditions of the plain layer (no torch.func transform, not meta, not
+    jit.trace) with (C,) parameters."""
+    from normlab.functional import traced
+
+    c = input.shape[layout.channel]
+    return traced.use_custom_op(input, layout.dims, True) and all(
+        p is None or (p.dim() == 1 and p.shape[0] == c) for p in (weight, bias)
+    )
 
 
 def _traced_batch_norm(
