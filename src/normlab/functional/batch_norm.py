@@ -206,6 +206,7 @@ def _batch_norm(
     source_fn: Callable[[torch.Tensor, tuple[int, ...]], tuple[StatsSource, int]] | None = None,
     layout: BatchNormLayout | None = None,
     residual: torch.Tensor | None = None,
+    save: str = "input",
 ) -> tuple[torch.Tensor, bool]:
     """:func:`batch_norm`, also returning whether a non-finite batch was skipped.
 
@@ -240,7 +241,12 @@ def _batch_norm(
         return _batch_norm_residual(
             input, residual, running_mean, running_var, weight, bias, training, momentum,
             eps, activation, negative_slope, nonfinite, num_batches_tracked, where, layout,
-            source_fn, shape,
+            source_fn, shape, save,
+        )  # fmt: skip
+    if save != "input" and training and source_fn is None and not kernels.traced(input):
+        return _batch_norm_save_output(
+            input, running_mean, running_var, weight, bias, momentum, eps, activation,
+            negative_slope, nonfinite, num_batches_tracked, where, layout, shape, save,
         )  # fmt: skip
 
     if not training:
@@ -325,7 +331,7 @@ def _check_residual(input: torch.Tensor, residual: torch.Tensor, where: str) -> 
 def _batch_norm_residual(
     input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
     activation, negative_slope, nonfinite, num_batches_tracked, where, layout, source_fn,
-    shape,
+    shape, save="input",
 ) -> tuple[torch.Tensor, bool]:  # fmt: skip
     """:func:`_batch_norm` with a residual: ``y = act(γ·x̂ + β + r)``. Training, eager:
     one fused autograd function (:func:`normlab.functional.engine.normalize_batch_residual`);
@@ -349,7 +355,10 @@ def _batch_norm_residual(
                 running_mean, running_var, momentum, num_batches_tracked,
                 skip_nonfinite=nonfinite != "propagate",
             )  # fmt: skip
-        config = (layout.dims, eps, activation, negative_slope, running, shape)
+        save_output = save != "input" and _check_save_output(
+            save, activation, negative_slope, weight, where
+        )
+        config = (layout.dims, eps, activation, negative_slope, running, shape, save_output)
         y = normalize_batch_residual(input, residual, weight, bias, config, [])
         if running is not None and running.skipped:
             if nonfinite == "raise":
@@ -379,6 +388,51 @@ def _batch_norm_residual(
     )  # fmt: skip
     z = z + residual
     return (z if act.name == "identity" else act.forward(z, negative_slope)), skipped
+
+
+def _check_save_output(save, activation, negative_slope, weight, where) -> bool:
+    """Validate ``save`` (True for 'output'); γ must have no zero (x̂ = (z − β)/γ)."""
+    from normlab.functional.activations import check_save
+
+    check_save(save, activation, negative_slope, where)
+    if save == "output" and weight is not None and not bool(torch.all(weight)):
+        raise ValueError(
+            f"{where}: save='output' recovers x̂ = (act⁻¹(y) − β)/γ in backward, but weight "
+            f"(γ) has a zero entry, so x̂ is lost there. Use save='input' for this layer, or "
+            f"keep γ away from 0 (e.g. initialise it to 1, or clamp |γ| ≥ ε after each step)."
+        )
+    return save == "output"
+
+
+def _batch_norm_save_output(
+    input, running_mean, running_var, weight, bias, momentum, eps, activation,
+    negative_slope, nonfinite, num_batches_tracked, where, layout, shape, save,
+) -> tuple[torch.Tensor, bool]:  # fmt: skip
+    """Training :func:`_batch_norm` with ``save='output'``: keep y, not x, for backward
+    (:class:`normlab.functional.engine._NormalizeBatchSaveOutput`)."""
+    from normlab.functional.engine import normalize_batch_save_output
+
+    _check_save_output(save, activation, negative_slope, weight, where)
+    running = None
+    if running_mean is not None and layout.n > 0:
+        running = RunningUpdate(
+            running_mean, running_var, momentum, num_batches_tracked,
+            skip_nonfinite=nonfinite != "propagate",
+        )  # fmt: skip
+    if input.numel() == 0:  # nothing to save either way
+        return _batch_norm(
+            input, running_mean, running_var, weight, bias, True, momentum, eps,
+            channel_dim=layout.channel, activation=activation, negative_slope=negative_slope,
+            nonfinite=nonfinite, num_batches_tracked=num_batches_tracked, where=where,
+            layout=layout,
+        )  # fmt: skip
+    config = (layout.dims, eps, activation, negative_slope, running, shape)
+    y = normalize_batch_save_output(input, weight, bias, config, [])
+    if running is not None and running.skipped:
+        if nonfinite == "raise":
+            raise _nonfinite_error(where)
+        return y, True
+    return y, False
 
 
 def _residual_op_applies(input, layout, weight, bias) -> bool:
@@ -436,6 +490,7 @@ def batch_norm(
     nonfinite: str = "propagate",
     num_batches_tracked: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    save: str = "input",
 ) -> torch.Tensor:
     """Batch normalization: ``y = act(γ · (x − μ) / sqrt(σ² + ε) + β [+ r])`` per channel.
 
@@ -462,6 +517,14 @@ def batch_norm(
             as one layer. Its gradient is dy·act'(z). In training the layer saves x and its
             output y (not r) when y determines act'(z) (every activation but hardswish and
             silu; see ``normlab.functional.engine._NormalizeBatchResidual``).
+        save: what training mode keeps for backward: 'input' (default; x, and the
+            activation is recomputed) or 'output' (only y: In-Place ABN, Rota Bulò et al.,
+            CVPR 2018 §3; x̂ = (act⁻¹(y) − β)/γ is rebuilt in backward). 'output' needs an
+            invertible activation ('identity', 'leaky_relu' with slope > 0, 'elu' with
+            α > 0) and a weight without zeros (ValueError otherwise); no double backward.
+            With ``residual``, y and r are kept instead (x − mean = (act⁻¹(y) − r − β)/
+            (γ·invstd)): in a ResNet block r is the block input, kept anyway by its first
+            conv. Ignored in eval and under tracers (torch.compile).
         nonfinite: when the batch statistics are NaN/Inf: 'propagate' (torch) updates the
             running statistics anyway; 'skip' leaves them (and ``num_batches_tracked``)
             unchanged and warns; 'raise' raises ``FloatingPointError`` before any change.
@@ -488,6 +551,7 @@ def batch_norm(
         nonfinite=nonfinite,
         num_batches_tracked=num_batches_tracked,
         residual=residual,
+        save=save,
     )
     if skipped:
         warnings.warn(
