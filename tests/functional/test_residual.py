@@ -18,6 +18,9 @@ ACTS = {
     "hardswish": F.hardswish,  # not readable from y: r is saved
     "elu": F.elu,
     "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "hardtanh": F.hardtanh,
 }
 TOL = {torch.float32: {"rtol": 1e-4, "atol": 1e-5}, torch.float64: {"rtol": 1e-10, "atol": 1e-10}}
 
@@ -155,3 +158,159 @@ def test_bad_residual_names_the_argument(r, pattern):
     bn = nl.nn.BatchNorm2d(3)
     with pytest.raises(ValueError, match=pattern):
         bn(torch.randn(2, 3, 4, 4), r)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "act, kw, ref",
+    [
+        ("leaky_relu", {"negative_slope": -0.2}, lambda z: F.leaky_relu(z, -0.2)),
+        ("leaky_relu", {"negative_slope": 0.3}, lambda z: F.leaky_relu(z, 0.3)),
+        ("elu", {"alpha": -0.5}, lambda z: F.elu(z, -0.5)),  # not from y: r is kept
+        ("hardtanh", {"min_val": -0.5, "max_val": 2.0}, lambda z: F.hardtanh(z, -0.5, 2.0)),
+    ],
+    ids=["leaky-neg", "leaky", "elu-neg-alpha", "hardtanh-bounds"],
+)
+def test_parametrised_activations_match(act, kw, ref, dtype, cl, path):
+    fused = nl.nn.BatchNorm2d(5, activation=act, dtype=dtype, **kw)
+    plain = torch.nn.BatchNorm2d(5, dtype=dtype)
+    x, r = _inputs(dtype, cl, seed=2)
+    x1, r1 = x.clone().requires_grad_(), r.clone().requires_grad_()
+    x2, r2 = x.clone().requires_grad_(), r.clone().requires_grad_()
+    y1, y2 = fused(x1, r1), ref(plain(x2) + r2)
+    torch.testing.assert_close(y1, y2, **TOL[dtype])
+    dy = torch.randn(y1.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    got = torch.autograd.grad(y1, (x1, r1, fused.weight, fused.bias), dy)
+    want = torch.autograd.grad(y2, (x2, r2, plain.weight, plain.bias), dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True), (True, True)], ids=str)
+@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
+def test_partial_gradients(needs, act, cl, path):
+    """Only dx or only dr asked for: the kernel writes just that one."""
+    fused, plain = _pair(act, torch.float32)
+    x, r = _inputs(torch.float32, cl, seed=5)
+    x1, r1 = x.clone().requires_grad_(needs[0]), r.clone().requires_grad_(needs[1])
+    x2, r2 = x.clone().requires_grad_(needs[0]), r.clone().requires_grad_(needs[1])
+    y1, y2 = fused(x1, r1), ACTS[act](plain(x2) + r2)
+    inputs1 = [t for t in (x1, r1) if t.requires_grad] + [fused.weight]
+    inputs2 = [t for t in (x2, r2) if t.requires_grad] + [plain.weight]
+    dy = torch.randn(y1.shape, generator=torch.Generator().manual_seed(6))
+    for a, b in zip(torch.autograd.grad(y1, inputs1, dy), torch.autograd.grad(y2, inputs2, dy)):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_kernel_path_is_one_call_each_way(monkeypatch):
+    """On the kernel path the add and the activation run inside the kernels: one residual
+    kernel call forward, one backward, and no BN-only kernel call."""
+    monkeypatch.setenv(kernels.KERNELS_ENV, "numba")
+    calls = []
+    for name in ("batch_forward_residual", "batch_backward_residual", "batch_forward",
+                 "batch_backward"):  # fmt: skip
+        real = getattr(kernels, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(kernels, name, spy)
+    bn = nl.nn.BatchNorm2d(5, activation="relu")
+    x = torch.randn(4, 5, 6, 6, requires_grad=True)
+    r = torch.randn(4, 5, 6, 6, requires_grad=True)
+    bn(x, r).sum().backward()
+    assert calls == ["batch_forward_residual", "batch_backward_residual"]
+
+
+def test_large_channels_first_storage_path_matches():
+    """Rows longer than the small test shapes (the storage-dtype code of the cf kernels,
+    threaded by size) against float64 torch math."""
+    fused = nl.nn.BatchNorm2d(8, activation="relu")
+    x = torch.randn(4, 8, 40, 40) * 3 + 100  # an offset: the shifted sums matter
+    r = torch.randn(4, 8, 40, 40)
+    x1, r1 = x.clone().requires_grad_(), r.clone().requires_grad_()
+    y = fused(x1, r1)
+    xd, rd = x.double().requires_grad_(), r.double().requires_grad_()
+    want = F.relu(F.batch_norm(xd, None, None, training=True) + rd)
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=2e-5)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    gx, gr = torch.autograd.grad(y, (x1, r1), dy)
+    wx, wr = torch.autograd.grad(want, (xd, rd), dy.double())
+    torch.testing.assert_close(gx.double(), wx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gr.double(), wr, rtol=1e-4, atol=1e-5)
+
+
+# -- the traced path: one custom op per BN + add + act ----------------------------------
+@pytest.mark.parametrize("mode", ["torch", "numba"])
+@pytest.mark.parametrize(
+    "act, dtype, cl",
+    [("relu", torch.float32, False), ("hardswish", torch.float32, True),
+     ("elu(0.5)", torch.float64, False)],
+)  # fmt: skip
+def test_opcheck_residual_ops(mode, act, dtype, cl, monkeypatch):
+    from normlab.functional import traced
+
+    monkeypatch.setenv(kernels.KERNELS_ENV, mode)
+    x, r = _inputs(dtype, cl, seed=8)
+    w = torch.linspace(0.5, 2.0, 5, dtype=dtype).requires_grad_()
+    b = torch.linspace(-1.0, 1.0, 5, dtype=dtype).requires_grad_()
+    args = (x.requires_grad_(), r.requires_grad_(), w, b, 1, 1e-5, act, 0.01)
+    torch.library.opcheck(traced.batch_norm_residual_train, args)
+    y, stats = traced.batch_norm_residual_train(*args)
+    src = y.detach() if act != "hardswish" else r.detach()
+    back = (torch.randn_like(y), x.detach(), src, w.detach(), b.detach(), stats, 1, act, 0.01,
+            True, True, True, True)  # fmt: skip
+    torch.library.opcheck(traced.batch_norm_residual_train_backward, back)
+
+
+@pytest.mark.parametrize("mode", ["torch", "numba"])
+@pytest.mark.parametrize("act", ["relu", "silu", "elu(0.5)"])
+def test_compiled_fused_block_is_one_op_and_matches(mode, act, monkeypatch):
+    monkeypatch.setenv(kernels.KERNELS_ENV, mode)
+    fused = nl.nn.BatchNorm2d(5, activation=act)
+    plain = torch.nn.BatchNorm2d(5)
+    ref_act = {"relu": F.relu, "silu": F.silu, "elu(0.5)": lambda z: F.elu(z, 0.5)}[act]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd
+
+        def fw(g, _):
+            graphs.append(g)
+            return g
+
+        return aot_autograd(fw_compiler=fw, bw_compiler=fw)(gm, example_inputs)
+
+    compiled = torch.compile(fused, backend=backend, fullgraph=True)
+    x, r = _inputs(torch.float32, False, seed=9)
+    x1, r1 = x.clone().requires_grad_(), r.clone().requires_grad_()
+    x2, r2 = x.clone().requires_grad_(), r.clone().requires_grad_()
+    y1, y2 = compiled(x1, r1), ref_act(plain(x2) + r2)
+    torch.testing.assert_close(y1, y2, **TOL[torch.float32])
+    dy = torch.randn_like(y1)
+    got = torch.autograd.grad(y1, (x1, r1, fused.weight, fused.bias), dy)
+    want = torch.autograd.grad(y2, (x2, r2, plain.weight, plain.bias), dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    torch.testing.assert_close(fused.running_mean, plain.running_mean, **TOL[torch.float32])
+    torch.testing.assert_close(fused.running_var, plain.running_var, **TOL[torch.float32])
+    fw_graph, bw_graph = graphs[0].graph, graphs[1].graph
+    targets = [str(n.target) for n in fw_graph.nodes if n.op == "call_function"]
+    assert sum("batch_norm_residual_train" in t for t in targets) == 1
+    # the add and the activation are inside the op: no other activation-sized op
+    big = [
+        str(n.target)
+        for n in fw_graph.nodes
+        if n.op == "call_function"
+        and "getitem" not in str(n.target)
+        and str(n.target) != "aten.detach.default"  # the saved y: no computation
+        and isinstance(n.meta.get("val"), torch.Tensor)
+        and n.meta["val"].shape == x.shape
+    ]
+    assert big == [], targets
+    bw = [str(n.target) for n in bw_graph.nodes if n.op == "call_function"]
+    assert sum("batch_norm_residual_train_backward" in t for t in bw) == 1
+    torch._dynamo.reset()

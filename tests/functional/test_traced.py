@@ -261,3 +261,21 @@ def test_compiled_sample_norms_match_eager(layer, shape):
     got = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(got, m(x))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "kw, ref",
+    [
+        ({"activation": "elu", "alpha": 0.5}, lambda z: torch.nn.functional.elu(z, 0.5)),
+        ({"activation": "hardtanh", "min_val": 0.0, "max_val": 2.0},
+         lambda z: torch.nn.functional.hardtanh(z, 0.0, 2.0)),
+    ],
+)  # fmt: skip
+def test_compiled_layer_keeps_activation_parameters(kernel_mode, kw, ref):
+    # elu's alpha and hardtanh's bounds travel in the activation name: the traced path
+    # must pass the whole name to the custom op, not the bare 'elu' / 'hardtanh'
+    bn = nl.nn.BatchNorm2d(3, **kw)
+    x = torch.randn(4, 3, 5, 5) * 2
+    y = torch.compile(bn, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(y, ref(torch.nn.functional.batch_norm(x, None, None, training=True)))
+    torch._dynamo.reset()

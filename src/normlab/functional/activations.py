@@ -64,6 +64,46 @@ def derivative_from_output(act: Activation, negative_slope: float):
     return None
 
 
+SAVE_MODES = ("input", "output")
+
+
+def inverse_of(act: Activation, negative_slope: float):
+    """``act⁻¹`` (y ↦ z) for the activations that are invertible (identity; leaky_relu
+    with slope > 0: y/slope below 0; elu with α > 0: log1p(y/α) below 0), or None.
+    For elu, y is clamped just above −α, where the output has saturated (z ≲ −17 in
+    float32): there z is recovered only to about log(ulp), but dz = dy·(y + α) ≈ 0."""
+    name = act.name
+    if name == "identity":
+        return lambda y: y.clone()
+    if name == "leaky_relu" and negative_slope > 0.0:
+        return lambda y: torch.where(y > 0, y, y / negative_slope)
+    if name == "elu" and act.params[0] > 0.0:
+        alpha = act.params[0]
+
+        def inv(y: torch.Tensor) -> torch.Tensor:
+            lo = -1.0 + torch.finfo(y.dtype).eps
+            return torch.where(y > 0, y, torch.log1p((y / alpha).clamp(min=lo)))
+
+        return inv
+    return None
+
+
+def check_save(save: str, activation: str | None, negative_slope: float, where: str) -> str:
+    """Validate a layer's ``save`` mode: 'input' (default) or 'output', which needs an
+    invertible activation (:func:`inverse_of`)."""
+    if save not in SAVE_MODES:
+        raise ValueError(f"{where}: save must be 'input' or 'output', got {save!r}")
+    act = get_activation(activation, where)
+    if save == "output" and inverse_of(act, negative_slope) is None:
+        raise ValueError(
+            f"{where}: save='output' recomputes the normalised input from the output, so it "
+            f"needs an invertible activation: 'identity', 'leaky_relu' with negative_slope > 0 "
+            f"or 'elu' with alpha > 0; got activation={activation!r}, negative_slope="
+            f"{negative_slope!r}. Use save='input' (the default) for this layer."
+        )
+    return save
+
+
 def _sigmoid_derivative(z: torch.Tensor, _: float) -> torch.Tensor:
     s = torch.sigmoid(z)
     return s * (1 - s)

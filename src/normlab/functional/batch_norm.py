@@ -217,6 +217,7 @@ def _batch_norm(
     residual: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     degenerate: str = "error",
+    save: str = "input",
 ) -> tuple[torch.Tensor, bool]:
     """:func:`batch_norm`, also returning whether a non-finite batch was skipped.
 
@@ -262,7 +263,12 @@ def _batch_norm(
         return _batch_norm_residual(
             input, residual, running_mean, running_var, weight, bias, training, momentum,
             eps, activation, negative_slope, nonfinite, num_batches_tracked, where, layout,
-            source_fn, shape,
+            source_fn, shape, save,
+        )  # fmt: skip
+    if save != "input" and training and source_fn is None and not kernels.traced(input):
+        return _batch_norm_save_output(
+            input, running_mean, running_var, weight, bias, momentum, eps, activation,
+            negative_slope, nonfinite, num_batches_tracked, where, layout, shape, save,
         )  # fmt: skip
 
     if not training:
@@ -357,7 +363,7 @@ def _check_residual(input: torch.Tensor, residual: torch.Tensor, where: str) -> 
 def _batch_norm_residual(
     input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
     activation, negative_slope, nonfinite, num_batches_tracked, where, layout, source_fn,
-    shape,
+    shape, save="input",
 ) -> tuple[torch.Tensor, bool]:  # fmt: skip
     """:func:`_batch_norm` with a residual: ``y = act(γ·x̂ + β + r)``. Training, eager:
     one fused autograd function (:func:`normlab.functional.engine.normalize_batch_residual`);
@@ -381,12 +387,31 @@ def _batch_norm_residual(
                 running_mean, running_var, momentum, num_batches_tracked,
                 skip_nonfinite=nonfinite != "propagate",
             )  # fmt: skip
-        config = (layout.dims, eps, activation, negative_slope, running, shape)
+        save_output = save != "input" and _check_save_output(
+            save, activation, negative_slope, weight, where
+        )
+        config = (layout.dims, eps, activation, negative_slope, running, shape, save_output)
         y = normalize_batch_residual(input, residual, weight, bias, config, [])
         if running is not None and running.skipped:
             if nonfinite == "raise":
                 raise _nonfinite_error(where)
             return y, True
+        return y, False
+    if training and kernels.traced(input) and _residual_op_applies(input, layout, weight, bias):
+        from normlab.functional import traced
+
+        # torch.compile / export: one custom op for BN + add + act (the fused kernels)
+        y, mean, var = traced.normalize_batch_residual(
+            input, residual, layout.channel, weight, bias, eps=eps, activation=activation,
+            negative_slope=negative_slope,
+        )  # fmt: skip
+        n = layout.n
+        if running_mean is not None and n > 0:
+            unbiased = var * (n / (n - 1)) if n > 1 else var * float("nan")
+            traced.update_running(
+                running_mean, running_var, num_batches_tracked, mean, unbiased, momentum,
+                nonfinite, where,
+            )  # fmt: skip
         return y, False
     z, skipped = _batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -395,6 +420,63 @@ def _batch_norm_residual(
     )  # fmt: skip
     z = z + residual
     return (z if act.name == "identity" else act.forward(z, negative_slope)), skipped
+
+
+def _check_save_output(save, activation, negative_slope, weight, where) -> bool:
+    """Validate ``save`` (True for 'output'); γ must have no zero (x̂ = (z − β)/γ)."""
+    from normlab.functional.activations import check_save
+
+    check_save(save, activation, negative_slope, where)
+    if save == "output" and weight is not None and not bool(torch.all(weight)):
+        raise ValueError(
+            f"{where}: save='output' recovers x̂ = (act⁻¹(y) − β)/γ in backward, but weight "
+            f"(γ) has a zero entry, so x̂ is lost there. Use save='input' for this layer, or "
+            f"keep γ away from 0 (e.g. initialise it to 1, or clamp |γ| ≥ ε after each step)."
+        )
+    return save == "output"
+
+
+def _batch_norm_save_output(
+    input, running_mean, running_var, weight, bias, momentum, eps, activation,
+    negative_slope, nonfinite, num_batches_tracked, where, layout, shape, save,
+) -> tuple[torch.Tensor, bool]:  # fmt: skip
+    """Training :func:`_batch_norm` with ``save='output'``: keep y, not x, for backward
+    (:class:`normlab.functional.engine._NormalizeBatchSaveOutput`)."""
+    from normlab.functional.engine import normalize_batch_save_output
+
+    _check_save_output(save, activation, negative_slope, weight, where)
+    running = None
+    if running_mean is not None and layout.n > 0:
+        running = RunningUpdate(
+            running_mean, running_var, momentum, num_batches_tracked,
+            skip_nonfinite=nonfinite != "propagate",
+        )  # fmt: skip
+    if input.numel() == 0:  # nothing to save either way
+        return _batch_norm(
+            input, running_mean, running_var, weight, bias, True, momentum, eps,
+            channel_dim=layout.channel, activation=activation, negative_slope=negative_slope,
+            nonfinite=nonfinite, num_batches_tracked=num_batches_tracked, where=where,
+            layout=layout,
+        )  # fmt: skip
+    config = (layout.dims, eps, activation, negative_slope, running, shape)
+    y = normalize_batch_save_output(input, weight, bias, config, [])
+    if running is not None and running.skipped:
+        if nonfinite == "raise":
+            raise _nonfinite_error(where)
+        return y, True
+    return y, False
+
+
+def _residual_op_applies(input, layout, weight, bias) -> bool:
+    """Whether traced training BN → add → act goes through the residual custom ops: the
+    custom-op conditions of the plain layer (no torch.func transform, not meta, not
+    jit.trace) with (C,) parameters."""
+    from normlab.functional import traced
+
+    c = input.shape[layout.channel]
+    return traced.use_custom_op(input, layout.dims, True) and all(
+        p is None or (p.dim() == 1 and p.shape[0] == c) for p in (weight, bias)
+    )
 
 
 def _traced_batch_norm(
@@ -572,6 +654,7 @@ def batch_norm(
     residual: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     degenerate: str = "error",
+    save: str = "input",
 ) -> torch.Tensor:
     """Batch normalization: ``y = act(γ · (x − μ) / sqrt(σ² + ε) + β [+ r])`` per channel.
 
@@ -598,6 +681,14 @@ def batch_norm(
             as one layer. Its gradient is dy·act'(z). In training the layer saves x and its
             output y (not r) when y determines act'(z) (every activation but hardswish and
             silu; see ``normlab.functional.engine._NormalizeBatchResidual``).
+        save: what training mode keeps for backward: 'input' (default; x, and the
+            activation is recomputed) or 'output' (only y: In-Place ABN, Rota Bulò et al.,
+            CVPR 2018 §3; x̂ = (act⁻¹(y) − β)/γ is rebuilt in backward). 'output' needs an
+            invertible activation ('identity', 'leaky_relu' with slope > 0, 'elu' with
+            α > 0) and a weight without zeros (ValueError otherwise); no double backward.
+            With ``residual``, y and r are kept instead (x − mean = (act⁻¹(y) − r − β)/
+            (γ·invstd)): in a ResNet block r is the block input, kept anyway by its first
+            conv. Ignored in eval and under tracers (torch.compile).
         nonfinite: when the batch statistics are NaN/Inf: 'propagate' (torch) updates the
             running statistics anyway; 'skip' leaves them (and ``num_batches_tracked``)
             unchanged and warns; 'raise' raises ``FloatingPointError`` before any change.
@@ -646,6 +737,7 @@ def batch_norm(
         residual=residual,
         mask=mask,
         degenerate=degenerate,
+        save=save,
     )
     if skipped:
         warnings.warn(

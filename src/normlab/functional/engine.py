@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from normlab import kernels
-from normlab.functional.activations import derivative_from_output, get_activation
+from normlab.functional.activations import derivative_from_output, get_activation, inverse_of
 from normlab.functional.ema import fold_running_
 from normlab.functional.stats import Moments, centered_moments, reduce_count, work_dtype
 
@@ -470,43 +470,49 @@ class _NormalizeBatchResidual(torch.autograd.Function):
     the next layer saves y anyway, so the fused block keeps no tensor of its own beyond
     x. For hardswish and silu, r is saved and z recomputed from x and r.
 
-    Kernel path: the fused kernels make z₀ = γ·x̂ + β (and fold the running statistics)
-    and take dz in backward; the add, the activation and dz = dy·act'(y) are torch
-    elementwise ops (one pass each) between them. ``config``: (dims, eps, activation,
+    Kernel path (:func:`normlab.kernels.batch_forward_residual`): one kernel call reads
+    the statistics, folds the running ones and writes y = act(γ·x̂ + β + r) in its write
+    pass; backward is one two-pass kernel call producing dx and dr = dz together, dz read
+    from the saved y (or z recomputed from x and r). The torch-op path (BN, then the add
+    and the activation as torch ops) is the reference. ``config``: (dims, eps, activation,
     negative_slope, running, param_shape). Double backward recomputes y with
     differentiable ops (:func:`normlab.functional.traced.composite`) and differentiates it.
     """
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, config, out):
-        dims, eps, activation, negative_slope, running, param_shape = config
+        dims, eps, activation, negative_slope, running, param_shape, save_output = config
         ctx.set_materialize_grads(False)
         ctx.config = config
         act = get_activation(activation)
         from_y = derivative_from_output(act, negative_slope)
+        # save="output" (invertible act, so from_y too): r and y instead of x and y
+        first = residual if save_output else x
         plan = kernels.plan_batch(x, dims, weight, bias, True, flat=param_shape is not None)
         ctx.kernel_plan = plan
-        if plan is not None:
-            z, moments, ctx.kernel_stats, folded = kernels.batch_forward(
-                plan, x, weight, bias, eps, None, 0.0, running
+        if plan is not None:  # one kernel: statistics, then y = act(γ·x̂ + β + r)
+            y, moments, ctx.kernel_stats, folded = kernels.batch_forward_residual(
+                plan, x, residual, weight, bias, eps, activation, negative_slope, running
             )
             if running is not None and not folded:
                 mean, var = kernels.stats_tensors(plan, moments)
                 _update_running(running, mean, var, reduce_count(x.shape, dims))
-            stats_saved: tuple = ()
             out.append((plan, moments))
-        else:
-            w, b = view_params(weight, param_shape), view_params(bias, param_shape)
-            wd = work_dtype(x.dtype)
-            stats, e = centered_moments(x, dims)
-            invstd = torch.rsqrt(stats.var + eps).to(wd)
-            z = _affine_act(e.mul_(invstd), _to(w, wd), _to(b, wd), None, 0.0, True)
-            count = reduce_count(x.shape, dims)
-            mean, var = stats.mean.to(wd), stats.var.to(wd)
-            if running is not None:
-                _update_running(running, mean, var, count)
-            stats_saved = (stats.shift, stats.delta, invstd)
-            out.append((mean, var))
+            ctx.from_y = from_y is not None
+            ctx.save_for_backward(first, weight, bias, y if ctx.from_y else residual)
+            return y
+        # the torch-op reference: BN, then the add and the activation as torch ops
+        w, b = view_params(weight, param_shape), view_params(bias, param_shape)
+        wd = work_dtype(x.dtype)
+        stats, e = centered_moments(x, dims)
+        invstd = torch.rsqrt(stats.var + eps).to(wd)
+        z = _affine_act(e.mul_(invstd), _to(w, wd), _to(b, wd), None, 0.0, True)
+        count = reduce_count(x.shape, dims)
+        mean, var = stats.mean.to(wd), stats.var.to(wd)
+        if running is not None:
+            _update_running(running, mean, var, count)
+        stats_saved = (stats.shift, stats.delta, invstd)
+        out.append((mean, var))
         z = z.add_(residual)
         if act.name == "relu":
             y = z.relu_()
@@ -518,20 +524,24 @@ class _NormalizeBatchResidual(torch.autograd.Function):
         ctx.from_y = from_y is not None
         # what recovers act'(z): the output itself, or r to recompute z
         keep = y if from_y is not None else residual
-        ctx.save_for_backward(x, weight, bias, keep, *stats_saved)
+        ctx.save_for_backward(first, weight, bias, keep, *stats_saved)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         if dy is None:
             return None, None, None, None, None, None
-        dims, eps, activation, negative_slope, _, param_shape = ctx.config
+        dims, eps, activation, negative_slope, _, param_shape, save_output = ctx.config
         nx, nr, nw, nb = ctx.needs_input_grad[:4]
         plan = ctx.kernel_plan
         x, weight, bias, keep, *stats_saved = ctx.saved_tensors
         act = get_activation(activation)
         wd = work_dtype(x.dtype)
         double = torch.is_grad_enabled()
+        if save_output:  # x is the residual r here, keep is y
+            return _residual_backward_from_output(
+                ctx, dy, x, keep, weight, bias, stats_saved, (nx, nr, nw, nb)
+            )
         if double:
             # create_graph=True: statistics as differentiable functions of x (the saved y,
             # if that is what was kept, is connected to this node's graph already)
@@ -543,36 +553,74 @@ class _NormalizeBatchResidual(torch.autograd.Function):
         elif plan is None:
             shift, delta, invstd = stats_saved
             stats = Moments(shift, delta, invstd)
-        else:
-            stats = invstd = None
+        else:  # one kernel: dx and dr = dz together
+            dx, dr, dw, db = kernels.batch_backward_residual(
+                plan, dy, x, keep, ctx.from_y, weight, bias, ctx.kernel_stats, activation,
+                negative_slope, (nx, nr, nw, nb),
+            )  # fmt: skip
+            return dx, dr, dw, db, None, None
         if ctx.from_y:
             dz = dy.to(wd) * derivative_from_output(act, negative_slope)(keep.to(wd))
         else:  # z = γ·x̂ + β + r recomputed from x and the saved r (hardswish, silu)
-            if stats is None:
-                st = torch.from_numpy(ctx.kernel_stats)  # (4, C): k, delta, var, invstd
-                k, delta, inv = (st[i].to(wd).reshape(plan.keep) for i in (0, 1, 3))
-            else:
-                k, delta, inv = stats.shift, stats.delta, invstd
+            k, delta, inv = stats.shift, stats.delta, invstd
             w, b = view_params(weight, param_shape), view_params(bias, param_shape)
             z = ((x.to(wd) - k) - delta) * inv
             z = z if w is None else z * w.to(wd)
             z = z if b is None else z + b.to(wd)
             dz = dy.to(wd) * act.derivative(z + keep.to(wd), negative_slope)
         dr = dz.to(x.dtype) if nr else None
-        needs = (nx, nw, nb)
-        if plan is not None and not double:
-            dx, dw, db = kernels.batch_backward(
-                plan, dz.to(x.dtype), x, weight, bias, ctx.kernel_stats, None, 0.0, needs
-            )
-        else:
-            dx, dw, db = _closed_form_backward(
-                dz, x, view_params(weight, param_shape), view_params(bias, param_shape),
-                stats, invstd, dims, True, None, 0.0, needs, reduce_count(x.shape, dims),
-            )  # fmt: skip
-            if param_shape is not None:
-                dw = None if dw is None else dw.reshape(-1)
-                db = None if db is None else db.reshape(-1)
+        dx, dw, db = _closed_form_backward(
+            dz, x, view_params(weight, param_shape), view_params(bias, param_shape),
+            stats, invstd, dims, True, None, 0.0, (nx, nw, nb), reduce_count(x.shape, dims),
+        )  # fmt: skip
+        if param_shape is not None:
+            dw = None if dw is None else dw.reshape(-1)
+            db = None if db is None else db.reshape(-1)
         return dx, dr, dw, db, None, None
+
+
+def _residual_backward_from_output(ctx, dy, residual, y, weight, bias, stats_saved, needs):
+    """Backward of :class:`_NormalizeBatchResidual` under save="output": x − mean =
+    (act⁻¹(y) − r − β)/(γ·invstd) rebuilt from y and r (see
+    :class:`_NormalizeBatchSaveOutput`), then the same kernel (or closed form) with zero
+    shift. Keeping r rather than x costs nothing in a ResNet block, where r is the block
+    input that its first conv keeps anyway."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(_SAVE_OUTPUT_DOUBLE_BACKWARD)
+    dims, _, activation, negative_slope, _, param_shape, _ = ctx.config
+    plan = ctx.kernel_plan
+    wd = work_dtype(y.dtype)
+    if plan is not None:
+        invstd = torch.from_numpy(ctx.kernel_stats[3]).to(wd).reshape(plan.keep)
+    else:
+        invstd = stats_saved[2]
+    w, b = view_params(weight, param_shape), view_params(bias, param_shape)
+    act = get_activation(activation)
+    centred = inverse_of(act, negative_slope)(y.to(wd)).sub_(residual.to(wd))
+    if b is not None:
+        centred = centred.sub_(b.to(wd))
+    centred = centred.div_(invstd if w is None else w.to(wd) * invstd)
+    if plan is not None:
+        stats0 = ctx.kernel_stats.copy()
+        stats0[0] = 0.0
+        stats0[1] = 0.0
+        dx, dr, dw, db = kernels.batch_backward_residual(
+            plan, dy, centred.to(y.dtype), y, True, weight, bias, stats0, activation,
+            negative_slope, needs,
+        )  # fmt: skip
+        return dx, dr, dw, db, None, None
+    dz = dy.to(wd) * derivative_from_output(act, negative_slope)(y.to(wd))
+    zero = torch.zeros_like(invstd)
+    dx, dw, db = _closed_form_backward(
+        dz, centred, w, b, Moments(zero, zero, invstd), invstd, dims, True, None, 0.0,
+        (needs[0], needs[2], needs[3]), reduce_count(y.shape, dims),
+    )  # fmt: skip
+    if param_shape is not None:
+        dw = None if dw is None else dw.reshape(-1)
+        db = None if db is None else db.reshape(-1)
+    dx = None if dx is None else dx.to(y.dtype)
+    dr = dz.to(y.dtype) if needs[1] else None
+    return dx, dr, dw, db, None, None
 
 
 _apply_residual = super(torch.autograd.Function, _NormalizeBatchResidual).apply
@@ -587,8 +635,127 @@ def normalize_batch_residual(
     out: list,
 ) -> torch.Tensor:
     """y = act(γ·x̂ + β + r) in training mode (see :class:`_NormalizeBatchResidual`;
-    ``config``: dims, eps, activation, negative_slope, running, param_shape); x not empty,
+    ``config``: dims, eps, activation, negative_slope, running, param_shape, save_output);
+    x not empty,
     not traced; the statistics go to ``out``."""
     return _apply_residual(
         _unwrap(x), _unwrap(residual), _unwrap(weight), _unwrap(bias), config, out
     )
+
+
+# -- save="output": keep y, not x (In-Place ABN) ------------------------------------------
+_SAVE_OUTPUT_DOUBLE_BACKWARD = (
+    "batch norm with save='output' keeps only its output, from which the statistics "
+    "cannot be rebuilt as functions of x: double backward (create_graph=True) is not "
+    "supported. Use save='input' (the default) for this layer."
+)
+
+
+class _NormalizeBatchSaveOutput(torch.autograd.Function):
+    """Training batch norm + invertible activation that keeps only its output y for
+    backward (Rota Bulò, Porzi & Kontschieder, "In-Place Activated BatchNorm for
+    Memory-Optimized Training of DNNs", CVPR 2018, §3):
+
+        z = act⁻¹(y),   x̂ = (z − β)/γ,   dz = dy·act'(z) (read from y)
+        dx = γ·invstd·(dz − mean(dz) − x̂·mean(dz·x̂)),   dγ = Σdz·x̂,   dβ = Σdz
+
+    Backward rebuilds x − mean = (z − β)/(γ·invstd) (one elementwise pass; magnitude σ,
+    so no cancellation against a large mean) and runs the ordinary closed form on it
+    with zero shift: the fused kernel on the kernel path, torch ops otherwise. Saved:
+    y, γ, β and the per-channel invstd; x is not kept, so the layer and the next
+    (which keeps y anyway) share one activation-sized tensor.
+
+    γ must be nonzero (checked by the caller; the paper's |γ| + ε would change the
+    function). Precision: x̂ carries the rounding of y amplified by 1/|γ|; elu's saturated
+    tail (y ≈ −α) is recovered only coarsely (see ``activations.inverse_of``), where
+    dz ≈ 0. ``config``: (dims, eps, activation, negative_slope, running, param_shape).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, config, out):
+        dims, eps, activation, negative_slope, running, param_shape = config
+        ctx.set_materialize_grads(False)
+        ctx.config = config
+        plan = kernels.plan_batch(x, dims, weight, bias, True, flat=param_shape is not None)
+        ctx.kernel_plan = plan
+        if plan is not None:
+            y, moments, ctx.kernel_stats, folded = kernels.batch_forward(
+                plan, x, weight, bias, eps, activation, negative_slope, running
+            )
+            if running is not None and not folded:
+                mean, var = kernels.stats_tensors(plan, moments)
+                _update_running(running, mean, var, reduce_count(x.shape, dims))
+            out.append((plan, moments))
+            ctx.save_for_backward(y, weight, bias)
+            return y
+        w, b = view_params(weight, param_shape), view_params(bias, param_shape)
+        wd = work_dtype(x.dtype)
+        stats, e = centered_moments(x, dims)
+        invstd = torch.rsqrt(stats.var + eps).to(wd)
+        y = _affine_act(
+            e.mul_(invstd), _to(w, wd), _to(b, wd), activation, negative_slope, True
+        ).to(x.dtype)
+        mean, var = stats.mean.to(wd), stats.var.to(wd)
+        if running is not None:
+            _update_running(running, mean, var, reduce_count(x.shape, dims))
+        out.append((mean, var))
+        ctx.save_for_backward(y, weight, bias, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if dy is None:
+            return None, None, None, None, None
+        if torch.is_grad_enabled():
+            raise RuntimeError(_SAVE_OUTPUT_DOUBLE_BACKWARD)
+        dims, _, activation, negative_slope, _, param_shape = ctx.config
+        needs = ctx.needs_input_grad[:3]
+        plan = ctx.kernel_plan
+        y, weight, bias, *rest = ctx.saved_tensors
+        wd = work_dtype(y.dtype)
+        if plan is not None:
+            invstd = torch.from_numpy(ctx.kernel_stats[3]).to(wd).reshape(plan.keep)
+        else:
+            invstd = rest[0]
+        w, b = view_params(weight, param_shape), view_params(bias, param_shape)
+        act = get_activation(activation)
+        # x − mean = (act⁻¹(y) − β)/(γ·invstd)
+        centred = inverse_of(act, negative_slope)(y.to(wd))
+        if b is not None:
+            centred = centred.sub_(b.to(wd))
+        centred = centred.div_(invstd if w is None else w.to(wd) * invstd)
+        if plan is not None:
+            stats0 = ctx.kernel_stats.copy()
+            stats0[0] = 0.0  # shift k and delta: the rebuilt input is already centred
+            stats0[1] = 0.0
+            dx, dw, db = kernels.batch_backward(
+                plan, dy, centred.to(y.dtype), weight, bias, stats0, activation,
+                negative_slope, needs,
+            )  # fmt: skip
+            return dx, dw, db, None, None
+        zero = torch.zeros_like(invstd)
+        dx, dw, db = _closed_form_backward(
+            dy, centred, w, b, Moments(zero, zero, invstd), invstd, dims, True, activation,
+            negative_slope, needs, reduce_count(y.shape, dims),
+        )  # fmt: skip
+        if dx is not None:
+            dx = dx.to(y.dtype)
+        if param_shape is not None:
+            dw = None if dw is None else dw.reshape(-1)
+            db = None if db is None else db.reshape(-1)
+        return dx, dw, db, None, None
+
+
+_apply_save_output = super(torch.autograd.Function, _NormalizeBatchSaveOutput).apply
+
+
+def normalize_batch_save_output(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    config: tuple,
+    out: list,
+) -> torch.Tensor:
+    """y = act(γ·x̂ + β) in training mode keeping only y for backward (see
+    :class:`_NormalizeBatchSaveOutput`); x not empty, not traced."""
+    return _apply_save_output(_unwrap(x), _unwrap(weight), _unwrap(bias), config, out)

@@ -188,6 +188,175 @@ def _backward(ctx, dy, _dstats):
 batch_norm_train.register_autograd(_backward, setup_context=_setup_context)
 
 
+# -- BN → add(residual) → activation: a second op pair -----------------------------------
+def _from_y(activation: str, negative_slope: float) -> bool:
+    from normlab.functional.activations import derivative_from_output
+
+    return derivative_from_output(get_activation(activation), negative_slope) is not None
+
+
+@torch.library.custom_op(f"{_OP_NAMESPACE}::batch_norm_residual_train", mutates_args=())
+def batch_norm_residual_train(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    channel_dim: int,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`batch_norm_train` with a residual added before the activation:
+    ``y = act(γ·x̂ + β + r)``, one fused kernel call where the kernels apply (else BN, add
+    and activation as torch ops)."""
+    dims = tuple(d for d in range(x.dim()) if d != channel_dim)
+    plan = kernels.plan_batch(x, dims, weight, bias, True, flat=True)
+    if plan is None:
+        z, stats = _reference_forward(x, weight, bias, channel_dim, eps, None, 0.0)
+        act = get_activation(activation)
+        z = z + residual
+        return (z if act.name == "identity" else act.forward(z, negative_slope)), stats
+    y, _, stats, _ = kernels.batch_forward_residual(
+        plan, x, residual, weight, bias, eps, activation, negative_slope
+    )
+    return _like_empty(y, x), torch.from_numpy(stats)
+
+
+@batch_norm_residual_train.register_fake
+def _(x, residual, weight, bias, channel_dim, eps, activation, negative_slope):
+    return torch.empty_like(x), x.new_empty((4, x.shape[channel_dim]), dtype=torch.float64)
+
+
+@torch.library.custom_op(f"{_OP_NAMESPACE}::batch_norm_residual_train_backward", mutates_args=())
+def batch_norm_residual_train_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    src: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stats: torch.Tensor,
+    channel_dim: int,
+    activation: str,
+    negative_slope: float,
+    need_input_grad: bool,
+    need_residual_grad: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`batch_norm_residual_train`: ``(dx, dr, dγ, dβ)`` (empty where
+    not needed). ``src``: the output y where y determines act'(z) (see
+    ``activations.derivative_from_output``), else the residual r."""
+    from normlab.functional.activations import derivative_from_output
+    from normlab.functional.engine import _closed_form_backward, view_params
+
+    dims = tuple(d for d in range(x.dim()) if d != channel_dim)
+    from_y = _from_y(activation, negative_slope)
+    needs = (
+        need_input_grad,
+        need_residual_grad,
+        need_weight_grad and weight is not None,
+        need_bias_grad and bias is not None,
+    )
+    plan = kernels.plan_batch(x, dims, weight, bias, True, flat=True)
+    if plan is not None:
+        dx, dr, dw, db = kernels.batch_backward_residual(
+            plan, dy, x, src, from_y, weight, bias, stats.contiguous().numpy(), activation,
+            negative_slope, needs,
+        )  # fmt: skip
+        dx = None if dx is None else _like_empty(dx, x)
+        dr = None if dr is None else _like_empty(dr, x)
+    else:
+        keep = [1] * x.dim()
+        keep[channel_dim] = x.shape[channel_dim]
+        wd = work_dtype(x.dtype)
+        shift, delta, _, invstd = (stats[i].to(wd).reshape(keep) for i in range(4))
+        w, b = view_params(weight, keep), view_params(bias, keep)
+        act = get_activation(activation)
+        if from_y:
+            dz = dy.to(wd) * derivative_from_output(act, negative_slope)(src.to(wd))
+        else:
+            z = ((x.to(wd) - shift) - delta) * invstd
+            z = z if w is None else z * w.to(wd)
+            z = z if b is None else z + b.to(wd)
+            dz = dy.to(wd) * act.derivative(z + src.to(wd), negative_slope)
+        dr = dz.to(x.dtype) if needs[1] else None
+        dx, dw, db = _closed_form_backward(
+            dz, x, w, b, Moments(shift, delta, invstd), invstd, dims, True, None, 0.0,
+            (needs[0], needs[2], needs[3]), reduce_count(x.shape, dims),
+        )  # fmt: skip
+        dw = None if dw is None else dw.reshape(-1)
+        db = None if db is None else db.reshape(-1)
+    empty = x.new_empty(0)
+    return tuple(t if t is not None else empty for t in (dx, dr, dw, db))
+
+
+@batch_norm_residual_train_backward.register_fake
+def _(dy, x, src, weight, bias, stats, channel_dim, activation, negative_slope, nx, nr, nw, nb):
+    dx = torch.empty_like(x) if nx else x.new_empty(0)
+    dr = torch.empty_like(x) if nr else x.new_empty(0)
+    dw = torch.empty_like(weight) if nw and weight is not None else x.new_empty(0)
+    db = torch.empty_like(bias) if nb and bias is not None else x.new_empty(0)
+    return dx, dr, dw, db
+
+
+def _setup_context_residual(ctx, inputs, output):
+    x, residual, weight, bias, channel_dim, _, activation, negative_slope = inputs
+    y, stats = output
+    ctx.mark_non_differentiable(stats)
+    src = y if _from_y(activation, negative_slope) else residual  # r is not kept if y will do
+    ctx.save_for_backward(x, src, weight, bias, stats)
+    ctx.config = (channel_dim, activation, negative_slope)
+
+
+def _backward_residual(ctx, dy, _dstats):
+    if dy is None:
+        return (None,) * 8
+    x, src, weight, bias, stats = ctx.saved_tensors
+    channel_dim, activation, negative_slope = ctx.config
+    nx, nr, nw, nb = ctx.needs_input_grad[:4]
+    dx, dr, dw, db = batch_norm_residual_train_backward(
+        dy, x, src, weight, bias, stats, channel_dim, activation, negative_slope, nx, nr, nw, nb
+    )
+    return (
+        dx if nx else None,
+        dr if nr else None,
+        dw if nw and weight is not None else None,
+        db if nb and bias is not None else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+batch_norm_residual_train.register_autograd(
+    _backward_residual, setup_context=_setup_context_residual
+)
+
+
+def normalize_batch_residual(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    channel_dim: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, var)`` of training BN → add(r) → act with (C,) weight/bias, traceable:
+    the residual op pair (one op per layer in a compiled graph)."""
+    name = "identity" if activation is None else str(activation)  # with its parameters
+    y, stats = batch_norm_residual_train(
+        x, residual, weight, bias, channel_dim, float(eps), name, float(negative_slope)
+    )
+    keep = [1] * x.dim()
+    keep[channel_dim] = x.shape[channel_dim]
+    wd = work_dtype(x.dtype)
+    return y, (stats[0] + stats[1]).to(wd).reshape(keep), stats[2].to(wd).reshape(keep)
+
+
 # -- the composite path ------------------------------------------------------------------
 def composite(
     x: torch.Tensor,
@@ -258,7 +427,8 @@ def normalize_batch(
         if param_shape is None:  # shaped to broadcast: the op takes (C,) tensors
             w = None if w is None else w.reshape(-1)
             b = None if b is None else b.reshape(-1)
-        name = get_activation(activation).name
+        get_activation(activation)  # validates; the parameters travel in the name
+        name = "identity" if activation is None else str(activation)
         y, stats = batch_norm_train(x, w, b, c, float(eps), name, float(negative_slope))
         keep = [1] * x.dim()
         keep[c] = x.shape[c]

@@ -624,6 +624,86 @@ def batch_backward(
     return dx, _as_param(dw, weight), _as_param(db, bias)
 
 
+def batch_forward_residual(
+    plan: Plan,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+    running=None,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, bool]:
+    """:func:`batch_forward` with a residual: ``y = act(γ·x̂ + β + r)`` in the kernel's
+    write pass (``residual`` shaped like x, any strides: copied to the plan's layout if
+    they differ)."""
+    act = _activation(activation, negative_slope)
+    numel = x.numel()
+    dtype = x.dtype
+    rows, c, s = plan.dims
+    stats = np.empty((4, c))
+    moments = np.empty((2, c), dtype=_NUMPY_DTYPES[dtype])
+    w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
+    fold = None if running is None else _running_args(running, c)
+    correction = numel / (numel - c) if numel > c else math.nan
+    entry, nblocks = _entry("forward_res_at", numel, rows)
+    xc, rc = plan.contiguous(x), plan.contiguous(residual)  # kept alive for the call
+    y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)
+    w0 = _WITNESS[dtype]
+    r0, mean_at, var_at, count_at, momentum, skip = (
+        (w0, 0, 0, 0, 0.0, False) if fold is None else fold
+    )
+    status = entry(
+        w0, plan.layout == "cf", xc.data_ptr(), rc.data_ptr(), y.data_ptr(), rows, c, s,
+        w.data_ptr(), b.data_ptr(), float(eps), act, stats, moments, r0, mean_at, var_at,
+        count_at, correction, momentum, skip, nblocks,
+    )  # fmt: skip
+    if fold is not None:
+        running.skipped = status == 2
+    return y, moments, stats, fold is not None
+
+
+def batch_backward_residual(
+    plan: Plan,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    src: torch.Tensor,
+    from_y: bool,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stats: np.ndarray,
+    activation: str | None,
+    negative_slope: float,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Backward of :func:`batch_forward_residual`: ``(dx, dr, dweight, dbias)`` (None
+    where ``needs`` says not needed), dr = dz = dy·act'(z) and dx from the same kernel
+    call. ``src``: the forward's output y (``from_y``: y determines act'(z)) or the
+    residual r."""
+    act = _activation(activation, negative_slope)
+    dtype = x.dtype
+    rows, c, s = plan.dims
+    if dy.dtype != dtype:
+        dy = dy.to(dtype)
+    need_dx, need_dr = bool(needs[0]), bool(needs[1])
+    w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
+    entry, nblocks = _entry("backward_res_at", x.numel(), rows)
+    fmt = torch.contiguous_format if plan.copy else torch.preserve_format
+    dx = empty_like(x, fmt) if need_dx else None
+    dr = empty_like(x, fmt) if need_dr else None
+    dw = _grad_tensor(weight, needs[2], dtype)
+    db = _grad_tensor(bias, needs[3], dtype)
+    xc, dyc, sc = plan.contiguous(x), plan.contiguous(dy), plan.contiguous(src)
+    entry(
+        _WITNESS[dtype], plan.layout == "cf", dyc.data_ptr(), xc.data_ptr(), sc.data_ptr(),
+        bool(from_y), 0 if dx is None else dx.data_ptr(), 0 if dr is None else dr.data_ptr(),
+        rows, c, s, w.data_ptr(), b.data_ptr(), stats, act, need_dx, need_dr,
+        0 if db is None else db.data_ptr(), 0 if dw is None else dw.data_ptr(), nblocks,
+    )  # fmt: skip
+    return dx, dr, _as_param(dw, weight), _as_param(db, bias)
+
+
 def _grad_tensor(p: torch.Tensor | None, needed: bool, dtype: torch.dtype):
     """A new contiguous tensor for ``p``'s gradient, in the kernel's ``dtype``."""
     if p is None or not needed:

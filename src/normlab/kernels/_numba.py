@@ -885,6 +885,259 @@ def affine_cl(x, mean, var, weight, bias, eps, act, nblocks, y):
         _out_rows_cl(x, y, blk * rows, min(M, (blk + 1) * rows), m, scale, b, act)
 
 
+# -- residual: y = act(γ·x̂ + β + r) -----------------------------------------------------
+# BN → add → activation in the same two passes as the plain kernels: the residual r is
+# read in the write pass (z = (x − k)·scale + shift + r), and backward produces dx and
+# dr = dz = dy·act'(z) in one two-pass kernel. act'(z) comes from the saved output y
+# where y determines it (``from_y``: identity, relu, leaky_relu with slope > 0, relu6,
+# hardtanh, elu with α > 0, sigmoid, tanh; as ``activations.derivative_from_output``),
+# so r need not be kept; otherwise ``src`` is r and z is recomputed from x and r.
+# The storage-dtype code runs for the piecewise-linear activations of channels-first
+# tensors under the rule above (forward; backward only with ``from_y``: there dz needs
+# only y's sign); everything else computes elementwise in float64.
+@njit(**_HELPER)
+def _out_row_res(x, res, y, i, c, k, scale, shift, act):
+    fam = act[_FAMILY]
+    if fam >= _OTHER:
+        a, b = act[_A], act[_C1]
+        for j in range(x.shape[2]):
+            z = (np.float64(x[i, c, j]) - k) * scale + shift + np.float64(res[i, c, j])
+            y[i, c, j] = _other(z, fam, a, b)
+    elif fam == _LOGISTIC:
+        a, c1, c2, c3 = act[_A], act[_C1], act[_C2], act[_C3]
+        for j in range(x.shape[2]):
+            z = (np.float64(x[i, c, j]) - k) * scale + shift + np.float64(res[i, c, j])
+            y[i, c, j] = _smooth(z, a, c1, c2, c3)
+    else:
+        slope = act[_SLOPE]
+        for j in range(x.shape[2]):
+            z = (np.float64(x[i, c, j]) - k) * scale + shift + np.float64(res[i, c, j])
+            y[i, c, j] = _pwl(z, slope)
+
+
+@njit(**_HELPER)
+def _grad_from_output(y, fam, slope, a, b, c1, c2, g1):
+    """act'(z) from y = act(z) (see above; not for hardswish, silu)."""
+    if fam == _PWL:
+        return 1.0 if y > 0.0 else slope
+    if fam == _LOGISTIC:  # sigmoid, tanh: y = c1·s + c2, act' = g1·s·(1 − s)
+        s = (y - c2) / c1
+        return g1 * s * (1.0 - s)
+    if fam == _HARDTANH:
+        return 0.0 if (y <= a or y >= b) else 1.0
+    return 1.0 if y > 0.0 else y + a  # elu: α·e^z = y + α below 0
+
+
+@njit(**_HELPER)
+def _grad_at(z, fam, slope, a, b, g1, c3):
+    if fam == _PWL:
+        return _pwl_grad(z, slope)
+    if fam == _LOGISTIC:
+        return _smooth_grad(z, a, g1, c3)
+    return _other_grad(z, fam, a, b)
+
+
+@njit(**_HELPER)
+def _dz_res(dyv, d, sv, scale, shift, from_y, act):
+    """dz = dy·act'(z) for one value: from y (``sv`` = y) or from z = d·scale + shift + r
+    (``sv`` = r)."""
+    fam, slope, a, c1, c2, c3, g1 = act[0], act[1], act[2], act[3], act[4], act[5], act[6]
+    if from_y:
+        return dyv * _grad_from_output(sv, fam, slope, a, c1, c1, c2, g1)
+    return dyv * _grad_at(d * scale + shift + sv, fam, slope, a, g1, g1, c3)
+
+
+@njit(parallel=True, **_JIT)
+def forward_res_cf(x, res, weight, bias, eps, act, y, stats, moments):
+    """:func:`forward_cf` with a residual: y = act((x − k)·scale + shift + r); ``res``
+    (N, C, S) like x."""
+    N, C, S = x.shape
+    n = N * S
+    pwl = act[_FAMILY] == _PWL
+    for c in prange(C):
+        k = np.float64(x[0, c, 0])
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(N):
+            r1, r2 = _sums_row(x, i, c, k)
+            s1 += r1
+            s2 += r2
+        delta, var, invstd = _finish_stats(s1, s2, n, eps)
+        scale = np.float64(weight[c]) * invstd
+        shift = np.float64(bias[c]) - delta * scale
+        if pwl and _storage_math_is_safe(invstd, scale, shift, k):
+            # in x's dtype: the add of r is the one rounding torch's `bn(x) + r` makes too
+            t = np.empty(5, dtype=x.dtype)
+            t[0], t[1], t[2], t[3], t[4] = k, scale, shift, act[_SLOPE], 0.0
+            kt, sc, sh, slope, zero = t[0], t[1], t[2], t[3], t[4]
+            for i in range(N):
+                for j in range(S):
+                    z = (x[i, c, j] - kt) * sc + sh + res[i, c, j]
+                    y[i, c, j] = z if z > zero else z * slope
+        else:
+            for i in range(N):
+                _out_row_res(x, res, y, i, c, k, scale, shift, act)
+        stats[0, c] = k
+        stats[1, c] = delta
+        stats[2, c] = var
+        stats[3, c] = invstd
+        moments[0, c] = k + delta
+        moments[1, c] = var
+
+
+@njit(parallel=True, **_JIT)
+def forward_res_cl(x, res, weight, bias, eps, act, nblocks, y, stats, moments):
+    """:func:`forward_cl` with a residual ``res`` (M, C); the write pass in float64."""
+    M, C = x.shape
+    k = np.empty(C)
+    for c in range(C):
+        k[c] = np.float64(x[0, c])
+    part = np.empty((nblocks, 2, C))
+    rows = (M + nblocks - 1) // nblocks
+    for blk in prange(nblocks):
+        acc1 = np.zeros(C)
+        acc2 = np.zeros(C)
+        _sums_rows_cl(x, blk * rows, min(M, (blk + 1) * rows), k, acc1, acc2)
+        part[blk, 0] = acc1
+        part[blk, 1] = acc2
+    for c in range(C):
+        s1, s2 = _block_totals(part, c)
+        stats[0, c] = k[c]
+        stats[1, c], stats[2, c], stats[3, c] = _finish_stats(s1, s2, M, eps)
+        moments[0, c] = k[c] + stats[1, c]
+        moments[1, c] = stats[2, c]
+    scale, shift = _scale_shift(weight, bias, stats)
+    fam = act[_FAMILY]
+    slope, a, c1, c2, c3 = act[_SLOPE], act[_A], act[_C1], act[_C2], act[_C3]
+    for blk in prange(nblocks):
+        for i in range(blk * rows, min(M, (blk + 1) * rows)):
+            for c in range(C):
+                z = (np.float64(x[i, c]) - k[c]) * scale[c] + shift[c] + np.float64(res[i, c])
+                y[i, c] = _act_value(z, fam, slope, a, c1, c2, c3)
+
+
+@njit(parallel=True, **_JIT)
+def backward_res_cf(dy, x, src, weight, bias, stats, act, from_y, need_dx, need_dr, dx, dr,
+                    sums):  # fmt: skip
+    """Backward of :func:`forward_res_cf`, one task per channel, two passes:
+
+        dz = dy·act'(z),  A = Σdz,  B = Σdz·x̂
+        dx = γ·invstd·(dz − A/n − x̂·B/n),   dr = dz,   dγ = B,   dβ = A
+
+    ``src``: the output y (``from_y``) or the residual r. ``dx`` / ``dr`` are written only
+    if ``need_dx`` / ``need_dr``; ``sums`` (out, (2, C)): A, B."""
+    N, C, S = x.shape
+    n = N * S
+    scale, shift = _scale_shift(weight, bias, stats)
+    storage = from_y and act[_FAMILY] == _PWL and (x.itemsize == 8 or S <= _STORAGE_SUM_MAX)
+    for c in prange(C):
+        k, delta, invstd = stats[0, c], stats[1, c], stats[3, c]
+        if storage and _storage_math_is_safe(invstd, scale[c], shift[c], k):
+            # dz = dy where y > 0, else dy·slope: no z needed, only y's sign
+            t = np.empty(7, dtype=x.dtype)
+            t[0], t[1], t[2], t[3] = k, act[_SLOPE], delta, 0.0
+            kt, slope, de, zero = t[0], t[1], t[2], t[3]
+            a_sum = 0.0
+            b_sum = 0.0
+            for i in range(N):
+                ra = zero
+                rb = zero
+                for j in range(S):
+                    dz = dy[i, c, j] if src[i, c, j] > zero else dy[i, c, j] * slope
+                    ra += dz
+                    rb += dz * ((x[i, c, j] - kt) - de)
+                a_sum += np.float64(ra)
+                b_sum += np.float64(rb)
+            b_sum *= invstd
+            sums[0, c] = a_sum
+            sums[1, c] = b_sum
+            t[4] = scale[c]
+            t[5] = -scale[c] * invstd * (b_sum / n)
+            t[6] = -scale[c] * (a_sum / n)
+            p, q, r = t[4], t[5], t[6]
+            if need_dx and need_dr:
+                for i in range(N):
+                    for j in range(S):
+                        dz = dy[i, c, j] if src[i, c, j] > zero else dy[i, c, j] * slope
+                        dx[i, c, j] = p * dz + q * ((x[i, c, j] - kt) - de) + r
+                        dr[i, c, j] = dz
+            elif need_dx:
+                for i in range(N):
+                    for j in range(S):
+                        dz = dy[i, c, j] if src[i, c, j] > zero else dy[i, c, j] * slope
+                        dx[i, c, j] = p * dz + q * ((x[i, c, j] - kt) - de) + r
+            elif need_dr:
+                for i in range(N):
+                    for j in range(S):
+                        dr[i, c, j] = dy[i, c, j] if src[i, c, j] > zero else dy[i, c, j] * slope
+            continue
+        sc, sh = scale[c], shift[c]
+        a_sum = 0.0
+        b_sum = 0.0
+        for i in range(N):
+            for j in range(S):
+                d = np.float64(x[i, c, j]) - k
+                dz = _dz_res(np.float64(dy[i, c, j]), d, np.float64(src[i, c, j]), sc, sh,
+                             from_y, act)  # fmt: skip
+                a_sum += dz
+                b_sum += dz * ((d - delta) * invstd)
+        sums[0, c] = a_sum
+        sums[1, c] = b_sum
+        ma, mb = a_sum / n, b_sum / n
+        if need_dx or need_dr:
+            for i in range(N):
+                for j in range(S):
+                    d = np.float64(x[i, c, j]) - k
+                    dz = _dz_res(np.float64(dy[i, c, j]), d, np.float64(src[i, c, j]), sc, sh,
+                                 from_y, act)  # fmt: skip
+                    if need_dx:
+                        dx[i, c, j] = sc * (dz - ma - ((d - delta) * invstd) * mb)
+                    if need_dr:
+                        dr[i, c, j] = dz
+
+
+@njit(parallel=True, **_JIT)
+def backward_res_cl(dy, x, src, weight, bias, stats, act, from_y, nblocks, need_dx, need_dr,
+                    dx, dr, sums):  # fmt: skip
+    """Backward of :func:`forward_res_cl`, channels-last (M, C), in float64; see
+    :func:`backward_res_cf`."""
+    M, C = x.shape
+    scale, shift = _scale_shift(weight, bias, stats)
+    k, delta, invstd = stats[0], stats[1], stats[3]
+    part = np.empty((nblocks, 2, C))
+    rows = (M + nblocks - 1) // nblocks
+    for blk in prange(nblocks):
+        acc_a = np.zeros(C)
+        acc_b = np.zeros(C)
+        for i in range(blk * rows, min(M, (blk + 1) * rows)):
+            for c in range(C):
+                d = np.float64(x[i, c]) - k[c]
+                dz = _dz_res(np.float64(dy[i, c]), d, np.float64(src[i, c]), scale[c],
+                             shift[c], from_y, act)  # fmt: skip
+                acc_a[c] += dz
+                acc_b[c] += dz * ((d - delta[c]) * invstd[c])
+        part[blk, 0] = acc_a
+        part[blk, 1] = acc_b
+    for c in range(C):
+        a_sum, b_sum = _block_totals(part, c)
+        sums[0, c] = a_sum
+        sums[1, c] = b_sum
+    if not (need_dx or need_dr):
+        return
+    ma = sums[0] / M
+    mb = sums[1] / M
+    for blk in prange(nblocks):
+        for i in range(blk * rows, min(M, (blk + 1) * rows)):
+            for c in range(C):
+                d = np.float64(x[i, c]) - k[c]
+                dz = _dz_res(np.float64(dy[i, c]), d, np.float64(src[i, c]), scale[c],
+                             shift[c], from_y, act)  # fmt: skip
+                if need_dx:
+                    dx[i, c] = scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c])
+                if need_dr:
+                    dr[i, c] = dz
+
+
 # -- serial twins for small tensors -------------------------------------------------------
 def _serial_twin(kernel):
     """The same kernel compiled without threads (``prange`` runs as ``range``).
@@ -915,6 +1168,10 @@ backward_cf_serial = _serial_twin(backward_cf)
 backward_cl_serial = _serial_twin(backward_cl)
 affine_cf_serial = _serial_twin(affine_cf)
 affine_cl_serial = _serial_twin(affine_cl)
+forward_res_cf_serial = _serial_twin(forward_res_cf)
+forward_res_cl_serial = _serial_twin(forward_res_cl)
+backward_res_cf_serial = _serial_twin(backward_res_cf)
+backward_res_cl_serial = _serial_twin(backward_res_cl)
 
 
 # -- running statistics --------------------------------------------------------------------
@@ -1046,6 +1303,65 @@ def affine_at(w0, cf, x_at, y_at, rows, C, S, m_at, v_at, w_at, b_at, eps, act, 
 
 
 @njit(**_JIT)
+def forward_res_at(w0, cf, x_at, res_at, y_at, rows, C, S, w_at, b_at, eps, act, stats,
+                   moments, r0, mean_at, var_at, count_at, correction, momentum,
+                   skip_nonfinite, nblocks):  # fmt: skip
+    """:func:`forward_res_cf` / :func:`forward_res_cl` by address, as :func:`forward_at`
+    (``res_at``: the residual, laid out like x)."""
+    w = carray(_pointer(w_at, w0), (C,))
+    b = carray(_pointer(b_at, w0), (C,))
+    if cf:
+        x = carray(_pointer(x_at, w0), (rows, C, S))
+        res = carray(_pointer(res_at, w0), (rows, C, S))
+        y = carray(_pointer(y_at, w0), (rows, C, S))
+        forward_res_cf_serial(x, res, w, b, eps, act, y, stats, moments)
+    else:
+        x2 = carray(_pointer(x_at, w0), (rows, C))
+        res2 = carray(_pointer(res_at, w0), (rows, C))
+        y2 = carray(_pointer(y_at, w0), (rows, C))
+        forward_res_cl_serial(x2, res2, w, b, eps, act, nblocks, y2, stats, moments)
+    if mean_at == 0:
+        return 0
+    updated = running_update_at(
+        r0, moments, correction, momentum, skip_nonfinite, mean_at, var_at, count_at
+    )
+    return 1 if updated else 2
+
+
+@njit(**_JIT)
+def backward_res_at(w0, cf, dy_at, x_at, src_at, from_y, dx_at, dr_at, rows, C, S, w_at,
+                    b_at, stats, act, need_dx, need_dr, dbias_at, dweight_at,
+                    nblocks):  # fmt: skip
+    """:func:`backward_res_cf` / :func:`backward_res_cl` by address, as
+    :func:`backward_at`; ``src_at``: the saved output y (``from_y``) or the residual."""
+    w = carray(_pointer(w_at, w0), (C,))
+    b = carray(_pointer(b_at, w0), (C,))
+    sums = np.empty((2, C), dtype=w.dtype)
+    n_dx = rows if need_dx else 0
+    n_dr = rows if need_dr else 0
+    if cf:
+        dy = carray(_pointer(dy_at, w0), (rows, C, S))
+        x = carray(_pointer(x_at, w0), (rows, C, S))
+        src = carray(_pointer(src_at, w0), (rows, C, S))
+        dx = carray(_pointer(dx_at, w0), (n_dx, C, S))
+        dr = carray(_pointer(dr_at, w0), (n_dr, C, S))
+        backward_res_cf_serial(dy, x, src, w, b, stats, act, from_y, need_dx, need_dr, dx, dr,
+                               sums)  # fmt: skip
+    else:
+        dy2 = carray(_pointer(dy_at, w0), (rows, C))
+        x2 = carray(_pointer(x_at, w0), (rows, C))
+        src2 = carray(_pointer(src_at, w0), (rows, C))
+        dx2 = carray(_pointer(dx_at, w0), (n_dx, C))
+        dr2 = carray(_pointer(dr_at, w0), (n_dr, C))
+        backward_res_cl_serial(dy2, x2, src2, w, b, stats, act, from_y, nblocks, need_dx,
+                               need_dr, dx2, dr2, sums)  # fmt: skip
+    if dbias_at != 0:
+        carray(_pointer(dbias_at, w0), (C,))[:] = sums[0]
+    if dweight_at != 0:
+        carray(_pointer(dweight_at, w0), (C,))[:] = sums[1]
+
+
+@njit(**_JIT)
 def running_update_at(r0, moments, correction, momentum, skip_nonfinite, mean_at, var_at,
                       count_at):  # fmt: skip
     """:func:`_running_update` on running buffers (C,) of ``r0``'s dtype and an int64
@@ -1068,7 +1384,7 @@ def _threaded_entry(entry):
     gradients' copies cost ~20 µs a step at (256, 512). A distinct name keeps its
     on-disk cache apart."""
     scope = dict(entry.py_func.__globals__)
-    for name in ("forward", "backward", "affine"):
+    for name in ("forward", "backward", "affine", "forward_res", "backward_res"):
         for layout in ("cf", "cl"):
             scope[f"{name}_{layout}_serial"] = scope[f"{name}_{layout}"]
     return _recompiled(entry, "_threaded", scope)
@@ -1077,20 +1393,26 @@ def _threaded_entry(entry):
 forward_at_threaded = _threaded_entry(forward_at)
 backward_at_threaded = _threaded_entry(backward_at)
 affine_at_threaded = _threaded_entry(affine_at)
+forward_res_at_threaded = _threaded_entry(forward_res_at)
+backward_res_at_threaded = _threaded_entry(backward_res_at)
 
 
 KERNELS = (
     *(
         f"{direction}_{layout}{suffix}"
-        for direction in ("forward", "backward", "affine")
+        for direction in ("forward", "backward", "affine", "forward_res", "backward_res")
         for layout in ("cf", "cl")
         for suffix in ("", "_serial")
     ),
     "forward_at",
     "backward_at",
     "affine_at",
+    "forward_res_at",
+    "backward_res_at",
     "forward_at_threaded",
     "backward_at_threaded",
     "affine_at_threaded",
+    "forward_res_at_threaded",
+    "backward_res_at_threaded",
     "running_update_at",
 )

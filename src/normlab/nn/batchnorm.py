@@ -16,7 +16,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.functional import _checks
-from normlab.functional.activations import activation_name
+from normlab.functional.activations import activation_name, check_save
 from normlab.functional.batch_norm import (
     NonFiniteStatisticsWarning,
     _batch_norm,
@@ -63,6 +63,12 @@ class _NormlabBatchNorm(_BatchNorm):
             variance), which removes the pull toward the initial values early in training.
             Stored buffers stay torch's raw EMA, so checkpoints are unchanged.
             See :meth:`population_stats`.
+        save: keyword-only; what training keeps for backward: 'input' (default: x) or
+            'output' (only y, In-Place ABN: Rota Bulò, Porzi & Kontschieder, CVPR 2018 §3;
+            x̂ = (act⁻¹(y) − β)/γ is rebuilt in backward, so the layer and the next share
+            one activation-sized tensor). 'output' needs 'identity', 'leaky_relu' (slope
+            > 0) or 'elu' (α > 0) and a weight without zeros; no double backward. With
+            a residual it keeps y and r (not x); eval and traced calls are unaffected.
         channel_dim: keyword-only (``BatchNorm`` only); the channel dimension.
         degenerate: keyword-only; what training does with <= 1 value per channel (batch 1
             without spatial dims, or a mask leaving <= 1 position): 'error' (default,
@@ -81,6 +87,7 @@ class _NormlabBatchNorm(_BatchNorm):
     """
 
     _channel_dim: int = 1
+    save: str = "input"  # class default: layers pickled before the keyword existed
 
     def __init__(
         self,
@@ -101,6 +108,7 @@ class _NormlabBatchNorm(_BatchNorm):
         nonfinite: str = "skip",
         ema_debias: bool = False,
         degenerate: str = "error",
+        save: str = "input",
     ) -> None:
         where = type(self).__name__
         _checks.check_degenerate(degenerate, where)
@@ -129,6 +137,7 @@ class _NormlabBatchNorm(_BatchNorm):
                 self.register_parameter("bias", None)
         self.activation = activation
         self.negative_slope = float(negative_slope)
+        self.save = check_save(save, activation, self.negative_slope, where)
         self.nonfinite = nonfinite
         self.ema_debias = bool(ema_debias)
         self.degenerate = degenerate
@@ -402,6 +411,7 @@ class _NormlabBatchNorm(_BatchNorm):
             residual=self._residual,
             mask=mask,
             degenerate=self.degenerate,
+            save=self.save,
         )
 
     def extra_repr(self) -> str:
@@ -418,6 +428,8 @@ class _NormlabBatchNorm(_BatchNorm):
             s += ", ema_debias=True"
         if self.degenerate != "error":
             s += f", degenerate={self.degenerate!r}"
+        if self.save != "input":
+            s += f", save={self.save!r}"
         return s
 
 

@@ -175,6 +175,15 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     return tuple(ta.shape) == tuple(tb.shape) and ta.dtype == tb.dtype
 
 
+def _invertible(extra: dict) -> bool:
+    """Whether the activation keywords ``extra`` name one save='output' can invert."""
+    from normlab.functional.activations import activation_name, get_activation, inverse_of
+
+    kw = {k: v for k, v in extra.items() if k in ("min_val", "max_val", "alpha")}
+    name = activation_name(extra.get("activation"), **kw)
+    return inverse_of(get_activation(name), extra.get("negative_slope", 0.01)) is not None
+
+
 def _new_layer(bn: nn.Module, extra: dict, save) -> nn.Module:
     """The normlab layer for ``bn`` with the activation keywords ``extra``, holding
     ``bn``'s own parameter and buffer tensors (so the state_dict is unchanged)."""
@@ -187,6 +196,8 @@ def _new_layer(bn: nn.Module, extra: dict, save) -> nn.Module:
             kwargs[k] = getattr(bn, k)
     if not hasattr(bn, "nonfinite"):
         kwargs["nonfinite"] = "propagate"  # torch's layer: keep torch's behaviour
+    if save == "output" and _invertible(extra):
+        kwargs["save"] = "output"
     new = cls(bn.num_features, bn.eps, bn.momentum, device="meta", **kwargs, **extra)
     new._parameters = dict(bn._parameters)
     new._buffers = dict(bn._buffers)
@@ -315,8 +326,11 @@ def fuse(
         strict: raise ``RuntimeError`` if any part of the model could not be traced
             (default: fuse what traces and warn once, naming the parts left).
         report: also return a :class:`FuseReport` (fused and unfused BNs, with reasons).
-        save: 'input' (default; the layers' usual memory mode). Other modes are not
-            available yet.
+        save: 'input' (default; the layers keep x for backward) or 'output': BN →
+            activation layers whose activation is invertible (identity, leaky_relu with
+            slope > 0, elu with α > 0) keep only their output (In-Place ABN; see
+            ``normlab.nn.BatchNorm2d``'s ``save``; a BN → add → act layer keeps y and
+            the residual, which its block's first conv keeps anyway); the others keep x.
 
     Returns:
         The fused model (a ``torch.fx.GraphModule``, or the copied model with fused
@@ -326,9 +340,8 @@ def fuse(
     Numerics: the fused model computes the same function; outputs and gradients agree
     with the original to rounding (≤ 1e-4 relative in float32).
     """
-    if save != "input":
-        raise ValueError(f"{_WHERE}: save must be 'input' (the only memory mode so far), got "
-                         f"{save!r}")  # fmt: skip
+    if save not in ("input", "output"):
+        raise ValueError(f"{_WHERE}: save must be 'input' or 'output', got {save!r}")
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     rep = FuseReport()
