@@ -215,6 +215,7 @@ def test_compiled_variants_are_timed_but_not_memory_profiled(tiny_model):
     run = models.run_model(
         tiny_model, repeats=1, warmup=0, rss=False, compile=True, compile_backend="eager"
     )
+    assert run["warmup"] == 2  # compiled frames settle in two rounds
     compiled = [n for n, v in run["variants"].items() if v["compiled"]]
     assert compiled == [f"{n}+compile" for n in models.eager_variants()]
     for name in compiled:

@@ -333,6 +333,10 @@ def run_model(
                 variants.append(v)
 
     limit = _recompile_limit(RECOMPILE_LIMIT) if compile else contextlib.nullcontext()
+    if compile:
+        # normlab's layers break dynamo's graph, and their frames recompile on the second
+        # call (measured: a 2 s eval sample after one warm-up round); two rounds settle them.
+        warmup = max(warmup, 2)
     with limit:
         _time_phases(variants, x, y, repeats=repeats, warmup=warmup, on_repeat=on_repeat)
 
