@@ -8,7 +8,9 @@ Layouts (the caller makes the views; nothing here knows about torch):
   column ``x[:, c]``.
 
 One kernel per (direction, layout) — training forward, training backward, eval
-("affine") — each with a serial twin for small tensors, compiled for float32 and float64
+("affine"), and the training pair with a residual added before the activation
+(``forward_res_*``, ``backward_res_*``; see "residual" below) — each with a serial twin for
+small tensors, compiled for float32 and float64
 on first use and cached on disk (~2 s of compilation each). The wrappers reach them
 through entry points that take data pointers (``forward_at``, ``backward_at``,
 ``affine_at`` for the serial twins, ``*_at_threaded`` for the threaded kernels; see
