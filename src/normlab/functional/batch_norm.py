@@ -218,8 +218,12 @@ def _batch_norm(
     mask: torch.Tensor | None = None,
     degenerate: str = "error",
     save: str = "input",
+    eager: bool = False,
 ) -> tuple[torch.Tensor, bool]:
     """:func:`batch_norm`, also returning whether a non-finite batch was skipped.
+
+    ``eager``: the caller has established that ``input`` is not traced
+    (:func:`normlab.kernels.traced`), so the check is not repeated on the hot path.
 
     ``source_fn(input, dims) -> (StatsSource, count)``: where training statistics come from
     when they are not this tensor's alone (SyncBatchNorm: the global batch); the running
@@ -274,7 +278,7 @@ def _batch_norm(
     if not training:
         y = kernels.affine_channels(
             input, layout.channel, running_mean, running_var, weight, bias, eps, activation,
-            negative_slope,
+            negative_slope, eager,
         )  # fmt: skip
         if y is not None:
             return y, False
@@ -311,7 +315,7 @@ def _batch_norm(
             input, running_mean, running_var, weight, bias, eps, activation, negative_slope,
             where, layout, degenerate,
         ), False  # fmt: skip
-    if kernels.traced(input):  # torch.compile, export, jit.trace, torch.func, meta
+    if not eager and kernels.traced(input):  # compile, export, jit.trace, torch.func, meta
         return _traced_batch_norm(
             input, running_mean, running_var, weight, bias, momentum, eps, activation,
             negative_slope, nonfinite, num_batches_tracked, where, layout, source, n,

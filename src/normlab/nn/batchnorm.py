@@ -412,6 +412,8 @@ class _NormlabBatchNorm(_BatchNorm):
             mask=mask,
             degenerate=self.degenerate,
             save=self.save,
+            # a cached layout comes only from forward's path for untraced inputs
+            eager=layout is not None,
         )
 
     def extra_repr(self) -> str:
