@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 
 def _end_to_end(steps: int, repeats: int) -> dict:
-    from normlab.train import TrainConfig, train
+    from normlab.recipes.ddp import TrainConfig, train
 
     times: dict[str, list[float]] = {"sync": [], "local": []}
     for _ in range(repeats):

@@ -40,7 +40,7 @@ def train(
 
     Under `torchrun --nproc_per_node N -m normlab.train` it joins torchrun's process group.
     """
-    from normlab import train as training
+    from normlab.recipes import ddp as training
 
     world = None
     if training.under_torchrun():

@@ -1,4 +1,5 @@
-"""``normlab train``: DDP + SyncBatchNorm on gloo ranks reproduces one process."""
+"""``normlab train`` (normlab.recipes.ddp): DDP + SyncBatchNorm on gloo ranks reproduces one
+process."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from normlab import train as training
 from normlab.cli import main
+from normlab.recipes import ddp as training
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -82,7 +83,7 @@ def test_cli_rejects_bad_options_before_spawning(capsys):
 def test_runs_unchanged_under_torchrun(single, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {k: v for k, v in os.environ.items() if k not in training.TORCHRUN_VARS}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src")
     # --log-dir: torchrun's own files go to tmp_path, not a torchelastic_* left in /tmp
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path)]
     cmd += ["-m", "normlab.train"]
@@ -115,3 +116,25 @@ def test_one_process_run_through_the_cli(capsys):
     assert result["backend"] == "none" and len(result["losses"]) == 2
     # same seed, same start; SyncBatchNorm outside a process group is plain BatchNorm
     assert logged == pytest.approx(result["losses"], abs=1e-4)  # printed to 4 decimals
+
+
+# -- the old path: ``normlab.train`` re-exports the recipe and stays a ``-m`` entry ---------
+
+
+def test_normlab_train_is_the_recipe():
+    import normlab.train as shim
+
+    for name in shim.__all__:
+        assert getattr(shim, name) is getattr(training, name)
+
+
+@pytest.mark.slow
+def test_python_m_normlab_train_runs_one_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in training.TORCHRUN_VARS}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src")
+    cmd = [sys.executable, "-m", "normlab.train", "--steps", "1", "--batch-size", "16"]
+    cmd += ["--width", "2", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["launcher"] == "single" and len(result["losses"]) == 1
