@@ -142,7 +142,9 @@ def _cpu_overhead(iters: int) -> dict:
         return out.copy_(row)
 
     patches = [
+        # both names: SyncBatchNorm asks the package, the protocol its own module
         mock.patch("normlab.distributed.is_distributed", lambda group=None: True),
+        mock.patch("normlab.distributed.stats.is_distributed", lambda group=None: True),
         mock.patch.object(dist, "get_world_size", lambda group=None: 1),
         mock.patch.object(dist, "all_gather_single", gather, create=True),
         mock.patch.object(dist, "all_reduce", lambda t, op=None, group=None: t),

@@ -282,7 +282,7 @@ def _train_torchrun(cfg: TrainConfig, on_step) -> TrainResult | None:
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     # A group we create is also freed by us, before the interpreter exits: its gloo threads
-    # must not outlive it (normlab.distributed, "Lifetime": rank 1, idle after its last
+    # must not outlive it (normlab.distributed.processes, "Lifetime": rank 1, idle after its last
     # collective, used to abort at exit under CPU load).
     owns_group = not dist.is_initialized()
     group = (

@@ -1,7 +1,4 @@
-"""normlab.distributed: Chan's merge, the no-op paths, launch and process-group lifetime.
-
-Multi-rank behaviour is tested in tests/nn/test_syncbatchnorm.py over gloo.
-"""
+"""normlab.distributed.processes: launch (k local gloo workers) and process-group lifetime."""
 
 from __future__ import annotations
 
@@ -10,60 +7,8 @@ import time
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 from normlab import distributed as D
-from tests import reference as ref
-
-
-@st.composite
-def partitions(draw):
-    """A batch split into 1..5 parts, some empty or of one row, at mixed scales."""
-    sizes = draw(st.lists(st.sampled_from([0, 1, 2, 3, 7, 40]), min_size=1, max_size=5))
-    if sum(sizes) < 2:
-        sizes = [*sizes, 2]
-    scales = [draw(st.sampled_from([1e-2, 1.0, 1e2])) for _ in sizes]
-    offset = draw(st.sampled_from([0.0, 1e3, 1e6]))
-    seed = draw(st.integers(0, 2**16))
-    return sizes, scales, offset, seed
-
-
-@given(partitions())
-def test_merge_equals_the_statistics_of_the_concatenation(case):
-    sizes, scales, offset, seed = case
-    g = torch.Generator().manual_seed(seed)
-    parts = [
-        offset + s * torch.randn(n, 3, generator=g, dtype=torch.float64)
-        for n, s in zip(sizes, scales)
-    ]
-    counts = torch.tensor(sizes)
-    means = torch.stack([p.mean(0) if len(p) else torch.full((3,), float("nan")) for p in parts])
-    m2s = torch.stack([((p - p.mean(0)) ** 2).sum(0) if len(p) else torch.zeros(3) for p in parts])
-    n, mean, m2 = D.merge_moments(counts, means, m2s)
-    whole_mean, whole_var, _, whole_n = ref.batch_stats(torch.cat(parts))
-    assert int(n) == whole_n
-    torch.testing.assert_close(mean, whole_mean, rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(m2 / n, whole_var, rtol=1e-9, atol=1e-12)
-
-
-def test_merge_of_nothing_is_zero_not_nan():
-    n, mean, m2 = D.merge_moments(
-        torch.zeros(3), torch.full((3, 2), float("nan")), torch.full((3, 2), float("nan"))
-    )
-    assert int(n) == 0
-    assert torch.equal(mean, torch.zeros(2)) and torch.equal(m2, torch.zeros(2))
-
-
-def test_single_process_helpers_are_no_ops():
-    assert not D.is_distributed()
-    mean, m2 = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
-    n, gmean, gm2 = D.all_gather_moments(5, mean, m2)
-    assert n == 5 and torch.equal(gmean, mean.double()) and torch.equal(gm2, m2.double())
-    sums = torch.randn(2, 3)
-    assert D.all_reduce_checked(sums) is sums
-    assert D.all_reduce_sum(sums) is sums
-
 
 # -- launch: the library's own multi-process runner (normlab train, experiments) ----------
 
