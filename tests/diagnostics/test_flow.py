@@ -207,3 +207,15 @@ def test_conv_units_are_channels_and_preactivations_leave_state_alone():
         pre["1"][:, 2].double().flatten(), torch.tensor([0.15, 0.5, 0.85]).double()
     )
     assert q == pytest.approx(expected.tolist())
+
+
+def test_flow_still_exports_the_names_of_its_parts():
+    # records and hooks live in _flow_records / _flow_hooks; `flow` keeps every public name
+    from normlab.diagnostics import _flow_hooks, _flow_records, flow
+
+    for name in flow.__all__:
+        assert hasattr(flow, name), name
+    for module in (_flow_hooks, _flow_records):
+        public = [n for n in vars(module) if not n.startswith("_") and n.isupper()]
+        assert public and all(getattr(flow, n) is getattr(module, n) for n in public)
+    assert flow.quantiles is _flow_records.quantiles and flow.FlowResult is D.FlowResult
