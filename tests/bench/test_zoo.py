@@ -1,6 +1,6 @@
-"""The zoo's models against torchvision's published facts (torchvision is not installed):
-parameter counts, module names, shapes; and what normlab needs of them (fx tracing, the
-in-place switch, norm_layer)."""
+"""The zoo's registry: every model against torchvision's published facts (torchvision is
+not installed): parameter counts, module names, shapes; and what normlab needs of them (fx
+tracing, the in-place switch). One family's own facts: tests/bench/zoo/test_<family>.py."""
 
 import copy
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import normlab as nl
 from normlab.bench import zoo
 
 # num_params of torchvision's ImageNet weights (1000 classes), from the model pages of
@@ -33,14 +32,6 @@ def test_parameter_count_matches_torchvision(name):
     assert _count(zoo.build(name)) == TORCHVISION_PARAMS[name]
 
 
-def test_leaky_resnet18_has_resnet18s_parameters_and_only_leaky_activations():
-    model = zoo.build("resnet18_leaky")
-    assert _count(model) == TORCHVISION_PARAMS["resnet18"]
-    acts = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU))]
-    assert acts and all(isinstance(m, nn.LeakyReLU) for m in acts)
-    assert {m.negative_slope for m in acts} == {0.01}  # torch's and normlab's default
-
-
 @pytest.mark.parametrize("name", list(zoo.MODELS))
 def test_output_shape_and_fx_trace(name):
     model = zoo.build(name, num_classes=7)
@@ -50,29 +41,6 @@ def test_output_shape_and_fx_trace(name):
     assert any(n.op == "call_module" for n in traced.graph.nodes)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
-
-
-def _resnet_keys(blocks, convs_per_block, fc_in):
-    """torchvision's ResNet state_dict keys, written out from its module structure."""
-    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    keys = {"conv1.weight", *(f"bn1.{k}" for k in bn), "fc.weight", "fc.bias"}
-    for stage, n in enumerate(blocks, start=1):
-        for b in range(n):
-            prefix = f"layer{stage}.{b}"
-            for i in range(1, convs_per_block + 1):
-                keys.add(f"{prefix}.conv{i}.weight")
-                keys.update(f"{prefix}.bn{i}.{k}" for k in bn)
-            # downsample where stride or width changes: every stage's first block except
-            # ResNet-18's first stage (64 -> 64, stride 1)
-            if b == 0 and (stage > 1 or convs_per_block == 3):
-                keys.add(f"{prefix}.downsample.0.weight")
-                keys.update(f"{prefix}.downsample.1.{k}" for k in bn)
-    return keys
-
-
-def test_resnet_state_dict_keys_are_torchvisions():
-    assert set(zoo.resnet18().state_dict()) == _resnet_keys((2, 2, 2, 2), 2, 512)
-    assert set(zoo.resnet50().state_dict()) == _resnet_keys((3, 4, 6, 3), 3, 2048)
 
 
 # (key, shape) pairs of torchvision's models at 1000 classes
@@ -131,25 +99,6 @@ def test_state_dict_keys_and_shapes_follow_torchvision(name):
         assert tuple(state[key].shape) == shape, key
 
 
-def test_regnet_small_stages_are_regnety_400mf():
-    # Radosavovic et al. 2020, RegNetY-400MF: widths 48, 104, 208, 440; depths 1, 3, 6, 6
-    assert zoo.regnet_stages(16, 48, 27.89, 2.09, 8) == [
-        (48, 1, 8),
-        (104, 3, 8),
-        (208, 6, 8),
-        (440, 6, 8),
-    ]
-
-
-def test_make_divisible_rounds_to_nearest_and_never_loses_ten_percent():
-    assert zoo.make_divisible(32) == 32
-    assert zoo.make_divisible(12) == 16  # 12 + 4 = 16 -> 16
-    assert zoo.make_divisible(3) == 8  # at least the divisor
-    assert zoo.make_divisible(17.6) == 16  # 16 >= 0.9 * 17.6
-    assert zoo.make_divisible(10) == 16  # 8 < 0.9 * 10: one step up
-    assert zoo.make_divisible(5, 4, min_value=1) == 8  # int(5 + 2) // 4 * 4 = 4 < 4.5
-
-
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "regnet_small"])
 def test_inplace_off_computes_the_same_outputs_and_gradients(name):
     on = zoo.build(name, num_classes=5)
@@ -168,36 +117,6 @@ def test_inplace_off_computes_the_same_outputs_and_gradients(name):
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=k)
     zoo.set_inplace(off, True)
     assert all(m.inplace for m in off.modules() if isinstance(getattr(m, "inplace", None), bool))
-
-
-def test_norm_layer_is_used_for_every_norm_and_convert_keeps_the_keys():
-    model = zoo.mobilenet_v2(num_classes=10, norm_layer=nl.nn.BatchNorm2d)
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert norms and all(isinstance(m, nl.nn.BatchNorm2d) for m in norms)
-    assert len(norms) == sum(
-        isinstance(m, nn.BatchNorm2d) for m in zoo.mobilenet_v2(num_classes=10).modules()
-    )
-    torch_model = zoo.resnet18(num_classes=10)
-    converted = nl.convert(copy.deepcopy(torch_model), to="normlab")
-    assert converted.state_dict().keys() == torch_model.state_dict().keys()
-    converted.load_state_dict(torch_model.state_dict())
-
-
-def test_mobilenet_v3_defaults_to_torchvisions_batch_norm_settings():
-    bns = [m for m in zoo.mobilenet_v3_small().modules() if isinstance(m, nn.BatchNorm2d)]
-    assert {(m.eps, m.momentum) for m in bns} == {(1e-3, 0.01)}
-    bns = [m for m in zoo.resnet18().modules() if isinstance(m, nn.BatchNorm2d)]
-    assert {(m.eps, m.momentum) for m in bns} == {(1e-5, 0.1)}
-
-
-def test_zero_init_residual_zeroes_each_blocks_last_norm():
-    with torch.no_grad():
-        model = zoo.resnet50(zero_init_residual=True)
-        assert all(torch.count_nonzero(b.bn3.weight) == 0 for b in model.layer1)
-        assert torch.equal(model.bn1.weight, torch.ones(64))  # other norms keep weight 1
-        basic = zoo.resnet18(zero_init_residual=True)
-        assert all(torch.count_nonzero(b.bn2.weight) == 0 for b in basic.layer2)
-        assert all(torch.count_nonzero(b.bn2.weight) == 64 for b in zoo.resnet18().layer1)
 
 
 def test_bad_arguments_name_the_fix():
