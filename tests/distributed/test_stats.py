@@ -5,6 +5,7 @@ Multi-rank behaviour is tested in tests/nn/test_syncbatchnorm.py over gloo.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -71,3 +72,20 @@ def test_the_package_reexports_both_rooms():
         ]
         assert defined and all(getattr(D, n) is getattr(module, n) for n in defined)
     assert set(D.__all__) <= set(vars(D))
+
+
+def test_header_rows_name_the_offending_ranks_in_order_of_the_checks():
+    rows = torch.tensor([[7.0, 0.0, 3.0], [7.0, 1.0, 4.0], [8.0, 0.0, 3.0]], dtype=torch.float64)
+    heads = D.HeaderRows(rows, "where")
+    assert heads.rows == rows.tolist()
+    with pytest.raises(D.SyncMismatchError, match=r"^where: rank\(s\) \[2\] is foreign$"):
+        heads.expect(0, 7.0, "is foreign")
+    with pytest.raises(D.SyncMismatchError, match=r"^where: rank\(s\) \[1\] failed$"):
+        heads.expect(1, 0.0, "failed")
+    with pytest.raises(D.SyncMismatchError, match=r"^C \(rank 0: c3; rank 1: c4; rank 2: c3\)$"):
+        heads.agree(
+            [int(h[2]) for h in heads.rows], lambda p: f"C ({p})", show=lambda c: f"c{c}", sep="; "
+        )
+    same = D.HeaderRows(rows[:, 1:2].clone().zero_(), "where")
+    same.expect(0, 0.0, "never raised")  # every rank agrees: no error
+    same.agree([h[0] for h in same.rows], lambda p: "never raised")

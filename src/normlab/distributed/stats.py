@@ -105,52 +105,78 @@ def _header(status: float, channels: int, dtype: torch.dtype, count: int, tag: i
     return [_MAGIC, status, float(channels), code, float(count), float(tag)]
 
 
-def _check_headers(rows: torch.Tensor, where: str) -> None:
-    """Raise the same error on every rank if the gathered header rows disagree.
+class HeaderRows:
+    """Every rank's header row after an all_gather, and the checks made on them.
 
-    ``rows`` is ``(k, ≥ HEADER_LEN)``, identical on every rank after the all_gather, so
-    every rank reaches the same verdict.
+    The rows are identical on every rank, so each check reaches the same verdict on every
+    rank: either all ranks go on or all raise the same :class:`SyncMismatchError`
+    (``"{where}: rank(s) [..] {why}"`` or a message naming each rank's value). Each header
+    protocol (SyncBatchNorm's here, ``sync_running_stats``'s) makes its own checks in its
+    own order with these two.
     """
-    head = rows[:, :HEADER_LEN].tolist()
-    foreign = [r for r, h in enumerate(head) if h[0] != _MAGIC]
-    if foreign:
-        raise SyncMismatchError(
-            f"{where}: rank(s) {foreign} answered this layer's statistics exchange with a "
-            f"different collective. Every rank must run the same SyncBatchNorm layers in the "
-            f"same order in each forward (a rank skipped this layer, or runs different code)."
-        )
-    tags = [int(h[5]) for h in head]
-    if len(set(tags)) > 1:
-        per_rank = ", ".join(f"rank {r}: #{t}" for r, t in enumerate(tags))
-        raise SyncMismatchError(
+
+    def __init__(self, rows: torch.Tensor, where: str) -> None:
+        self.rows = rows.tolist()
+        self.where = where
+
+    def expect(self, column: int, value: float, why: str) -> None:
+        """Raise unless every rank has ``value`` in ``column``; the message lists the
+        ranks that do not."""
+        bad = [r for r, h in enumerate(self.rows) if h[column] != value]
+        if bad:
+            raise SyncMismatchError(f"{self.where}: rank(s) {bad} {why}")
+
+    def agree(self, values: list, message, show=str, sep: str = ", ") -> None:
+        """Raise unless ``values`` (one per rank, read from :attr:`rows`) are all equal;
+        ``message(per_rank)`` is the error, ``per_rank`` reading ``"rank 0: <show(value)>,
+        rank 1: …"``."""
+        if len(set(values)) > 1:
+            per_rank = sep.join(f"rank {r}: {show(v)}" for r, v in enumerate(values))
+            raise SyncMismatchError(message(per_rank))
+
+
+def _check_headers(rows: torch.Tensor, where: str) -> None:
+    """Raise the same error on every rank if the gathered header rows disagree (``rows``
+    is ``(k, ≥ HEADER_LEN)``)."""
+    heads = HeaderRows(rows[:, :HEADER_LEN], where)
+    heads.expect(
+        0,
+        _MAGIC,
+        "answered this layer's statistics exchange with a different collective. Every rank "
+        "must run the same SyncBatchNorm layers in the same order in each forward (a rank "
+        "skipped this layer, or runs different code).",
+    )
+    heads.agree(
+        [int(h[5]) for h in heads.rows],
+        lambda per_rank: (
             f"{where}: the ranks are at different SyncBatchNorm layers ({per_rank}, numbered "
             f"in order of first use). Every rank must run the same layers in the same order "
             f"in each forward: a rank skipped a layer (data-dependent control flow?) or the "
             f"models differ."
-        )
-    failed = [r for r, h in enumerate(head) if h[1] != STATUS_OK]
-    if failed:
-        raise SyncMismatchError(
-            f"{where}: rank(s) {failed} rejected their input to this layer (see the error "
-            f"printed by that rank); the other ranks stop here too instead of waiting for a "
-            f"collective that will never come."
-        )
-    channels = [int(h[2]) for h in head]
-    if len(set(channels)) > 1:
-        per_rank = ", ".join(f"rank {r}: {c}" for r, c in enumerate(channels))
-        raise SyncMismatchError(
+        ),
+        show=lambda tag: f"#{tag}",
+    )
+    heads.expect(
+        1,
+        STATUS_OK,
+        "rejected their input to this layer (see the error printed by that rank); the other "
+        "ranks stop here too instead of waiting for a collective that will never come.",
+    )
+    heads.agree(
+        [int(h[2]) for h in heads.rows],
+        lambda per_rank: (
             f"{where}: ranks disagree on the number of channels ({per_rank}). Every rank must "
             f"build the same model: check num_features / out_channels on each rank."
-        )
-    codes = [h[3] for h in head]
-    if len(set(codes)) > 1:
-        per_rank = ", ".join(
-            f"rank {r}: {_DTYPE_NAMES.get(c, 'unknown')}" for r, c in enumerate(codes)
-        )
-        raise SyncMismatchError(
+        ),
+    )
+    heads.agree(
+        [h[3] for h in heads.rows],
+        lambda per_rank: (
             f"{where}: ranks disagree on the input dtype ({per_rank}). Feed every rank the same "
             f"dtype (the same autocast setting and .to(dtype) on every rank)."
-        )
+        ),
+        show=lambda code: _DTYPE_NAMES.get(code, "unknown"),
+    )
 
 
 def _all_gather_rows(row: torch.Tensor, group) -> torch.Tensor:

@@ -86,7 +86,12 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.parameter import UninitializedBuffer
 
-from normlab.distributed import SyncMismatchError, all_gather_rows, is_distributed, merge_moments
+from normlab.distributed import (
+    HeaderRows,
+    all_gather_rows,
+    is_distributed,
+    merge_moments,
+)
 
 _WHERE = "sync_running_stats"
 MODES = ("pooled", "mean", "broadcast")
@@ -329,43 +334,38 @@ def _signature(layers: list[_Layer]) -> int:
 def _check_headers(heads: torch.Tensor) -> None:
     """Raise the same error on every rank if the gathered headers disagree (``heads`` is
     identical on every rank after the all_gather, so every rank reaches the same verdict)."""
-    rows = heads.tolist()
-    foreign = [r for r, h in enumerate(rows) if h[0] != _MAGIC]
-    if foreign:
-        raise SyncMismatchError(
-            f"{_WHERE}: rank(s) {foreign} answered with a different collective; every rank "
-            f"must call sync_running_stats at the same point of the program"
-        )
-    failed = [r for r, h in enumerate(rows) if h[1] != _OK]
-    if failed:
-        raise SyncMismatchError(
-            f"{_WHERE}: rank(s) {failed} rejected the call (see the error raised there); "
-            f"nothing was changed on any rank"
-        )
-    modes = [_MODE_NAMES[h[2]] for h in rows]
-    srcs = [int(h[3]) for h in rows]
-    if len(set(modes)) > 1 or len(set(srcs)) > 1:
-        per_rank = ", ".join(
-            f"rank {r}: {m!r}" + (f" src={s}" if m == "broadcast" else "")
-            for r, (m, s) in enumerate(zip(modes, srcs))
-        )
-        raise SyncMismatchError(
+    rows = HeaderRows(heads, _WHERE)
+    rows.expect(
+        0,
+        _MAGIC,
+        "answered with a different collective; every rank must call sync_running_stats at "
+        "the same point of the program",
+    )
+    rows.expect(
+        1, _OK, "rejected the call (see the error raised there); nothing was changed on any rank"
+    )
+    rows.agree(
+        [(_MODE_NAMES[h[2]], int(h[3])) for h in rows.rows],
+        lambda per_rank: (
             f"{_WHERE}: the ranks passed different arguments ({per_rank}); pass the same "
             f"mode (and src) on every rank"
-        )
-    shapes = [(int(h[4]), int(h[5]), int(h[6])) for h in rows]
-    if len(set(shapes)) > 1:
-        per_rank = "; ".join(
-            f"rank {r}: {n} layers, {e} elements" for r, (n, e, _) in enumerate(shapes)
-        )
-        detail = ""
-        if len({(n, e) for n, e, _ in shapes}) == 1:
-            detail = " (same sizes, but different layer kinds, momentum=None or dtypes)"
-        raise SyncMismatchError(
+        ),
+        show=lambda ms: f"{ms[0]!r}" + (f" src={ms[1]}" if ms[0] == "broadcast" else ""),
+    )
+    shapes = [(int(h[4]), int(h[5]), int(h[6])) for h in rows.rows]
+    detail = ""
+    if len({(n, e) for n, e, _ in shapes}) == 1:
+        detail = " (same sizes, but different layer kinds, momentum=None or dtypes)"
+    rows.agree(
+        shapes,
+        lambda per_rank: (
             f"{_WHERE}: the ranks' models differ ({per_rank}){detail}. Every rank must build "
             f"the same model: the same BN layers with the same num_features, "
             f"track_running_stats and dtype, in the same order"
-        )
+        ),
+        show=lambda shape: f"{shape[0]} layers, {shape[1]} elements",
+        sep="; ",
+    )
 
 
 def _flatten(layers: list[_Layer], weight: float, device: torch.device) -> torch.Tensor:
