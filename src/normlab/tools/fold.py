@@ -139,6 +139,21 @@ def _pair_problem(bn: nn.Module, layer: nn.Module, bn_first: bool, ranks: dict) 
     return None
 
 
+def _try_pair(plan, taken, why, bn_name, bn, layer_name, layer, bn_first, ranks) -> bool:
+    """Plan folding ``bn`` into ``layer`` (before it if ``bn_first``) and return True, unless
+    the fold would not be exact (the reason is appended to ``why``) or that side of the
+    layer already absorbs a BN (``taken``: ``(layer name, 'in' | 'out')``)."""
+    if (p := _pair_problem(bn, layer, bn_first, ranks)) is not None:
+        why.append(p)
+        return False
+    key = (layer_name, "in" if bn_first else "out")
+    if key in taken:
+        return False
+    plan.append(_Pair(bn_name, layer_name, bn_first))
+    taken.add(key)
+    return True
+
+
 def _plan_from_graph(model, graph, bns, ranks, reasons) -> list[_Pair]:
     modules = dict(model.named_modules())
     calls: dict[int, list[fx.Node]] = defaultdict(list)
@@ -165,11 +180,7 @@ def _plan_from_graph(model, graph, bns, ranks, reasons) -> list[_Pair]:
                 why.append(f"follows {src.target!r}, which is called more than once")
             elif len(src.users) != 1:
                 why.append(f"follows {src.target!r}, whose output is also used elsewhere")
-            elif (p := _pair_problem(bn, layer, False, ranks)) is not None:
-                why.append(p)
-            elif (src.target, "out") not in taken:
-                plan.append(_Pair(name, src.target, False))
-                taken.add((src.target, "out"))
+            elif _try_pair(plan, taken, why, name, bn, src.target, layer, False, ranks):
                 continue
         else:
             why.append("its input does not come from a module")
@@ -184,11 +195,7 @@ def _plan_from_graph(model, graph, bns, ranks, reasons) -> list[_Pair]:
                 why.append("its output does not go into a Conv/Linear")
             elif len(calls[id(layer)]) != 1 or user.args[:1] != (node,):
                 why.append(f"precedes {user.target!r}, which is called more than once")
-            elif (p := _pair_problem(bn, layer, True, ranks)) is not None:
-                why.append(p)
-            elif (user.target, "in") not in taken:
-                plan.append(_Pair(name, user.target, True))
-                taken.add((user.target, "in"))
+            elif _try_pair(plan, taken, why, name, bn, user.target, layer, True, ranks):
                 continue
         reasons[name] = "; ".join(why)
     return plan
@@ -210,16 +217,14 @@ def _plan_from_sequentials(model, bns, ranks, reasons, trace_error) -> list[_Pai
                 if not 0 <= j < len(children):
                     continue
                 lname, layer = children[j]
-                key = (prefix + lname, "in" if bn_first else "out")
                 if (
                     _is_foldable_layer(layer)
                     and uses[id(layer)] == 1
-                    and key not in taken
-                    and _pair_problem(m, layer, bn_first, ranks) is None
+                    and _try_pair(
+                        plan, taken, [], names[id(m)], m, prefix + lname, layer, bn_first, ranks
+                    )
                 ):
-                    plan.append(_Pair(names[id(m)], prefix + lname, bn_first))
                     placed.add(id(m))
-                    taken.add(key)
                     break
     for name, bn in bns:
         if id(bn) not in placed:
