@@ -82,3 +82,35 @@ def test_converted_torch_syncbn_runs_on_cpu_ranks_and_accumulates_global_stats(p
         assert nbt == 1
         for key, value in _running(expected).items():
             torch.testing.assert_close(running[key], value, **TOL, msg=key)
+
+
+def _moments_on_rank(rank, world):
+    from normlab.tools._common import Moments64, all_reduce_moments
+
+    accs = [Moments64(3), Moments64(2)]
+    for a, x in zip(accs, _moment_data(rank)):
+        if x is not None:
+            a.add(x)
+    all_reduce_moments(accs)
+    return [(a.count, a.mean, a.m2) for a in accs]
+
+
+def _moment_data(rank):
+    g = torch.Generator().manual_seed(rank)
+    big = 1e6 + 1e-2 * torch.randn(7 + 5 * rank, 3, 4, generator=g, dtype=torch.float64)
+    small = torch.randn(2, 2, generator=g, dtype=torch.float64) if rank == 0 else None
+    return big, small  # the second accumulator is empty on rank 1
+
+
+def test_all_reduce_moments_equals_the_moments_of_every_ranks_data(pool):
+    results = pool.run(_moments_on_rank)
+    data = [_moment_data(r) for r in range(2)]
+    big = torch.cat([d[0] for d in data]).transpose(0, 1).reshape(3, -1)
+    small = data[0][1].transpose(0, 1)
+    for result in results:
+        for (count, mean, m2), x in zip(result, (big, small)):
+            assert count == x.shape[1]
+            torch.testing.assert_close(mean, x.mean(1), rtol=1e-15, atol=1e-9)
+            ref_m2 = ((x - x.mean(1, keepdim=True)) ** 2).sum(1)
+            # data at 1e6 with spread 1e-2: ulp(1e6) / 1e-2 ≈ 1e-8 is all the data holds
+            torch.testing.assert_close(m2, ref_m2, rtol=1e-7, atol=0)

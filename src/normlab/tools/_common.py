@@ -3,14 +3,14 @@ many batches (and ranks), and hook bookkeeping that survives ``copy.deepcopy``."
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normlab.distributed import all_reduce_sum, is_distributed, merge_moments
+from normlab.distributed import all_gather_rows, is_distributed, merge_moments
 from normlab.functional.stats import centered_moments, reduce_count
 
 
@@ -57,6 +57,35 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def replace_modules(
+    root: nn.Module, replacement: Callable[[str, nn.Module], nn.Module | None]
+) -> nn.Module:
+    """Put ``replacement(name, module)`` in place of every submodule for which it returns a
+    module (None keeps the module); return ``root``, or the replacement of ``root`` itself
+    (``name == ''``) when the model is one such layer.
+
+    Every replacement is decided on the model as it was (``named_modules`` with duplicates)
+    before any is installed. A module registered under several names is asked about once
+    and its one replacement goes under each name, so sharing survives.
+    """
+    memo: dict[int, nn.Module] = {}
+    plan = []
+    for name, module in root.named_modules(remove_duplicate=False):
+        if id(module) in memo:
+            plan.append((name, memo[id(module)]))
+            continue
+        new = replacement(name, module)
+        if new is None:
+            continue
+        memo[id(module)] = new
+        plan.append((name, new))
+    for name, new in plan:
+        if not name:
+            return new  # the model itself was replaced
+        set_submodule(root, name, new)
+    return root
 
 
 class Moments64:
@@ -156,33 +185,26 @@ def running_stats_untouched(layers: Iterable[nn.Module]) -> Iterator[None]:
 def all_reduce_moments(accumulators: list[Moments64], group=None) -> None:
     """Turn each rank's moments into the moments of all ranks' data, in place.
 
-    Two collectives for the whole list (not per layer): first the counts and sums, which
-    give the global mean; then each rank's M2 re-centred on that mean,
-    M2_r + n_r (mean_r − mean)², which sums to the global M2 without the cancellation of
-    a raw sum of squares. A no-op on one process.
+    ONE collective for the whole list (not per layer): every rank's ``(count, mean, M2)``
+    of every accumulator in one all_gather, then Chan's merge in float64
+    (:func:`normlab.distributed.merge_moments`, the one place it is written), which never
+    forms a raw sum of squares. A no-op on one process.
     """
     if not accumulators or not is_distributed(group):
         return
     device = accumulators[0].mean.device
-    first = torch.cat(
-        [torch.cat([a.mean.new_tensor([float(a.count)]), a.mean * a.count]) for a in accumulators]
+    row = torch.cat(
+        [torch.cat([a.mean.new_tensor([float(a.count)]), a.mean, a.m2]) for a in accumulators]
     ).to(device)
-    all_reduce_sum(first, group)
-    second, offset = [], 0
-    for a in accumulators:
-        c = a.mean.numel()
-        total = round(float(first[offset]))
-        global_mean = first[offset + 1 : offset + 1 + c] / max(total, 1)
-        second.append(a.m2 + a.count * (a.mean - global_mean) ** 2)
-        a.count, a.mean = total, global_mean
-        offset += c + 1
-    reduced = torch.cat(second)
-    all_reduce_sum(reduced, group)
+    rows = all_gather_rows(row, group)  # (k, Σ (1 + 2C)), rank order
     offset = 0
     for a in accumulators:
         c = a.mean.numel()
-        a.m2 = reduced[offset : offset + c].clone()
-        offset += c
+        means = rows[:, offset + 1 : offset + 1 + c]
+        m2s = rows[:, offset + 1 + c : offset + 1 + 2 * c]
+        total, a.mean, a.m2 = merge_moments(rows[:, offset], means, m2s)
+        a.count = round(float(total))
+        offset += 1 + 2 * c
 
 
 def iter_limited(batches: Iterable, num_batches: int | None) -> Iterator:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import normlab.nn as nlnn
-from normlab.tools._common import is_batch_norm, set_submodule
+from normlab.tools._common import is_batch_norm, replace_modules
 from normlab.tools.freeze import FreezeState, freeze, freeze_state
 
 TARGETS = ("normlab", "torch", "sync", "renorm", "ghost", "frozen", "group")
@@ -310,26 +310,16 @@ def convert(
     if to == "sync" and process_group is not None:
         extra["process_group"] = process_group
 
-    root = model if inplace else copy.deepcopy(model)
-    memo: dict[int, nn.Module] = {}
-    plan = []
-    for name, module in root.named_modules(remove_duplicate=False):
-        if id(module) in memo:
-            plan.append((name, memo[id(module)]))
-            continue
+    def replacement(name: str, module: nn.Module) -> nn.Module | None:
         cls = _target_class(module, to, name or "<model>", rank)
         if cls is None:
-            continue
+            return None
         if to == "group" and module.num_features % num_groups:
             raise ValueError(
                 f"{_WHERE}: layer {name!r} has {module.num_features} channels, which "
                 f"num_groups={num_groups} does not divide; choose a divisor of every layer's "
                 f"channel count."
             )
-        memo[id(module)] = _convert_layer(module, cls, name or "<model>", extra)
-        plan.append((name, memo[id(module)]))
-    for name, new in plan:
-        if not name:
-            return new  # the model itself was a norm layer
-        set_submodule(root, name, new)
-    return root
+        return _convert_layer(module, cls, name or "<model>", extra)
+
+    return replace_modules(model if inplace else copy.deepcopy(model), replacement)

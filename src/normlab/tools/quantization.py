@@ -63,7 +63,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import normlab.nn as nlnn
 from normlab.nn._fx import QuantizationFusionWarning
-from normlab.tools._common import set_submodule
+from normlab.tools._common import replace_modules
 from normlab.tools.convert import convert
 from normlab.tools.freeze import stats_frozen
 
@@ -446,21 +446,14 @@ def to_torch_for_quantization(
                 f"example_inputs (what prepare_fx gets) so that the rank can be recorded."
             )
         ranks = _record_ranks(root, example_inputs, any_rank)
-    memo: dict[int, nn.Module] = {}
-    plan = []
-    for name, layer in root.named_modules(remove_duplicate=False):
-        if id(layer) in memo:
-            plan.append((name, memo[id(layer)]))
-            continue
-        if not type(layer).__module__.startswith("normlab.nn"):
-            continue
-        memo[id(layer)] = _to_torch_layer(layer, name or "<model>", ranks)
-        plan.append((name, memo[id(layer)]))
-    for name, new in plan:
-        if not name:
-            return new
-        set_submodule(root, name, new)
-    return root
+    return replace_modules(
+        root,
+        lambda name, layer: (
+            _to_torch_layer(layer, name or "<model>", ranks)
+            if type(layer).__module__.startswith("normlab.nn")
+            else None
+        ),
+    )
 
 
 def _to_torch_layer(layer: nn.Module, name: str, ranks: dict[int, int]) -> nn.Module:
