@@ -42,6 +42,7 @@ def demo(
     """
     from normlab.experiments.demo import DemoConfig, run_demo
     from normlab.report.demo import headline_rows, write_report
+    from normlab.report.text import verdict_style
 
     config = DemoConfig(depth=depth, width=width, steps=steps, activation=activation, seed=seed)
     with _output.progress_bar("normlab demo") as update:
@@ -64,7 +65,7 @@ def demo(
     for row in headline_rows(payload):
         table.add_row(*row)
     c.print(table)
-    style = {"holds": "bold green", "fails": "bold red"}.get(results.verdict, "bold yellow")
+    style = verdict_style(results.verdict, bold=True)
     c.print(f"[{style}]{results.verdict}[/]: {results.summary}")
     # soft_wrap: paths stay on one line, so they can be copied
     c.print(f"report: {paths['report']}", soft_wrap=True, highlight=False)

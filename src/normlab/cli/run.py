@@ -42,6 +42,7 @@ def run(
 
     from normlab.experiments import runner
     from normlab.report.claims import claims_table
+    from normlab.report.text import verdict_style
 
     try:
         resolved = runner.resolve_ids(ids)  # fail on a typo before any work
@@ -63,7 +64,7 @@ def run(
             return lambda fraction, message="": bars.update(task, completed=fraction)
 
         def on_result(result) -> None:
-            style = {"holds": "green", "fails": "red"}.get(result.verdict, "yellow")
+            style = verdict_style(result.verdict)
             bars.update(tasks[result.id], completed=1.0, verdict=f"[{style}]{result.verdict}[/]")
 
         payload = runner.run_experiments(

@@ -14,8 +14,7 @@ import math
 from typing import Any
 
 from normlab.report.html import Page
-
-_VERDICT_STYLE = {"holds": "bold green", "fails": "bold red", "inconclusive": "bold yellow"}
+from normlab.report.text import verdict_style
 
 # Fixed rendering settings on top of matplotlib's defaults.
 _RC = {
@@ -196,7 +195,7 @@ def claims_table(payload: dict[str, Any]):
     table.add_column("verdict", no_wrap=True)
     table.add_column("time", justify="right", no_wrap=True)
     for r in payload["results"]:
-        style = _VERDICT_STYLE.get(r["verdict"], "")
+        style = verdict_style(r["verdict"], bold=True)
         # Text, not markup: measured figures contain brackets ("y = [...]").
         table.add_row(
             Text(r["id"]),

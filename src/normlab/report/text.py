@@ -1,4 +1,5 @@
-"""Numbers as words, shared by the reports and the summaries experiments write."""
+"""Numbers as words, shared by the reports and the summaries experiments write; and how a
+verdict looks in the terminal."""
 
 from __future__ import annotations
 
@@ -20,3 +21,13 @@ def _times(x: float) -> str:
     if not math.isfinite(x):
         return "infinitely"
     return f"{x:,.0f}x" if x >= 10 else f"{x:.2g}x"
+
+
+#: A verdict's colour in the terminal (rich); the HTML report's are in its stylesheet.
+VERDICT_COLOURS = {"holds": "green", "fails": "red", "inconclusive": "yellow"}
+
+
+def verdict_style(verdict: str, *, bold: bool = False) -> str:
+    """The rich style of ``verdict``: green holds, red fails, yellow anything else."""
+    colour = VERDICT_COLOURS.get(verdict, VERDICT_COLOURS["inconclusive"])
+    return f"bold {colour}" if bold else colour
