@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+
+from normlab.report.io import jsonable
 
 console = Console()
 err_console = Console(stderr=True)
@@ -19,18 +20,10 @@ def error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else (1e308 if obj > 0 else -1e308)
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 def emit_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(_jsonable(payload), indent=2) + "\n")
+    """``payload`` as indented JSON on stdout, cleaned as every report file is
+    (:func:`normlab.report.io.jsonable`: NaN → null, ±inf → ±1e308, tensors → lists)."""
+    sys.stdout.write(json.dumps(jsonable(payload), indent=2) + "\n")
 
 
 @contextmanager
@@ -53,3 +46,26 @@ def progress_bar(description: str) -> Iterator[Callable[[float, str], None]]:
             bars.update(task, completed=min(max(fraction, 0.0), 1.0), message=message)
 
         yield update
+
+
+@contextmanager
+def counted_progress(
+    description: str, total: int, *, quiet: bool = False
+) -> Iterator[tuple[Callable[[str], None], Callable[[], None]]]:
+    """A transient "description, bar, done/total, elapsed" bar on stderr for ``total``
+    steps; yields ``(describe(text), advance())``: ``describe`` replaces the description.
+    ``quiet`` (``--json``) shows nothing."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True, disable=quiet) as bars:
+        task = bars.add_task(description, total=total)
+        yield (
+            lambda text: bars.update(task, description=text),
+            lambda: bars.advance(task),
+        )

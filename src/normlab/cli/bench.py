@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from normlab.cli import _output
@@ -145,18 +144,12 @@ def _bench_models(
         "compile": compile,
     }
     runs = []
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=_output.err_console,
-        transient=True,
-        disable=json_out,
-    ) as progress:
-        task = progress.add_task("bench", total=len(cases) * 2 * repeats)
+    with _output.counted_progress("bench", len(cases) * 2 * repeats, quiet=json_out) as (
+        describe,
+        advance,
+    ):
         for case in cases:
-            progress.update(task, description=f"{case.model} {case.memory_format}")
+            describe(f"{case.model} {case.memory_format}")
             runs.append(
                 nm.run_model(
                     case,
@@ -165,7 +158,7 @@ def _bench_models(
                     compile=compile,
                     inplace=inplace,
                     rss=rss,
-                    on_repeat=lambda: progress.advance(task),
+                    on_repeat=advance,
                 )
             )
     results["runs"] = runs
@@ -412,18 +405,12 @@ def _bench_layers(
     results: dict = {"environment": nb.environment(), "repeats": repeats, "quick": quick}
     results["jit"] = nb.jit_warmup(threaded=not quick)  # quick shapes run serially
     rows = []
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=_output.err_console,
-        transient=True,
-        disable=json_out,
-    ) as progress:
-        task = progress.add_task("bench", total=len(cases) * 2 * repeats)
+    with _output.counted_progress("bench", len(cases) * 2 * repeats, quiet=json_out) as (
+        describe,
+        advance,
+    ):
         for case in cases:
-            progress.update(task, description=f"{case.name} {case.shape}")
+            describe(f"{case.name} {case.shape}")
             rows.append(
                 nb.run_case(
                     case,
@@ -431,7 +418,7 @@ def _bench_layers(
                     compile=compile,
                     paths=paths,
                     sample_seconds=0.002 if quick else 0.02,
-                    on_repeat=lambda: progress.advance(task),
+                    on_repeat=advance,
                 )
             )
     results["cases"] = rows
