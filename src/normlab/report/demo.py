@@ -114,6 +114,13 @@ def _gradient_plot(results):
     return fig
 
 
+def _band(ax, xs, rows, keys, color, alpha, label):
+    """Shade between two fields of each row (``keys = (low, high)``) at ``xs``."""
+    low, high = keys
+    lows, highs = [r[low] for r in rows], [r[high] for r in rows]
+    ax.fill_between(xs, lows, highs, color=color, alpha=alpha, lw=0, label=label)
+
+
 def _preact_plot(results):
     cfg = results["config"]
     bound = results["headline"].get("saturation_bound")
@@ -126,24 +133,8 @@ def _preact_plot(results):
     ):
         rows = [r for r in run["init_layers"][:hidden] if r.get("p50") is not None]
         xs = [r["layer"] for r in rows]
-        ax.fill_between(
-            xs,
-            [r["preact_min"] for r in rows],
-            [r["preact_max"] for r in rows],
-            color=color,
-            alpha=0.15,
-            lw=0,
-            label="min–max",
-        )
-        ax.fill_between(
-            xs,
-            [r["p15"] for r in rows],
-            [r["p85"] for r in rows],
-            color=color,
-            alpha=0.35,
-            lw=0,
-            label="15th–85th pct",
-        )
+        _band(ax, xs, rows, ("preact_min", "preact_max"), color, 0.15, "min–max")
+        _band(ax, xs, rows, ("p15", "p85"), color, 0.35, "15th–85th pct")
         ax.plot(xs, [r["p50"] for r in rows], color=color, lw=1.5, label="median")
         top = max(top, *(abs(r["preact_min"]) for r in rows), *(abs(r["preact_max"]) for r in rows))
         ax.set_title(f"{label}: {cfg['activation']} input per layer at init")
