@@ -21,6 +21,19 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
 
+def _run_cases(cases, repeats: int, json_out: bool, label, run) -> list:
+    """``run(case, advance)`` for each case, in order, under one progress bar of
+    2 · ``repeats`` steps a case (each case times torch and normlab ``repeats`` times and
+    calls ``advance`` after each); ``label(case)`` names the case running."""
+    results = []
+    with _output.counted_progress("bench", len(cases) * 2 * repeats, quiet=json_out) as bar:
+        describe, advance = bar
+        for case in cases:
+            describe(label(case))
+            results.append(run(case, advance))
+    return results
+
+
 def _table(results: dict) -> Table:
     compiled = any("compile" in r["train"]["seconds"] for r in results["cases"])
     env = results["environment"]
@@ -143,24 +156,21 @@ def _bench_models(
         "warmup": warmup,
         "compile": compile,
     }
-    runs = []
-    with _output.counted_progress("bench", len(cases) * 2 * repeats, quiet=json_out) as (
-        describe,
-        advance,
-    ):
-        for case in cases:
-            describe(f"{case.model} {case.memory_format}")
-            runs.append(
-                nm.run_model(
-                    case,
-                    repeats=repeats,
-                    warmup=warmup,
-                    compile=compile,
-                    inplace=inplace,
-                    rss=rss,
-                    on_repeat=advance,
-                )
-            )
+    runs = _run_cases(
+        cases,
+        repeats,
+        json_out,
+        lambda case: f"{case.model} {case.memory_format}",
+        lambda case, advance: nm.run_model(
+            case,
+            repeats=repeats,
+            warmup=warmup,
+            compile=compile,
+            inplace=inplace,
+            rss=rss,
+            on_repeat=advance,
+        ),
+    )
     results["runs"] = runs
     results["seconds"] = time.perf_counter() - start
     if out is not None:
@@ -404,23 +414,20 @@ def _bench_layers(
     start = time.perf_counter()
     results: dict = {"environment": nb.environment(), "repeats": repeats, "quick": quick}
     results["jit"] = nb.jit_warmup(threaded=not quick)  # quick shapes run serially
-    rows = []
-    with _output.counted_progress("bench", len(cases) * 2 * repeats, quiet=json_out) as (
-        describe,
-        advance,
-    ):
-        for case in cases:
-            describe(f"{case.name} {case.shape}")
-            rows.append(
-                nb.run_case(
-                    case,
-                    repeats=repeats,
-                    compile=compile,
-                    paths=paths,
-                    sample_seconds=0.002 if quick else 0.02,
-                    on_repeat=advance,
-                )
-            )
+    rows = _run_cases(
+        cases,
+        repeats,
+        json_out,
+        lambda case: f"{case.name} {case.shape}",
+        lambda case, advance: nb.run_case(
+            case,
+            repeats=repeats,
+            compile=compile,
+            paths=paths,
+            sample_seconds=0.002 if quick else 0.02,
+            on_repeat=advance,
+        ),
+    )
     results["cases"] = rows
     results["seconds"] = time.perf_counter() - start
     if out is not None:
