@@ -21,16 +21,16 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
 
-def _run_cases(cases, repeats: int, json_out: bool, label, run) -> list:
-    """``run(case, advance)`` for each case, in order, under one progress bar of
-    2 · ``repeats`` steps a case (each case times torch and normlab ``repeats`` times and
-    calls ``advance`` after each); ``label(case)`` names the case running."""
+def _run_cases(cases, repeats: int, json_out: bool, label, run, **options) -> list:
+    """``run(case, repeats=repeats, on_repeat=…, **options)`` for each case, in order, under
+    one progress bar of 2 · ``repeats`` steps a case (each case times torch and normlab
+    ``repeats`` times, calling ``on_repeat`` after each); ``label(case)`` names the case."""
     results = []
     with _output.counted_progress("bench", len(cases) * 2 * repeats, quiet=json_out) as bar:
         describe, advance = bar
         for case in cases:
             describe(label(case))
-            results.append(run(case, advance))
+            results.append(run(case, repeats=repeats, on_repeat=advance, **options))
     return results
 
 
@@ -161,15 +161,11 @@ def _bench_models(
         repeats,
         json_out,
         lambda case: f"{case.model} {case.memory_format}",
-        lambda case, advance: nm.run_model(
-            case,
-            repeats=repeats,
-            warmup=warmup,
-            compile=compile,
-            inplace=inplace,
-            rss=rss,
-            on_repeat=advance,
-        ),
+        nm.run_model,
+        warmup=warmup,
+        compile=compile,
+        inplace=inplace,
+        rss=rss,
     )
     results["runs"] = runs
     results["seconds"] = time.perf_counter() - start
@@ -419,14 +415,10 @@ def _bench_layers(
         repeats,
         json_out,
         lambda case: f"{case.name} {case.shape}",
-        lambda case, advance: nb.run_case(
-            case,
-            repeats=repeats,
-            compile=compile,
-            paths=paths,
-            sample_seconds=0.002 if quick else 0.02,
-            on_repeat=advance,
-        ),
+        nb.run_case,
+        compile=compile,
+        paths=paths,
+        sample_seconds=0.002 if quick else 0.02,
     )
     results["cases"] = rows
     results["seconds"] = time.perf_counter() - start
