@@ -59,6 +59,9 @@ NORM_NAMES = {
     "bn-running": "BN, running stats",
 }
 
+# the two nets of a with/without-BN comparison, as plots and tables name them (forward order)
+BN_LABELS = {"none": "without BN", "bn": "with BN"}
+
 
 class RunningStatsNorm(nn.Module):
     """BatchNorm that normalises with its *running* statistics in training too.
