@@ -180,6 +180,11 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+def mlp_widths(in_features: int, widths: Sequence[int], num_classes: int) -> str:
+    """An MLP's layer widths as the reports write them: '64-128-128-10'."""
+    return "-".join(map(str, (in_features, *widths, num_classes)))
+
+
 def small_cnn(
     num_classes: int = 10,
     *,

@@ -286,7 +286,6 @@ class EmaBias(Experiment):
                 Line(f"m(1−(1−μ)^t), μ = {tr.momentum:g}", steps, expected, "--"),
                 Line(f"de-biased, μ = {tr.momentum:g}", steps, tr.deb, "-"),
             ]
-        mlp = "-".join(map(str, (m.n_features, *HIDDEN, m.num_classes)))
         return self.result(
             config,
             verdict=verdict,
@@ -305,7 +304,7 @@ class EmaBias(Experiment):
                 "replicate, so the average over channels estimates E[r_t] with a known "
                 "standard error. De-biasing: population_stats() with ema_debias=True, i.e. "
                 "(r_t − (1−μ)^t·r_0)/(1 − (1−μ)^t) with r_0 = 0 for the mean and 1 for torch's "
-                f"running variance. Accuracy: MLP {mlp} with BN (momentum "
+                f"running variance. Accuracy: MLP {T.mlp_widths(m.n_features, HIDDEN, m.num_classes)} with BN (momentum "
                 f"{c.train_momentum:g}) and ReLU on the digits, SGD lr {c.lr:g}, batch "
                 f"{c.train_batch}, {max(c.checkpoints)} steps; at each checkpoint the same "
                 "weights are evaluated in eval mode with raw and with de-biased statistics, and "
