@@ -435,6 +435,17 @@ def train(
     return hist
 
 
+SGD_FIELDS = ("steps", "lr", "batch_size", "momentum", "seed")
+
+
+def train_as(config, model: nn.Module, data: Split, **kwargs) -> History:
+    """:func:`train` with an experiment config's SGD settings: each of :data:`SGD_FIELDS` not
+    given in ``kwargs`` is read from the config field of that name, so a config that names one
+    differently (or an experiment that varies it) passes it explicitly."""
+    settings = {k: getattr(config, k) for k in SGD_FIELDS if k not in kwargs}
+    return train(model, data, **settings, **kwargs)
+
+
 @dataclass
 class LayerProbe:
     """Per hidden layer k (the k-th Linear/Conv and the activation after it), on one batch

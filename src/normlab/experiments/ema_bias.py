@@ -189,14 +189,14 @@ def _early_accuracy(c: Config, split, progress, span) -> EarlyAccuracy:
             correct = probe(split.x_test).argmax(1) == split.y_test
             acc.batch_stats.append(float(correct.float().mean()))
 
-    T.train(
+    # Config.steps and .batch are the EMA trace's; the training run has its own
+    T.train_as(
+        c,
         model,
         split,
         steps=max(c.checkpoints),
-        lr=c.lr,
         batch_size=c.train_batch,
         momentum=0.0,
-        seed=c.seed,
         on_step=checkpoint,
         progress=progress,
         progress_span=span,
@@ -286,10 +286,9 @@ class EmaBias(Experiment):
                 Line(f"m(1−(1−μ)^t), μ = {tr.momentum:g}", steps, expected, "--"),
                 Line(f"de-biased, μ = {tr.momentum:g}", steps, tr.deb, "-"),
             ]
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured=(
                 f"t=1, μ={tr0.momentum:g}: r = {tr0.raw[0]:.3f} vs formula "
                 f"{m.expected(tr0)[0]:.3f}, de-biased {tr0.deb[0]:.3f} (m = {m.true_mean:g}); "

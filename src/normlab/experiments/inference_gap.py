@@ -198,17 +198,7 @@ class InferenceGap(Experiment):
             model = T.mlp(
                 n_features, c.hidden, split.num_classes, norm="bn", activation="relu", bias=False
             )
-        T.train(
-            model,
-            split,
-            steps=c.steps,
-            batch_size=c.batch,
-            lr=c.lr,
-            momentum=c.momentum,
-            seed=c.seed,
-            progress=progress,
-            progress_span=(0.0, 0.6),
-        )
+        T.train_as(c, model, split, batch_size=c.batch, progress=progress, progress_span=(0.0, 0.6))
         model.eval()
         ys = torch.tensor_split(split.y_test, c.test_batches)
         clean_check = output_mean_check(model, split.x_test)
@@ -288,10 +278,9 @@ class InferenceGap(Experiment):
         clean_row = ["none", m.clean_gap_first_layer, m.clean_formula_diff, clean, None, None, None]
         small, large = m.n_test // c.test_batches, -(-m.n_test // c.test_batches)
         sizes = f"{small}" if small == large else f"{small}–{large}"
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured=(
                 f"formula max diff {m.max_formula_diff:.1e}; {shift_name(worst)}: acc "
                 f"{clean:.1%} → {worst.eval:.1%}, AdaBN {worst.batch:.1%}, "

@@ -194,14 +194,10 @@ class Landscape(Experiment):
                     rec[q].append(getattr(lp, q))
                 rec["top_eigenvalue"].append(eig.eigenvalues[0])
 
-            hist[norm] = T.train(
+            hist[norm] = T.train_as(
+                config,
                 model,
                 data,
-                steps=config.steps,
-                lr=config.lr,
-                batch_size=config.batch_size,
-                momentum=config.momentum,
-                seed=config.seed,
                 eval_every=config.probe_every,
                 on_eval=probe,
                 progress=progress,
@@ -247,9 +243,9 @@ class Landscape(Experiment):
             Line(lab, m.history[n].eval_steps, m.history[n].test_accuracy, "-") for n, lab in BN
         ]
         plots.append(Plot("Test accuracy", "step", "test accuracy", accuracy))
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
+            verdict,
             rule=self.rule(config, m.probes),
             measured=measured,
             setup=(

@@ -93,14 +93,11 @@ class LearningRate(Experiment):
         for k, (norm, lr) in enumerate(runs):
             with T.seeded(config.seed):
                 model = T.small_cnn(data.num_classes, channels=config.channels, norm=norm)
-            hist = T.train(
+            hist = T.train_as(
+                config,
                 model,
                 data,
-                steps=config.steps,
                 lr=lr,
-                batch_size=config.batch_size,
-                momentum=config.momentum,
-                seed=config.seed,
                 progress=progress,
                 progress_span=(k / len(runs), (k + 1) / len(runs)),
                 label=f"{T.NORM_NAMES[norm]}, lr {lr:g}",
@@ -132,10 +129,9 @@ class LearningRate(Experiment):
             if mult in config.multiples:
                 j = config.multiples.index(mult)
                 measured += f"; at {mult:g}x: plain {at(j, 'none')}, BN {at(j, 'bn')}"
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured=measured,
             setup=(
                 f"Small CNN (3×3 convs {list(config.channels)}, ReLU, global average pool) on "

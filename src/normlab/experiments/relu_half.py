@@ -193,10 +193,9 @@ class ReluHalf(Experiment):
                 "kx",
             )
         )
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured=(
                 f"β = 0: {m.half_gaussian.mean:.1%} (Gaussian), {half.mean:.1%} (digits; units "
                 f"{half.min:.0%}–{half.max:.0%}); max |measured − Φ(β/γ)| "

@@ -227,10 +227,9 @@ class SigmoidGain(Experiment):
             ]
             for p in m.points
         ]
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured=(
                 f"{m.point_gain:.1f}x at s → 0; {_where_above(m.s_star, m.point_gain, c)}; "
                 f"{m.gain_at_1:.1f}x at s = 1"
