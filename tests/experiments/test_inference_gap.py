@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -38,3 +40,51 @@ def test_holds_in_quick_mode(quick_result):
     i = acc["shift"].index("offset 2")
     assert acc["none"][i] < r.metrics["clean_accuracy"] - 0.1  # the shift hurts
     assert acc["recalibrate"][i] == pytest.approx(r.metrics["clean_accuracy"], abs=0.02)
+
+
+def _shift(kind, eval_acc, batch, recal):
+    from normlab.experiments.inference_gap import Shifted
+
+    return Shifted(kind, 1.0, 0.5, 1e-7, eval_acc, batch, (batch + recal) / 2, recal)
+
+
+def _synthetic(*shifts, formula_diff=1e-7):
+    from normlab.experiments.inference_gap import Measurement
+
+    return Measurement(64, 10, 449, 0.9, 0.05, formula_diff, list(shifts))
+
+
+OFFSET_RECOVERED = _shift("offset", 0.3, 0.85, 0.9)  # wins back 92% and 100% of 60 points
+NOISE_NOT_RECOVERED = _shift("noise", 0.6, 0.6, 0.61)  # reported, not judged
+
+
+def test_recovered_share():
+    assert OFFSET_RECOVERED.recovered(0.9) == pytest.approx((0.55 / 0.6, 1.0))
+    assert all(math.isnan(v) for v in _shift("scale", 0.95, 0.9, 0.9).recovered(0.9))
+
+
+@pytest.mark.parametrize(
+    ("synthetic", "verdict", "says"),
+    [
+        (_synthetic(OFFSET_RECOVERED, NOISE_NOT_RECOVERED), "holds", "recalibration restores"),
+        # a shift costing less than 2 points is not judged, however little is won back
+        (_synthetic(OFFSET_RECOVERED, _shift("scale", 0.89, 0.8, 0.8)), "holds", None),
+        (_synthetic(OFFSET_RECOVERED, formula_diff=1e-3), "fails", "differs from the formula"),
+        (
+            _synthetic(OFFSET_RECOVERED, _shift("scale", 0.5, 0.6, 0.9)),
+            "fails",
+            "scale 1: AdaBN won back 25% and recalibration 100%",
+        ),
+        # the rule's (2) needs a judged shift: noise alone cannot make it hold
+        (_synthetic(NOISE_NOT_RECOVERED), "fails", "so none was judged"),
+    ],
+)
+def test_verdict_rule_and_notes(synthetic, verdict, says):
+    from normlab.experiments import get
+
+    exp = get("inference-gap")
+    config = exp.Config()
+    assert exp.judge(config, synthetic) == verdict
+    notes = exp.present(config, synthetic, verdict).notes
+    assert ("Not as claimed" in notes) == (verdict == "fails")
+    assert says is None or says in notes

@@ -46,3 +46,41 @@ def test_bn_trains_at_a_rate_at_least_as_large(quick_result):
 def test_bn_at_least_as_good_at_every_rate(quick_result):
     acc = quick_result(ID).metrics["test_accuracy"]
     assert all(b >= p for b, p in zip(acc["bn"], acc["none"], strict=True))
+
+
+MULTIPLES = (1.0, 3.0, 10.0, 30.0)  # of the base rate 0.1
+
+
+def _synthetic(plain_up_to, bn_up_to):
+    """Each net at 0.9 test accuracy up to the given multiple of the base rate (None: at no
+    rate), 0.1 above it."""
+    from normlab.experiments.learning_rate import Measurement
+
+    rates = [0.1 * m for m in MULTIPLES]
+
+    def accs(up_to):
+        return [0.9 if up_to is not None and m <= up_to else 0.1 for m in MULTIPLES]
+
+    acc = {"none": accs(plain_up_to), "bn": accs(bn_up_to)}
+    return Measurement(rates, acc, {n: [False] * len(rates) for n in acc})
+
+
+@pytest.mark.parametrize(
+    ("synthetic", "verdict"),
+    [
+        (_synthetic(1, 10), "holds"),  # 10x
+        (_synthetic(3, 3), "fails"),  # no larger
+        (_synthetic(10, 3), "fails"),  # smaller
+        (_synthetic(1, 3), "inconclusive"),  # 3x: larger, but less than 5x
+        (_synthetic(1, 30), "inconclusive"),  # BN trains at the top of the grid
+        (_synthetic(None, 10), "inconclusive"),  # the plain net trains at no rate
+    ],
+)
+def test_verdict_rule(synthetic, verdict):
+    from normlab.experiments import get
+
+    exp = get(ID)
+    config = exp.Config(multiples=MULTIPLES)
+    assert exp.judge(config, synthetic) == verdict
+    notes = exp.present(config, synthetic, verdict).notes
+    assert ("did not train at a larger rate" in notes) == (verdict == "fails")

@@ -195,3 +195,34 @@ def test_small_cnn_defaults_unchanged_and_bad_pool_named():
     assert [type(x).__name__ for x in m][-3:] == ["AdaptiveAvgPool2d", "Flatten", "Linear"]
     with pytest.raises(ValueError, match="pool must be 'avg' or 'flatten'"):
         T.small_cnn(pool="max")
+
+
+def test_train_as_reads_the_sgd_settings_the_call_does_not_give():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Config:  # an experiment config naming its batch size differently
+        steps: int = 12
+        lr: float = 0.1
+        batch: int = 32
+        momentum: float = 0.5
+        seed: int = 3
+
+    data = load_digits(seed=0)
+
+    def run(train, *config, **kwargs):
+        with T.seeded(0):
+            m = T.mlp(64, [16], 10, activation="relu")
+        return train(*config, m, data, **kwargs).loss
+
+    explicit = run(T.train, steps=12, lr=0.1, batch_size=32, momentum=0.5, seed=3)
+    assert run(T.train_as, Config(), batch_size=32) == explicit
+    # an explicit setting wins over the config's
+    assert run(T.train_as, Config(), batch_size=32, steps=5) == explicit[:5]
+    with pytest.raises(AttributeError, match="batch_size"):  # not in the config, not given
+        run(T.train_as, Config())
+
+
+def test_mlp_widths():
+    assert T.mlp_widths(64, (128, 128), 10) == "64-128-128-10"
+    assert T.mlp_widths(3, (), 2) == "3-2"

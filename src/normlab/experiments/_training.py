@@ -59,6 +59,9 @@ NORM_NAMES = {
     "bn-running": "BN, running stats",
 }
 
+# the two nets of a with/without-BN comparison, as plots and tables name them (forward order)
+BN_LABELS = {"none": "without BN", "bn": "with BN"}
+
 
 class RunningStatsNorm(nn.Module):
     """BatchNorm that normalises with its *running* statistics in training too.
@@ -175,6 +178,11 @@ def mlp(
     classifier = nn.Linear(fan_in, num_classes)
     layers.append(init(classifier) if init_classifier else classifier)
     return nn.Sequential(*layers)
+
+
+def mlp_widths(in_features: int, widths: Sequence[int], num_classes: int) -> str:
+    """An MLP's layer widths as the reports write them: '64-128-128-10'."""
+    return "-".join(map(str, (in_features, *widths, num_classes)))
 
 
 def small_cnn(
@@ -425,6 +433,17 @@ def train(
         # a diverged model is evaluated as it is (non-finite logits score about chance)
         evaluate(len(hist.loss) if hist.diverged else steps)
     return hist
+
+
+SGD_FIELDS = ("steps", "lr", "batch_size", "momentum", "seed")
+
+
+def train_as(config, model: nn.Module, data: Split, **kwargs) -> History:
+    """:func:`train` with an experiment config's SGD settings: each of :data:`SGD_FIELDS` not
+    given in ``kwargs`` is read from the config field of that name, so a config that names one
+    differently (or an experiment that varies it) passes it explicitly."""
+    settings = {k: getattr(config, k) for k in SGD_FIELDS if k not in kwargs}
+    return train(model, data, **settings, **kwargs)
 
 
 @dataclass

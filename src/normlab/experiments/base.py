@@ -176,6 +176,13 @@ class Experiment:
             **fields,
         )
 
+    def verdict_result(self, config, verdict: Verdict, **fields) -> Result:
+        """:meth:`result` as :meth:`present` makes it: the verdict and the stated rule, which
+        is ``fields['rule']`` if given, else the experiment's ``rule(config)``."""
+        if "rule" not in fields:
+            fields["rule"] = self.rule(config)  # type: ignore[attr-defined]
+        return self.result(config, verdict=verdict, **fields)
+
     def needs(self, config, what: str, *, rule: str, setup: str = "", **fields) -> Result:
         """The honest result when a feature this experiment needs does not exist yet:
         'inconclusive', measured 'needs <what>' — never a made-up number."""

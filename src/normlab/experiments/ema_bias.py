@@ -12,7 +12,9 @@ eval-mode accuracy early in training on the digits.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,7 +22,7 @@ import torch
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
-from normlab.experiments.base import Experiment, Line, Plot, Result, notify
+from normlab.experiments.base import Experiment, Line, Plot, Progress, Result, Verdict, notify
 from normlab.experiments.registry import register
 
 
@@ -41,51 +43,126 @@ class Config:
     checkpoints: tuple[int, ...] = (1, 2, 3, 5, 10, 20, 50, 100, 200)
 
 
+# hidden widths of the MLP trained on the digits (a constant, not a Config field: the
+# config's keys are part of results.json)
+HIDDEN = (128, 128)
+TABLE_STEPS = (1, 2, 5, 10, 20, 50, 100, 300)  # the steps t the running-statistics table shows
+
+
 def expected_running_mean(m: float, momentum: float, t: int) -> float:
     """Seed 002: E[r_t] = m·(1 − (1 − μ)^t) for a zero-started EMA."""
     return m * (1.0 - (1.0 - momentum) ** t)
 
 
-def _trace(c: Config, momentum: float, g: torch.Generator) -> dict[str, list[float]]:
+@dataclass
+class Trace:
+    """One momentum μ: per step t = 1, 2, …, the mean over replicates of BatchNorm1d's raw
+    and de-biased running statistics, with the standard error of that mean."""
+
+    momentum: float
+    raw: list[float] = dataclasses.field(default_factory=list)  # running mean
+    raw_se: list[float] = dataclasses.field(default_factory=list)
+    deb: list[float] = dataclasses.field(default_factory=list)  # de-biased running mean
+    deb_se: list[float] = dataclasses.field(default_factory=list)
+    var: list[float] = dataclasses.field(default_factory=list)  # running variance
+    var_deb: list[float] = dataclasses.field(default_factory=list)  # de-biased
+    var_deb_se: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class EarlyAccuracy:
+    """Eval-mode test accuracy on the digits at each checkpoint step, with the raw and the
+    de-biased running statistics, and with the test set's own batch statistics."""
+
+    step: list[int] = dataclasses.field(default_factory=list)
+    raw: list[float] = dataclasses.field(default_factory=list)
+    debiased: list[float] = dataclasses.field(default_factory=list)
+    batch_stats: list[float] = dataclasses.field(default_factory=list)
+
+    def mean_gain(self, horizon: float) -> float:
+        """Mean over the checkpoints t ≤ horizon of de-biased − raw accuracy (0 if none)."""
+        gains = [d - r for t, r, d in zip(self.step, self.raw, self.debiased) if t <= horizon]
+        return sum(gains) / max(len(gains), 1)
+
+
+@dataclass
+class Measurement:
+    """What :class:`EmaBias` measured: numbers only."""
+
+    true_mean: float  # m of the N(m, σ²) values every replicate is fed
+    true_var: float  # σ²
+    traces: list[Trace]  # one per momentum
+    accuracy: EarlyAccuracy
+    n_features: int  # the digits' inputs and classes, for the MLP's shape
+    num_classes: int
+
+    def expected(self, trace: Trace) -> list[float]:
+        """The seed's E[r_t] = m(1 − (1 − μ)^t) at every step of ``trace``."""
+        return [
+            expected_running_mean(self.true_mean, trace.momentum, t)
+            for t in range(1, len(trace.raw) + 1)
+        ]
+
+    @property
+    def max_z_formula(self) -> float:
+        """Largest |running mean − m(1 − (1 − μ)^t)| / standard error, over μ and t."""
+        return max_z(
+            (r, e, se)
+            for tr in self.traces
+            for r, e, se in zip(tr.raw, self.expected(tr), tr.raw_se)
+        )
+
+    @property
+    def max_z_debiased_mean(self) -> float:
+        return max_z(
+            (r, self.true_mean, se) for tr in self.traces for r, se in zip(tr.deb, tr.deb_se)
+        )
+
+    @property
+    def max_z_debiased_var(self) -> float:
+        return max_z(
+            (r, self.true_var, se) for tr in self.traces for r, se in zip(tr.var_deb, tr.var_deb_se)
+        )
+
+
+def max_z(triples: Iterable[tuple[float, float, float]]) -> float:
+    """Largest |value − target| / standard error over (value, target, se); 0 if none."""
+    return max([0.0, *(abs(v - t) / se for v, t, se in triples)])
+
+
+def _trace(c: Config, momentum: float, g: torch.Generator) -> Trace:
     """Run BatchNorm1d(replicates, momentum) on i.i.d. batches; per step, the mean over
     replicates (and its standard error) of the raw and de-biased running statistics."""
     import normlab as nl
 
     bn = nl.nn.BatchNorm1d(c.replicates, momentum=momentum, dtype=torch.float64, ema_debias=True)
-    out: dict[str, list[float]] = {
-        k: [] for k in ("raw", "raw_se", "deb", "deb_se", "var", "var_deb", "var_deb_se")
-    }
-    var = c.true_std**2
+    out = Trace(momentum)
+    n = math.sqrt(c.replicates)
     for _ in range(c.steps):
         x = c.true_mean + c.true_std * torch.randn(
             c.batch, c.replicates, generator=g, dtype=torch.float64
         )
         bn(x)
         mean_deb, var_deb = bn.population_stats()
-        n = math.sqrt(c.replicates)
-        out["raw"].append(float(bn.running_mean.mean()))
-        out["raw_se"].append(float(bn.running_mean.std()) / n)
-        out["deb"].append(float(mean_deb.mean()))
-        out["deb_se"].append(float(mean_deb.std()) / n)
-        out["var"].append(float(bn.running_var.mean()))
-        out["var_deb"].append(float(var_deb.mean()))
-        out["var_deb_se"].append(float(var_deb.std()) / n)
-    out["var_expected"] = [
-        (1 - momentum) ** t + var * (1 - (1 - momentum) ** t) for t in range(1, c.steps + 1)
-    ]
+        out.raw.append(float(bn.running_mean.mean()))
+        out.raw_se.append(float(bn.running_mean.std()) / n)
+        out.deb.append(float(mean_deb.mean()))
+        out.deb_se.append(float(mean_deb.std()) / n)
+        out.var.append(float(bn.running_var.mean()))
+        out.var_deb.append(float(var_deb.mean()))
+        out.var_deb_se.append(float(var_deb.std()) / n)
     return out
 
 
-def _early_accuracy(c: Config, progress, span) -> dict[str, list[float]]:
+def _early_accuracy(c: Config, split, progress, span) -> EarlyAccuracy:
     """Train a BN MLP on the digits; at each checkpoint, test accuracy in eval mode with the
     raw running statistics and with the de-biased ones (same weights: only the flag flips)."""
     import normlab as nl
 
-    split = load_digits(seed=c.seed)
     with T.seeded(c.seed):
         model = T.mlp(
-            64,
-            (128, 128),
+            split.x_train.shape[1],
+            HIDDEN,
             split.num_classes,
             norm="bn",
             activation="relu",
@@ -93,16 +170,16 @@ def _early_accuracy(c: Config, progress, span) -> dict[str, list[float]]:
             norm_kwargs={"momentum": c.train_momentum},
         )
     bns = T.modules_of(model, nl.nn.BatchNorm1d)
-    acc = {"step": [], "raw": [], "debiased": [], "batch_stats": []}
+    acc = EarlyAccuracy()
 
     def checkpoint(step, m):
         if step not in c.checkpoints:
             return
-        acc["step"].append(step)
-        for key, flag in (("raw", False), ("debiased", True)):
+        acc.step.append(step)
+        for values, flag in ((acc.raw, False), (acc.debiased, True)):
             for b in bns:
                 b.ema_debias = flag
-            acc[key].append(T.accuracy(m, split.x_test, split.y_test))
+            values.append(T.accuracy(m, split.x_test, split.y_test))
         for b in bns:
             b.ema_debias = False
         # reference: the test set's own statistics (a training-mode copy, so the model's
@@ -110,16 +187,16 @@ def _early_accuracy(c: Config, progress, span) -> dict[str, list[float]]:
         with torch.no_grad():
             probe = copy.deepcopy(m).train()
             correct = probe(split.x_test).argmax(1) == split.y_test
-            acc["batch_stats"].append(float(correct.float().mean()))
+            acc.batch_stats.append(float(correct.float().mean()))
 
-    T.train(
+    # Config.steps and .batch are the EMA trace's; the training run has its own
+    T.train_as(
+        c,
         model,
         split,
         steps=max(c.checkpoints),
-        lr=c.lr,
         batch_size=c.train_batch,
         momentum=0.0,
-        seed=c.seed,
         on_step=checkpoint,
         progress=progress,
         progress_span=span,
@@ -151,79 +228,82 @@ class EmaBias(Experiment):
         "checkpoints": (1, 2, 3, 5, 10),
     }
 
-    def run(self, config: Config, progress=None) -> Result:
+    def rule(self, config: Config) -> str:
+        z = f"{config.z_tolerance:g}"
+        return (
+            "holds if (1) BatchNorm1d's running mean, averaged over independent "
+            f"replicates, stays within {z} standard errors of "
+            "m(1 − (1 − μ)^t) at every step t, for every μ; (2) the de-biased running mean "
+            f"and variance stay within {z} standard errors of the true m and σ² "
+            "from the first step; and (3) on the digits, eval-mode test accuracy with "
+            "de-biased statistics is higher than with the raw ones on average over the "
+            f"checkpoints t ≤ 1/μ = {1 / config.train_momentum:g}."
+        )
+
+    def measure(self, config: Config, progress: Progress | None = None) -> Measurement:
         c = config
         g = torch.Generator().manual_seed(c.seed)
-        steps = list(range(1, c.steps + 1))
-        traces, worst_z, worst_z_deb, worst_z_var, rows, plots_lines = {}, 0.0, 0.0, 0.0, [], []
+        traces = []
         for k, mom in enumerate(c.momenta):
-            tr = _trace(c, mom, g)
-            traces[mom] = tr
-            expected = [expected_running_mean(c.true_mean, mom, t) for t in steps]
-            z = [abs(r - e) / se for r, e, se in zip(tr["raw"], expected, tr["raw_se"])]
-            z_deb = [abs(r - c.true_mean) / se for r, se in zip(tr["deb"], tr["deb_se"])]
-            z_var = [abs(r - c.true_std**2) / se for r, se in zip(tr["var_deb"], tr["var_deb_se"])]
-            worst_z, worst_z_deb, worst_z_var = (
-                max(worst_z, *z),
-                max(worst_z_deb, *z_deb),
-                max(worst_z_var, *z_var),
-            )
-            for t in (1, 2, 5, 10, 20, 50, 100, 300):
-                if t <= c.steps:
-                    rows.append(
-                        [
-                            mom,
-                            t,
-                            expected[t - 1],
-                            tr["raw"][t - 1],
-                            tr["deb"][t - 1],
-                            tr["var"][t - 1],
-                            tr["var_deb"][t - 1],
-                        ]
-                    )
-            plots_lines += [
-                Line(f"running mean, μ = {mom:g}", steps, tr["raw"], "-"),
-                Line(f"m(1−(1−μ)^t), μ = {mom:g}", steps, expected, "--"),
-                Line(f"de-biased, μ = {mom:g}", steps, tr["deb"], "-"),
-            ]
+            traces.append(_trace(c, mom, g))
             notify(progress, 0.4 * (k + 1) / len(c.momenta), f"EMA μ = {mom:g}")
-        acc = _early_accuracy(c, progress, (0.4, 1.0))
-        early = [i for i, t in enumerate(acc["step"]) if t <= 1 / c.train_momentum]
-        gains = [acc["debiased"][i] - acc["raw"][i] for i in early]
-        mean_gain = sum(gains) / max(len(gains), 1)
-        first = 0
-        formula_ok = worst_z <= c.z_tolerance
-        debias_ok = worst_z_deb <= c.z_tolerance and worst_z_var <= c.z_tolerance
-        accuracy_ok = mean_gain > 0
-        holds = formula_ok and debias_ok and accuracy_ok
-        m0 = c.momenta[0]
-        return self.result(
+        split = load_digits(seed=c.seed)
+        return Measurement(
+            true_mean=c.true_mean,
+            true_var=c.true_std**2,
+            traces=traces,
+            accuracy=_early_accuracy(c, split, progress, (0.4, 1.0)),
+            n_features=split.x_train.shape[1],
+            num_classes=split.num_classes,
+        )
+
+    def judge(self, config: Config, m: Measurement) -> Verdict:
+        return "holds" if all(checks(config, m).values()) else "fails"
+
+    def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
+        c, acc, tr0 = config, m.accuracy, m.traces[0]
+        horizon = 1 / c.train_momentum
+        mean_gain = acc.mean_gain(horizon)
+        rows, lines = [], []
+        for tr in m.traces:
+            expected = m.expected(tr)
+            rows += [
+                [
+                    tr.momentum,
+                    t,
+                    expected[t - 1],
+                    tr.raw[t - 1],
+                    tr.deb[t - 1],
+                    tr.var[t - 1],
+                    tr.var_deb[t - 1],
+                ]
+                for t in TABLE_STEPS
+                if t <= len(tr.raw)
+            ]
+            steps = list(range(1, len(tr.raw) + 1))
+            lines += [
+                Line(f"running mean, μ = {tr.momentum:g}", steps, tr.raw, "-"),
+                Line(f"m(1−(1−μ)^t), μ = {tr.momentum:g}", steps, expected, "--"),
+                Line(f"de-biased, μ = {tr.momentum:g}", steps, tr.deb, "-"),
+            ]
+        return self.verdict_result(
             config,
-            verdict="holds" if holds else "fails",
-            rule=(
-                "holds if (1) BatchNorm1d's running mean, averaged over independent "
-                f"replicates, stays within {c.z_tolerance:g} standard errors of "
-                "m(1 − (1 − μ)^t) at every step t, for every μ; (2) the de-biased running mean "
-                f"and variance stay within {c.z_tolerance:g} standard errors of the true m and σ² "
-                "from the first step; and (3) on the digits, eval-mode test accuracy with "
-                "de-biased statistics is higher than with the raw ones on average over the "
-                f"checkpoints t ≤ 1/μ = {1 / c.train_momentum:g}."
-            ),
+            verdict,
             measured=(
-                f"t=1, μ={m0:g}: r = {traces[m0]['raw'][0]:.3f} vs formula "
-                f"{expected_running_mean(c.true_mean, m0, 1):.3f}, de-biased "
-                f"{traces[m0]['deb'][0]:.3f} (m = {c.true_mean:g}); max |z| {worst_z:.1f}; "
-                f"early eval acc {acc['raw'][first]:.0%} → {acc['debiased'][first]:.0%} at "
-                f"step {acc['step'][first]} (+{mean_gain * 100:.0f} pts avg, t ≤ {1 / c.train_momentum:g})"
+                f"t=1, μ={tr0.momentum:g}: r = {tr0.raw[0]:.3f} vs formula "
+                f"{m.expected(tr0)[0]:.3f}, de-biased {tr0.deb[0]:.3f} (m = {m.true_mean:g}); "
+                f"max |z| {m.max_z_formula:.1f}; early eval acc {acc.raw[0]:.0%} → "
+                f"{acc.debiased[0]:.0%} at step {acc.step[0]} ({mean_gain * 100:+.0f} pts avg, "
+                f"t ≤ {horizon:g})"
             ),
             setup=(
                 f"Formula: normlab BatchNorm1d({c.replicates}) in float64 with momentum μ ∈ "
                 f"{list(c.momenta)} fed {c.steps} batches of {c.batch} i.i.d. N({c.true_mean:g}, "
-                f"{c.true_std**2:g}) values per channel — each channel an independent "
+                f"{m.true_var:g}) values per channel — each channel an independent "
                 "replicate, so the average over channels estimates E[r_t] with a known "
                 "standard error. De-biasing: population_stats() with ema_debias=True, i.e. "
                 "(r_t − (1−μ)^t·r_0)/(1 − (1−μ)^t) with r_0 = 0 for the mean and 1 for torch's "
-                f"running variance. Accuracy: MLP 64-128-128-10 with BN (momentum "
+                f"running variance. Accuracy: MLP {T.mlp_widths(m.n_features, HIDDEN, m.num_classes)} with BN (momentum "
                 f"{c.train_momentum:g}) and ReLU on the digits, SGD lr {c.lr:g}, batch "
                 f"{c.train_batch}, {max(c.checkpoints)} steps; at each checkpoint the same "
                 "weights are evaluated in eval mode with raw and with de-biased statistics, and "
@@ -231,10 +311,10 @@ class EmaBias(Experiment):
                 "instead of a large data set."
             ),
             metrics={
-                "max_z_formula": worst_z,
-                "max_z_debiased_mean": worst_z_deb,
-                "max_z_debiased_var": worst_z_var,
-                "accuracy": acc,
+                "max_z_formula": m.max_z_formula,
+                "max_z_debiased_mean": m.max_z_debiased_mean,
+                "max_z_debiased_var": m.max_z_debiased_var,
+                "accuracy": dataclasses.asdict(acc),
                 "mean_accuracy_gain_early": mean_gain,
             },
             tables={
@@ -253,18 +333,17 @@ class EmaBias(Experiment):
                 "Eval-mode test accuracy on digits": {
                     "header": ["step", "raw running stats", "de-biased", "test batch stats"],
                     "rows": [
-                        list(r)
-                        for r in zip(acc["step"], acc["raw"], acc["debiased"], acc["batch_stats"])
+                        list(r) for r in zip(acc.step, acc.raw, acc.debiased, acc.batch_stats)
                     ],
                 },
             },
             plots=[
                 Plot(
-                    title=f"Running mean of a N({c.true_mean:g}, {c.true_std**2:g}) feature",
+                    title=f"Running mean of a N({m.true_mean:g}, {m.true_var:g}) feature",
                     xlabel="step t",
                     ylabel="mean over replicates",
                     logx=True,
-                    lines=plots_lines,
+                    lines=lines,
                 ),
                 Plot(
                     title="Eval-mode accuracy early in training (digits)",
@@ -272,20 +351,47 @@ class EmaBias(Experiment):
                     ylabel="test accuracy",
                     logx=True,
                     lines=[
-                        Line("raw running statistics", acc["step"], acc["raw"], "o-"),
-                        Line("de-biased", acc["step"], acc["debiased"], "s-"),
-                        Line("test batch statistics", acc["step"], acc["batch_stats"], ":"),
+                        Line("raw running statistics", acc.step, acc.raw, "o-"),
+                        Line("de-biased", acc.step, acc.debiased, "s-"),
+                        Line("test batch statistics", acc.step, acc.batch_stats, ":"),
                     ],
                 ),
             ],
-            notes=(
-                "Conventions: in the seed's update μ is the weight of the new batch, as torch's "
-                "momentum (default 0.1); its remark that μ is 'usually 0.9 or 0.99' is the "
-                "decay convention of Keras/TensorFlow (1 − μ in the seed's formula). torch's "
-                "BatchNorm does not de-bias (running_mean starts at 0, running_var at 1), "
-                "so early in training eval mode normalises with statistics pulled toward 0 "
-                "and 1; normlab offers the correction as BatchNorm*(ema_debias=True), which "
-                "leaves the stored buffers (and checkpoints) as torch's. The bias fades after "
-                "~1/μ steps, so its cost is an early-training (or short fine-tuning) effect."
-            ),
+            notes=_notes(config, m),
         )
+
+
+def checks(c: Config, m: Measurement) -> dict[str, bool]:
+    """The rule's three conditions: (1) the formula, (2) de-biasing, (3) early accuracy."""
+    tol = c.z_tolerance
+    return {
+        "formula": m.max_z_formula <= tol,
+        "debiased": m.max_z_debiased_mean <= tol and m.max_z_debiased_var <= tol,
+        "accuracy": m.accuracy.mean_gain(1 / c.train_momentum) > 0,
+    }
+
+
+def _notes(c: Config, m: Measurement) -> str:
+    """Conventions, and (when it fails) which part of the rule the run broke."""
+    notes = (
+        "Conventions: in the seed's update μ is the weight of the new batch, as torch's "
+        "momentum (default 0.1); its remark that μ is 'usually 0.9 or 0.99' is the "
+        "decay convention of Keras/TensorFlow (1 − μ in the seed's formula). torch's "
+        "BatchNorm does not de-bias (running_mean starts at 0, running_var at 1), "
+        "so early in training eval mode normalises with statistics pulled toward 0 "
+        "and 1; normlab offers the correction as BatchNorm*(ema_debias=True), which "
+        "leaves the stored buffers (and checkpoints) as torch's. The bias fades after "
+        "~1/μ steps, so its cost is an early-training (or short fine-tuning) effect."
+    )
+    ok = checks(c, m)
+    worst_deb = max(m.max_z_debiased_mean, m.max_z_debiased_var)
+    failed = [
+        text
+        for part, text in (
+            ("formula", f"(1) the running mean is {m.max_z_formula:.1f} standard errors off"),
+            ("debiased", f"(2) the de-biased statistics are {worst_deb:.1f} standard errors off"),
+            ("accuracy", "(3) de-biasing did not raise early eval-mode accuracy on average"),
+        )
+        if not ok[part]
+    ]
+    return notes + (" Not as claimed here: " + "; ".join(failed) + "." if failed else "")

@@ -22,7 +22,7 @@ from typing import ClassVar
 from normlab import diagnostics
 from normlab.data import load_digits
 from normlab.experiments import _training as T
-from normlab.experiments.base import Experiment, Line, Plot, Progress, Result
+from normlab.experiments.base import Experiment, Line, Plot, Progress, Result, Verdict
 from normlab.experiments.registry import register
 
 QUANTITIES = {
@@ -70,6 +70,67 @@ def loss_matched_ratios(
     return {q: statistics.median(v) if v else float("nan") for q, v in ratios.items()}, pairs
 
 
+@dataclass
+class Measurement:
+    """What :class:`Landscape` measured: numbers only. Keys of the dicts: 'none', 'bn'."""
+
+    series: dict[str, dict[str, list[float]]]  # per probe: 'step', 'loss', each QUANTITIES
+    history: dict[str, T.History]
+
+    def _median(self, first: int | None = None) -> dict[str, dict[str, float]]:
+        return {
+            n: {q: statistics.median(s[q][:first]) for q in QUANTITIES}
+            for n, s in self.series.items()
+        }
+
+    @property
+    def probes(self) -> int:
+        return len(self.series["bn"]["step"])
+
+    @property
+    def median(self) -> dict[str, dict[str, float]]:
+        """Median of each quantity over the probe points."""
+        return self._median()
+
+    @property
+    def median_loss(self) -> dict[str, float]:
+        return {n: statistics.median(s["loss"]) for n, s in self.series.items()}
+
+    @property
+    def ratio(self) -> dict[str, float]:
+        """plain/BN of each median: the equal-steps comparison."""
+        med = self.median
+        return {
+            q: med["none"][q] / med["bn"][q] if med["bn"][q] > 0 else float("inf")
+            for q in QUANTITIES
+        }
+
+    @property
+    def quarter(self) -> int:
+        """How many probes are the first quarter of training (at least one)."""
+        return max(1, self.probes // 4)
+
+    @property
+    def early_median(self) -> dict[str, dict[str, float]]:
+        """Median of each quantity over the first quarter of the probes."""
+        return self._median(self.quarter)
+
+    def loss_matched(self, factor: float) -> tuple[dict[str, float], int]:
+        """:func:`loss_matched_ratios` of the plain net's probes against BN's."""
+        return loss_matched_ratios(self.series["none"], self.series["bn"], factor)
+
+    @property
+    def test_accuracy(self) -> dict[str, float]:
+        return {n: h.final_test_accuracy for n, h in self.history.items()}
+
+
+# the three quantities of the verdict and the headline figure
+JUDGED = ("gradient_predictiveness", "beta_smoothness", "top_eigenvalue")
+# the quantities diagnostics.landscape_along_gradient returns, under the same names
+ALONG_GRADIENT = ("loss_range", "gradient_predictiveness", "beta_smoothness")
+BN = tuple(T.BN_LABELS.items())  # (net, label) in plot order
+
+
 @register
 class Landscape(Experiment):
     id = "landscape"
@@ -86,12 +147,27 @@ class Landscape(Experiment):
     Config = Config
     quick_overrides: ClassVar[dict] = {"steps": 40, "probe_every": 10, "lanczos_iter": 8}
     MIN_RATIO = 2.0
+    MIN_MATCHED = 3  # loss-matched probes the equal-loss comparison needs
 
-    def run(self, config: Config, progress: Progress | None = None) -> Result:
+    def rule(self, config: Config, probes: int) -> str:
+        k = self.MIN_RATIO
+        return (
+            f"Equal steps (the paper's comparison): medians over the {probes} probe points. "
+            f"Equal loss: for each BN probe, the plain probes whose probe-batch loss is within "
+            f"{config.match_factor:g}x of it; median over BN probes of plain/BN. Holds if at "
+            f"equal steps the plain net's gradient change and effective β-smoothness are both "
+            f"≥ {k:g}x the BN net's and its top Hessian eigenvalue is larger, and at equal "
+            f"loss (≥ {self.MIN_MATCHED} matched probes) all three are larger for the plain "
+            f"net; fails if at equal steps the plain net's gradient change and β-smoothness "
+            f"are both smaller than BN's; inconclusive otherwise (including too few "
+            f"loss-matched probes)."
+        )
+
+    def measure(self, config: Config, progress: Progress | None = None) -> Measurement:
         data = load_digits(seed=config.seed, image=True)
         probe_batch = (data.x_train[: config.probe_size], data.y_train[: config.probe_size])
         with T.seeded(config.seed):
-            models = {n: T.small_cnn(channels=config.channels, norm=n) for n in ("none", "bn")}
+            models = {n: T.small_cnn(channels=config.channels, norm=n) for n in T.BN_LABELS}
         T.copy_weights(models["none"], models["bn"])
 
         series: dict[str, dict[str, list[float]]] = {}
@@ -114,19 +190,14 @@ class Landscape(Experiment):
                 )
                 rec["step"].append(step)
                 rec["loss"].append(lp.loss)
-                rec["loss_range"].append(lp.loss_range)
-                rec["gradient_predictiveness"].append(lp.gradient_predictiveness)
-                rec["beta_smoothness"].append(lp.beta_smoothness)
+                for q in ALONG_GRADIENT:
+                    rec[q].append(getattr(lp, q))
                 rec["top_eigenvalue"].append(eig.eigenvalues[0])
 
-            hist[norm] = T.train(
+            hist[norm] = T.train_as(
+                config,
                 model,
                 data,
-                steps=config.steps,
-                lr=config.lr,
-                batch_size=config.batch_size,
-                momentum=config.momentum,
-                seed=config.seed,
                 eval_every=config.probe_every,
                 on_eval=probe,
                 progress=progress,
@@ -134,44 +205,27 @@ class Landscape(Experiment):
                 label=T.NORM_NAMES[norm],
             )
             series[norm] = rec
+        return Measurement(series=series, history=hist)
 
-        median = {n: {q: statistics.median(series[n][q]) for q in QUANTITIES} for n in series}
-        ratio = {
-            q: median["none"][q] / median["bn"][q] if median["bn"][q] > 0 else float("inf")
-            for q in QUANTITIES
-        }
-        quarter = max(1, len(series["bn"]["step"]) // 4)
-        early = {
-            n: {q: statistics.median(series[n][q][:quarter]) for q in QUANTITIES} for n in series
-        }
-        matched, pairs = loss_matched_ratios(series["none"], series["bn"], config.match_factor)
-        k = self.MIN_RATIO
-        main = ("gradient_predictiveness", "beta_smoothness")
-        rule = (
-            f"Equal steps (the paper's comparison): medians over the "
-            f"{len(series['bn']['step'])} probe points. Equal loss: for each BN probe, the "
-            f"plain probes whose probe-batch loss is within {config.match_factor:g}x of it; "
-            f"median over BN probes of plain/BN. Holds if at equal steps the plain net's "
-            f"gradient change and effective β-smoothness are both ≥ {k:g}x the BN net's and "
-            f"its top Hessian eigenvalue is larger, and at equal loss (≥ 3 matched probes) all "
-            f"three are larger for the plain net; fails if at equal steps the plain net's "
-            f"gradient change and β-smoothness are both smaller than BN's; inconclusive "
-            f"otherwise (including too few loss-matched probes)."
-        )
-        steps_hold = all(ratio[q] >= k for q in main) and ratio["top_eigenvalue"] > 1
-        loss_hold = pairs >= 3 and all(matched[q] > 1 for q in ("top_eigenvalue", *main))
+    def judge(self, config: Config, m: Measurement) -> Verdict:
+        ratio, main = m.ratio, JUDGED[:2]
+        matched, pairs = m.loss_matched(config.match_factor)
+        steps_hold = all(ratio[q] >= self.MIN_RATIO for q in main) and ratio["top_eigenvalue"] > 1
+        loss_hold = pairs >= self.MIN_MATCHED and all(matched[q] > 1 for q in JUDGED)
         if steps_hold and loss_hold:
-            verdict = "holds"
-        elif all(ratio[q] < 1 for q in main):
-            verdict = "fails"
-        else:
-            verdict = "inconclusive"
-        shown = ("gradient_predictiveness", "beta_smoothness", "top_eigenvalue")
+            return "holds"
+        if all(ratio[q] < 1 for q in main):
+            return "fails"
+        return "inconclusive"
+
+    def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
+        median, ratio = m.median, m.ratio
+        matched, pairs = m.loss_matched(config.match_factor)
         measured = (
             "plain/BN for ‖Δ∇L‖, β-smoothness, top eigenvalue: at equal steps "
-            + ", ".join(f"{ratio[q]:.2g}x" for q in shown)
+            + ", ".join(f"{ratio[q]:.2g}x" for q in JUDGED)
             + f"; at equal loss ({pairs} probes) "
-            + ", ".join(f"{matched[q]:.2g}x" for q in shown)
+            + ", ".join(f"{matched[q]:.2g}x" for q in JUDGED)
         )
         plots = [
             Plot(
@@ -180,48 +234,19 @@ class Landscape(Experiment):
                 else "top Hessian eigenvalue",
                 "step",
                 QUANTITIES[q],
-                [
-                    Line("without BN", series["none"]["step"], series["none"][q], "-"),
-                    Line("with BN", series["bn"]["step"], series["bn"][q], "-"),
-                ],
+                [Line(lab, m.series[n]["step"], m.series[n][q], "-") for n, lab in BN],
                 logy=True,
             )
             for q in QUANTITIES
         ]
-        plots.append(
-            Plot(
-                "Test accuracy",
-                "step",
-                "test accuracy",
-                [
-                    Line("without BN", hist["none"].eval_steps, hist["none"].test_accuracy, "-"),
-                    Line("with BN", hist["bn"].eval_steps, hist["bn"].test_accuracy, "-"),
-                ],
-            )
-        )
-        first = series["bn"]["step"][quarter - 1]
-        plateau = early["none"]["gradient_predictiveness"] < early["bn"]["gradient_predictiveness"]
-        notes = (
-            f"Early in training (probes up to step {first}) the medians are: gradient change "
-            f"plain {early['none']['gradient_predictiveness']:.3g} vs BN "
-            f"{early['bn']['gradient_predictiveness']:.3g}, β-smoothness plain "
-            f"{early['none']['beta_smoothness']:.3g} vs BN {early['bn']['beta_smoothness']:.3g}. "
-            + (
-                "Here the plain net starts on a plateau (its loss barely moves for the first "
-                "steps), where the landscape is trivially flat; it becomes rough once it starts "
-                "learning, while the BN net learns from the first step. The paper's two orders "
-                "of magnitude early in VGG training are not reproduced at this scale. "
-                if plateau
-                else ""
-            )
-            + "At equal steps the BN net's loss is far lower and a converged net's gradients "
-            "and curvature shrink with its loss, which inflates the equal-step ratios; the "
-            "equal-loss ratios remove that and are the fairer size of the effect."
-        )
-        return self.result(
+        accuracy = [
+            Line(lab, m.history[n].eval_steps, m.history[n].test_accuracy, "-") for n, lab in BN
+        ]
+        plots.append(Plot("Test accuracy", "step", "test accuracy", accuracy))
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=rule,
+            verdict,
+            rule=self.rule(config, m.probes),
             measured=measured,
             setup=(
                 f"Small CNN (3×3 convs {list(config.channels)}, ReLU) on scikit-learn's 8×8 "
@@ -238,16 +263,15 @@ class Landscape(Experiment):
                 "ratio_plain_over_bn": ratio,
                 "loss_matched_ratio_plain_over_bn": matched,
                 "loss_matched_probes": pairs,
-                "early_median": early,
-                "test_accuracy": {n: h.final_test_accuracy for n, h in hist.items()},
+                "early_median": m.early_median,
+                "test_accuracy": m.test_accuracy,
             },
             plots=plots,
             tables={
                 "medians over the probe points": {
                     "header": [
                         "quantity",
-                        "without BN",
-                        "with BN",
+                        *T.BN_LABELS.values(),
                         "plain / BN",
                         "plain / BN at equal loss",
                     ],
@@ -263,5 +287,36 @@ class Landscape(Experiment):
                     ],
                 }
             },
-            notes=notes,
+            notes=_notes(m),
         )
+
+
+def _notes(m: Measurement) -> str:
+    """Early-training medians, and what the loss at equal steps does to the ratios."""
+    early, loss = m.early_median, m.median_loss
+    first = m.series["bn"]["step"][m.quarter - 1]
+    gp, bs = "gradient_predictiveness", "beta_smoothness"
+    plateau = early["none"][gp] < early["bn"][gp]
+    notes = (
+        f"Early in training (probes up to step {first}) the medians are: gradient change "
+        f"plain {early['none'][gp]:.3g} vs BN {early['bn'][gp]:.3g}, β-smoothness plain "
+        f"{early['none'][bs]:.3g} vs BN {early['bn'][bs]:.3g}. "
+    )
+    if plateau:
+        notes += (
+            "Here the plain net starts on a plateau (its loss barely moves for the first "
+            "steps), where the landscape is trivially flat; it becomes rough once it starts "
+            "learning, while the BN net learns from the first step. The paper's two orders "
+            "of magnitude early in VGG training are not reproduced at this scale. "
+        )
+    if loss["bn"] < loss["none"]:
+        return notes + (
+            "At equal steps the BN net's loss is far lower and a converged net's gradients "
+            "and curvature shrink with its loss, which inflates the equal-step ratios; the "
+            "equal-loss ratios remove that and are the fairer size of the effect."
+        )
+    return notes + (
+        f"At equal steps the BN net's loss is not lower than the plain net's (median "
+        f"{loss['bn']:.3g} vs {loss['none']:.3g}), so the equal-step ratios are not inflated "
+        "by a converged net's smaller gradients and curvature."
+    )

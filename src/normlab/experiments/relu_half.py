@@ -19,7 +19,7 @@ import torch
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
-from normlab.experiments.base import Experiment, Line, Plot, Result, notify
+from normlab.experiments.base import Experiment, Line, Plot, Progress, Result, Verdict, notify
 from normlab.experiments.registry import register
 
 
@@ -50,6 +50,63 @@ def activation_probability(pre: torch.Tensor, gamma: float, beta: float) -> torc
         return (bn(pre) > 0).to(pre.dtype).mean(0)
 
 
+def increasing(values: list[float]) -> bool:
+    """Each value strictly above the one before."""
+    return all(b > a for a, b in itertools.pairwise(values))
+
+
+@dataclass
+class Share:
+    """The activation probability at one (γ, β): mean over units, and the extreme units."""
+
+    gamma: float
+    beta: float
+    mean: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, pre: torch.Tensor, gamma: float, beta: float) -> Share:
+        p = activation_probability(pre, gamma, beta)
+        return cls(gamma, beta, float(p.mean()), float(p.min()), float(p.max()))
+
+    @property
+    def analytic(self) -> float:
+        """Φ(β/γ): the share for normal pre-activations."""
+        return normal_cdf(self.beta / self.gamma)
+
+
+@dataclass
+class Measurement:
+    """What :class:`ReluHalf` measured: numbers only."""
+
+    n_digits: int  # digits training images, one batch
+    gaussian: list[Share]  # Gaussian inputs: every (γ, β) of the config, γ-major
+    digits: list[Share]  # the digits: γ = 1, every β of the config
+    half_gaussian: Share  # γ = 1, β = 0
+    half_digits: Share
+
+    @property
+    def curves(self) -> dict[float, list[Share]]:
+        """The Gaussian shares by γ, each in the config's β order."""
+        out: dict[float, list[Share]] = {}
+        for s in self.gaussian:
+            out.setdefault(s.gamma, []).append(s)
+        return out
+
+    @property
+    def max_abs_error_gaussian(self) -> float:
+        """Largest |measured − Φ(β/γ)| on the Gaussian inputs."""
+        return max([0.0, *(abs(s.mean - s.analytic) for s in self.gaussian)])
+
+    @property
+    def monotone_in_beta(self) -> bool:
+        """The mean share rises strictly with β (in the config's order) for every γ on the
+        Gaussian inputs and on the digits."""
+        curves = [*self.curves.values(), self.digits]
+        return all(increasing([s.mean for s in curve]) for curve in curves)
+
+
 @register
 class ReluHalf(Experiment):
     id = "relu-half"
@@ -70,7 +127,16 @@ class ReluHalf(Experiment):
         "units": 64,
     }
 
-    def run(self, config: Config, progress=None) -> Result:
+    def rule(self, config: Config) -> str:
+        return (
+            "holds if on Gaussian inputs the measured activation probability (mean over "
+            f"units) is within {config.tolerance:g} of Φ(β/γ) at every β in "
+            f"{list(config.betas)} and γ in {list(config.gammas)}, on the digits it is within "
+            f"{config.digits_tolerance:g} of 0.5 at β = 0, and it increases strictly with β on "
+            "both."
+        )
+
+    def measure(self, config: Config, progress: Progress | None = None) -> Measurement:
         c = config
         with T.seeded(c.seed):
             lin = torch.nn.Linear(c.in_features, c.units, dtype=torch.float64)
@@ -78,87 +144,76 @@ class ReluHalf(Experiment):
             split = load_digits(seed=c.seed)
             pre_gauss = lin(gauss).detach()
             pre_digits = lin(split.x_train.double()).detach()
-        rows, worst, lines = [], 0.0, []
-        monotone = True
-        dense = [i / 20 for i in range(-45, 46)]  # β grid for the analytic curves
-        steps = len(c.gammas) + 1
+        gaussian = []
         for k, gamma in enumerate(c.gammas):
-            measured = []
-            for beta in c.betas:
-                p = activation_probability(pre_gauss, gamma, beta)
-                analytic = normal_cdf(beta / gamma)
-                measured.append(float(p.mean()))
-                worst = max(worst, abs(measured[-1] - analytic))
-                rows.append(
-                    [
-                        "Gaussian",
-                        gamma,
-                        beta,
-                        analytic,
-                        measured[-1],
-                        float(p.min()),
-                        float(p.max()),
-                    ]
-                )
-            monotone &= all(b > a for a, b in itertools.pairwise(measured))
-            lines.append(
-                Line(f"Φ(β/{gamma:g})", dense, [normal_cdf(b / gamma) for b in dense], f"C{k}-")
-            )
-            lines.append(
-                Line(f"measured, γ = {gamma:g}", [float(b) for b in c.betas], measured, f"C{k}o")
-            )
-            notify(progress, (k + 1) / steps, f"γ = {gamma:g}")
-        digit_probs = []
-        for beta in c.betas:
-            p = activation_probability(pre_digits, 1.0, beta)
-            digit_probs.append(float(p.mean()))
-            rows.append(
-                [
-                    "digits",
-                    1.0,
-                    beta,
-                    normal_cdf(beta),
-                    digit_probs[-1],
-                    float(p.min()),
-                    float(p.max()),
-                ]
-            )
-        lines.append(
-            Line("measured on digits, γ = 1", [float(b) for b in c.betas], digit_probs, "kx")
-        )
+            gaussian += [Share.of(pre_gauss, gamma, beta) for beta in c.betas]
+            notify(progress, (k + 1) / (len(c.gammas) + 1), f"γ = {gamma:g}")
+        digits = [Share.of(pre_digits, 1.0, beta) for beta in c.betas]
         notify(progress, 1.0, "digits")
-        at_zero = activation_probability(pre_digits, 1.0, 0.0)
-        digits_half = float(at_zero.mean())
-        gauss_half = float(activation_probability(pre_gauss, 1.0, 0.0).mean())
-        monotone &= all(b > a for a, b in itertools.pairwise(digit_probs))
-        holds = worst <= c.tolerance and abs(digits_half - 0.5) <= c.digits_tolerance and monotone
-        return self.result(
+        return Measurement(
+            n_digits=len(split.x_train),
+            gaussian=gaussian,
+            digits=digits,
+            half_gaussian=Share.of(pre_gauss, 1.0, 0.0),
+            half_digits=Share.of(pre_digits, 1.0, 0.0),
+        )
+
+    def judge(self, config: Config, m: Measurement) -> Verdict:
+        holds = (
+            m.max_abs_error_gaussian <= config.tolerance
+            and abs(m.half_digits.mean - 0.5) <= config.digits_tolerance
+            and m.monotone_in_beta
+        )
+        return "holds" if holds else "fails"
+
+    def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
+        c, half = config, m.half_digits
+        rows = [
+            [inputs, s.gamma, s.beta, s.analytic, s.mean, s.min, s.max]
+            for inputs, shares in (("Gaussian", m.gaussian), ("digits", m.digits))
+            for s in shares
+        ]
+        dense = [i / 20 for i in range(-45, 46)]  # β grid for the analytic curves
+        lines = []
+        for k, (gamma, curve) in enumerate(m.curves.items()):
+            lines += [
+                Line(f"Φ(β/{gamma:g})", dense, [normal_cdf(b / gamma) for b in dense], f"C{k}-"),
+                Line(
+                    f"measured, γ = {gamma:g}",
+                    [float(s.beta) for s in curve],
+                    [s.mean for s in curve],
+                    f"C{k}o",
+                ),
+            ]
+        lines.append(
+            Line(
+                "measured on digits, γ = 1",
+                [float(s.beta) for s in m.digits],
+                [s.mean for s in m.digits],
+                "kx",
+            )
+        )
+        return self.verdict_result(
             config,
-            verdict="holds" if holds else "fails",
-            rule=(
-                "holds if on Gaussian inputs the measured activation probability (mean over "
-                f"units) is within {c.tolerance:g} of Φ(β/γ) at every β in {list(c.betas)} and "
-                f"γ in {list(c.gammas)}, on the digits it is within {c.digits_tolerance:g} of "
-                "0.5 at β = 0, and it increases strictly with β on both."
-            ),
+            verdict,
             measured=(
-                f"β = 0: {gauss_half:.1%} (Gaussian), {digits_half:.1%} (digits; units "
-                f"{float(at_zero.min()):.0%}–{float(at_zero.max()):.0%}); max |measured − Φ(β/γ)| "
-                f"= {worst:.3f}"
+                f"β = 0: {m.half_gaussian.mean:.1%} (Gaussian), {half.mean:.1%} (digits; units "
+                f"{half.min:.0%}–{half.max:.0%}); max |measured − Φ(β/γ)| "
+                f"= {m.max_abs_error_gaussian:.3f}"
             ),
             setup=(
                 f"A float64 Linear({c.in_features}, {c.units}) with torch's default init, then "
                 "normlab BatchNorm1d (training mode, γ and β set, ReLU fused) on a batch of "
-                f"{c.batch} Gaussian inputs N(1, 4) and on the {len(split.x_train)} digits "
+                f"{c.batch} Gaussian inputs N(1, 4) and on the {m.n_digits} digits "
                 "training images (one batch). Activation probability of a unit = share of the "
                 "batch with positive output. Nothing scaled down."
             ),
             metrics={
-                "max_abs_error_gaussian": worst,
-                "half_gaussian": gauss_half,
-                "half_digits": digits_half,
-                "half_digits_unit_range": [float(at_zero.min()), float(at_zero.max())],
-                "monotone_in_beta": monotone,
+                "max_abs_error_gaussian": m.max_abs_error_gaussian,
+                "half_gaussian": m.half_gaussian.mean,
+                "half_digits": half.mean,
+                "half_digits_unit_range": [half.min, half.max],
+                "monotone_in_beta": m.monotone_in_beta,
             },
             tables={
                 "Activation probability": {
@@ -182,12 +237,28 @@ class ReluHalf(Experiment):
                     lines=lines,
                 )
             ],
-            notes=(
-                "BN centres the mean of each unit over the batch, so exactly half of the mass "
-                "lies above 0 only for a symmetric distribution. Gaussian inputs through a "
-                "linear layer give normal pre-activations and the measured share follows "
-                "Φ(β/γ); on the digits the pre-activations are skewed, so individual units sit "
-                f"between {float(at_zero.min()):.0%} and {float(at_zero.max()):.0%} active at "
-                "β = 0 while the average stays near 50%."
-            ),
+            notes=_notes(c, m),
         )
+
+
+def _notes(c: Config, m: Measurement) -> str:
+    """The reading of the numbers: each of the verdict's three conditions as measured."""
+    half = m.half_digits
+    follows = (
+        "the measured share follows Φ(β/γ)"
+        if m.max_abs_error_gaussian <= c.tolerance
+        else f"yet the measured share is up to {m.max_abs_error_gaussian:.3f} from Φ(β/γ)"
+    )
+    average = (
+        "while the average stays near 50%"
+        if abs(half.mean - 0.5) <= c.digits_tolerance
+        else f"and the average is {half.mean:.1%}, not 50%"
+    )
+    monotone = "" if m.monotone_in_beta else " The share does not rise strictly with β."
+    return (
+        "BN centres the mean of each unit over the batch, so exactly half of the mass "
+        "lies above 0 only for a symmetric distribution. Gaussian inputs through a "
+        f"linear layer give normal pre-activations and {follows}; on the digits the "
+        "pre-activations are skewed, so individual units sit between "
+        f"{half.min:.0%} and {half.max:.0%} active at β = 0 {average}.{monotone}"
+    )

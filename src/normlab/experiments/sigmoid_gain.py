@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from normlab.experiments.base import Experiment, Line, Plot, Result, notify
+from normlab.experiments.base import Experiment, Line, Plot, Progress, Result, Verdict, notify
 from normlab.experiments.registry import register
 
 
@@ -92,6 +92,59 @@ def _measured(c: Config, s: float, g: torch.Generator) -> dict[str, float]:
         }
 
 
+@dataclass
+class SpreadPoint:
+    """One measured spread s: mean σ'(z) at a layer's sigmoid input, and the analytic
+    values it is checked against."""
+
+    s: float
+    plain: float  # measured, no BN
+    bn_centre: float  # measured, BN with γ = s (centred, same spread)
+    bn_unit: float  # measured, BN with γ = 1 (centred, unit spread)
+    analytic_plain: float  # g(mean, s)
+    analytic_centre: float  # g(0, s)
+
+    @property
+    def gain_analytic(self) -> float:
+        return self.analytic_centre / self.analytic_plain
+
+    @property
+    def gain_measured(self) -> float:
+        return self.bn_centre / self.plain
+
+    @property
+    def gain_measured_unit(self) -> float:
+        return self.bn_unit / self.plain
+
+    def rel_errors(self, g0_unit: float) -> list[float]:
+        """|measured / analytic − 1| for the three measured values."""
+        return [
+            abs(self.plain / self.analytic_plain - 1),
+            abs(self.bn_centre / self.analytic_centre - 1),
+            abs(self.bn_unit / g0_unit - 1),
+        ]
+
+
+@dataclass
+class Measurement:
+    """What :class:`SigmoidGain` computed and measured: numbers only."""
+
+    grid: list[float]  # spreads s of the analytic curves
+    analytic_gain: list[float]  # g(0, s)/g(mean, s) on the grid (same spread)
+    analytic_gain_unit: list[float]  # g(0, 1)/g(mean, s) on the grid (BN's γ = 1)
+    point_gain: float  # s → 0
+    gain_at_1: float
+    s_star: float | None  # where the same-spread gain crosses the claimed gain
+    s_unit_star: float | None  # where the γ = 1 gain crosses it
+    g0_unit: float  # g(0, 1)
+    points: list[SpreadPoint]
+
+    @property
+    def worst_rel_error(self) -> float:
+        """Largest |measured / analytic − 1| over every measured spread."""
+        return max([0.0, *(e for p in self.points for e in p.rel_errors(self.g0_unit))])
+
+
 @register
 class SigmoidGain(Experiment):
     id = "sigmoid-gain"
@@ -106,91 +159,103 @@ class SigmoidGain(Experiment):
     Config = Config
     quick_overrides: ClassVar[dict] = {"spreads": (0.25, 1.0, 2.0), "batch": 1024, "units": 64}
 
-    def run(self, config: Config, progress=None) -> Result:
-        c = config
-        n = c.quad_nodes
+    def rule(self, config: Config) -> str:
+        return (
+            "The seed gives no input spread, so its claim is read as 'can': holds if "
+            f"the analytic gain g(0, s)/g({config.mean:g}, s) exceeds {config.claimed_gain:g} "
+            "for narrow inputs (s → 0) — the measured figure states for which s — and the "
+            "gains measured at a Linear layer's sigmoid input without BN and with BN "
+            f"match the analytic values within {config.rel_tolerance:.0%} at every measured s."
+        )
+
+    def measure(self, config: Config, progress: Progress | None = None) -> Measurement:
+        c, n = config, config.quad_nodes
         grid = [0.0, *[float(v) for v in np.round(np.linspace(0.05, 4.0, 80), 4)]]
-        analytic_gain = [gain(c.mean, s, n) for s in grid]
-        s_star = crossing(lambda s: gain(c.mean, s, n), c.claimed_gain)
         g0_unit = expected_sigmoid_grad(0.0, 1.0, n)
-        point_gain = gain(c.mean, 0.0, n)
+
+        def gain_unit(s: float) -> float:
+            # with BN's default γ = 1 the centred input has s = 1 whatever the input spread
+            return g0_unit / expected_sigmoid_grad(c.mean, s, n)
+
         notify(progress, 0.1, "analytic")
         g = torch.Generator().manual_seed(c.seed)
-        rows, worst = [], 0.0
-        meas_gain, meas_gain_unit, an_at, an_unit = [], [], [], []
+        points = []
         for k, s in enumerate(c.spreads):
             m = _measured(c, s, g)
-            a_plain = expected_sigmoid_grad(c.mean, s, n)
-            a_centre = expected_sigmoid_grad(0.0, s, n)
-            errs = [
-                abs(m["plain"] / a_plain - 1),
-                abs(m["bn_centre"] / a_centre - 1),
-                abs(m["bn_unit"] / g0_unit - 1),
-            ]
-            worst = max(worst, *errs)
-            meas_gain.append(m["bn_centre"] / m["plain"])
-            meas_gain_unit.append(m["bn_unit"] / m["plain"])
-            an_at.append(a_centre / a_plain)
-            an_unit.append(g0_unit / a_plain)
-            rows.append(
-                [
-                    s,
-                    a_plain,
-                    m["plain"],
-                    a_centre,
-                    m["bn_centre"],
-                    an_at[-1],
-                    meas_gain[-1],
-                    meas_gain_unit[-1],
-                ]
+            points.append(
+                SpreadPoint(
+                    s=s,
+                    plain=m["plain"],
+                    bn_centre=m["bn_centre"],
+                    bn_unit=m["bn_unit"],
+                    analytic_plain=expected_sigmoid_grad(c.mean, s, n),
+                    analytic_centre=expected_sigmoid_grad(0.0, s, n),
+                )
             )
             notify(progress, 0.1 + 0.9 * (k + 1) / len(c.spreads), f"s = {s:g}")
-
-        analytic_ok = point_gain > c.claimed_gain and s_star is not None
-        measured_ok = worst <= c.rel_tolerance
-        holds = analytic_ok and measured_ok
-        gain_at_1 = gain(c.mean, 1.0, n)
-        s_star_txt = f"{s_star:.2f}" if s_star is not None else "none"
-        # with BN's default γ = 1 the centred input has s = 1 whatever the input spread
-        s_unit_star = crossing(
-            lambda s: g0_unit / expected_sigmoid_grad(c.mean, s, n), c.claimed_gain
+        return Measurement(
+            grid=grid,
+            analytic_gain=[gain(c.mean, s, n) for s in grid],
+            analytic_gain_unit=[gain_unit(s) for s in grid],
+            point_gain=gain(c.mean, 0.0, n),
+            gain_at_1=gain(c.mean, 1.0, n),
+            s_star=crossing(lambda s: gain(c.mean, s, n), c.claimed_gain),
+            s_unit_star=crossing(gain_unit, c.claimed_gain),
+            g0_unit=g0_unit,
+            points=points,
         )
-        return self.result(
+
+    def judge(self, config: Config, m: Measurement) -> Verdict:
+        analytic_ok = m.point_gain > config.claimed_gain and m.s_star is not None
+        measured_ok = m.worst_rel_error <= config.rel_tolerance
+        return "holds" if analytic_ok and measured_ok else "fails"
+
+    def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
+        c = config
+        mean, claimed, n = f"{c.mean:g}", f"{c.claimed_gain:g}", c.quad_nodes
+        spreads = [float(p.s) for p in m.points]
+        rows = [
+            [
+                p.s,
+                p.analytic_plain,
+                p.plain,
+                p.analytic_centre,
+                p.bn_centre,
+                p.gain_analytic,
+                p.gain_measured,
+                p.gain_measured_unit,
+            ]
+            for p in m.points
+        ]
+        return self.verdict_result(
             config,
-            verdict="holds" if holds else "fails",
-            rule=(
-                "The seed gives no input spread, so its claim is read as 'can': holds if "
-                f"the analytic gain g(0, s)/g({c.mean:g}, s) exceeds {c.claimed_gain:g} for "
-                "narrow inputs (s → 0) — the measured figure states for which s — and the "
-                "gains measured at a Linear layer's sigmoid input without BN and with BN "
-                f"match the analytic values within {c.rel_tolerance:.0%} at every measured s."
-            ),
+            verdict,
             measured=(
-                f"{point_gain:.1f}x at s → 0; > {c.claimed_gain:g}x only for s < {s_star_txt}; "
-                f"{gain_at_1:.1f}x at s = 1"
+                f"{m.point_gain:.1f}x at s → 0; {_where_above(m.s_star, m.point_gain, c)}; "
+                f"{m.gain_at_1:.1f}x at s = 1"
             ),
             setup=(
-                f"Analytic: E[σ'(z)] by {n}-node Gauss–Hermite quadrature for z ~ N({c.mean:g}, "
-                f"s²) and N(0, s²), s ∈ [0, 4]. Measured: a float64 Linear({c.in_features}, "
-                f"{c.units}) with bias {c.mean:g} and rows of norm s on Gaussian inputs "
-                f"(batch {c.batch}), so every unit's input is N({c.mean:g}, s²); mean σ'(z) "
-                "without BN, after normlab BatchNorm1d with γ = s (centring only, same "
-                "spread) and with γ = 1 (BN's default: unit spread). Nothing scaled down: "
+                f"Analytic: E[σ'(z)] by {n}-node Gauss–Hermite quadrature for z ~ N({mean}, "
+                f"s²) and N(0, s²), s ∈ [0, {m.grid[-1]:g}]. Measured: a float64 "
+                f"Linear({c.in_features}, {c.units}) with bias {mean} and rows of norm s on "
+                f"Gaussian inputs (batch {c.batch}), so every unit's input is N({mean}, s²); "
+                "mean σ'(z) without BN, after normlab BatchNorm1d with γ = s (centring only, "
+                "same spread) and with γ = 1 (BN's default: unit spread). Nothing scaled down: "
                 "this is the seed's single-unit statement."
             ),
             metrics={
-                "gain_point_mass": point_gain,
-                "gain_at_s1": gain_at_1,
-                "s_where_gain_is_claimed": s_star,
-                "gain_bn_unit_gamma_max_s_above_claim": s_unit_star,
-                "expected_grad_centred_unit_spread": g0_unit,
-                "max_rel_error_measured_vs_analytic": worst,
+                "gain_point_mass": m.point_gain,
+                "gain_at_s1": m.gain_at_1,
+                "s_where_gain_is_claimed": m.s_star,
+                "gain_bn_unit_gamma_max_s_above_claim": m.s_unit_star,
+                "expected_grad_centred_unit_spread": m.g0_unit,
+                "max_rel_error_measured_vs_analytic": m.worst_rel_error,
             },
             tables={
                 "Measured at a layer vs analytic": {
                     "header": [
                         "s",
-                        f"g({c.mean:g}, s) analytic",
+                        f"g({mean}, s) analytic",
                         "no BN measured",
                         "g(0, s) analytic",
                         "BN γ=s measured",
@@ -203,35 +268,87 @@ class SigmoidGain(Experiment):
             },
             plots=[
                 Plot(
-                    title=f"Gain of centring a sigmoid input of mean {c.mean:g}",
+                    title=f"Gain of centring a sigmoid input of mean {mean}",
                     xlabel="input spread s",
-                    ylabel="E[σ'] centred / E[σ'] at mean 4",
+                    ylabel=f"E[σ'] centred / E[σ'] at mean {mean}",
                     logy=True,
                     lines=[
-                        Line("analytic, same spread: g(0,s)/g(4,s)", grid, analytic_gain, "-"),
                         Line(
-                            "analytic, BN γ=1: g(0,1)/g(4,s)",
-                            grid,
-                            [g0_unit / expected_sigmoid_grad(c.mean, s, n) for s in grid],
+                            f"analytic, same spread: g(0,s)/g({mean},s)",
+                            m.grid,
+                            m.analytic_gain,
+                            "-",
+                        ),
+                        Line(
+                            f"analytic, BN γ=1: g(0,1)/g({mean},s)",
+                            m.grid,
+                            m.analytic_gain_unit,
                             "--",
                         ),
-                        Line("measured, BN γ=s", [float(s) for s in c.spreads], meas_gain, "o"),
                         Line(
-                            "measured, BN γ=1", [float(s) for s in c.spreads], meas_gain_unit, "s"
+                            "measured, BN γ=s",
+                            spreads,
+                            [p.gain_measured for p in m.points],
+                            "o",
                         ),
-                        Line("claimed 10x", [grid[0], grid[-1]], [c.claimed_gain] * 2, ":"),
+                        Line(
+                            "measured, BN γ=1",
+                            spreads,
+                            [p.gain_measured_unit for p in m.points],
+                            "s",
+                        ),
+                        Line(
+                            f"claimed {claimed}x",
+                            [m.grid[0], m.grid[-1]],
+                            [c.claimed_gain] * 2,
+                            ":",
+                        ),
                     ],
                 )
             ],
-            notes=(
-                f"The claim depends on the spread s of the input. For a point mass the gain is "
-                f"σ'(0)/σ'(4) = {point_gain:.2f}x; it falls below {c.claimed_gain:g}x at "
-                f"s ≈ {s_star_txt} and is {gain_at_1:.2f}x at s = 1, because a wide input "
-                "puts mass both in the saturated tail (raising E[σ'] at mean 4) and away from "
-                "the peak (lowering it at mean 0). BN with its default γ = 1 also rescales "
-                f"the input to s = 1; its gain exceeds {c.claimed_gain:g}x only if the input "
-                f"was narrower than s ≈ {s_unit_star if s_unit_star is not None else 0:.2f}. "
-                "So 'more than 10x' holds for narrow inputs and is closer to 8x for the unit "
-                "spread BN produces."
-            ),
+            notes=_notes(c, m, verdict),
         )
+
+
+def _where_above(s_star: float | None, point_gain: float, c: Config) -> str:
+    """Where the same-spread gain exceeds the claimed one, for the headline figure."""
+    if s_star is not None:
+        return f"> {c.claimed_gain:g}x only for s < {s_star:.2f}"
+    if point_gain > c.claimed_gain:
+        return f"> {c.claimed_gain:g}x at every s up to 10"
+    return f"never > {c.claimed_gain:g}x"
+
+
+def _notes(c: Config, m: Measurement, verdict: Verdict) -> str:
+    """The reading of the numbers; its conclusion is the verdict's."""
+    claimed = f"{c.claimed_gain:g}x"
+    below = (
+        f"it falls below {claimed} at s ≈ {m.s_star:.2f} and"
+        if m.s_star is not None
+        else f"it does not cross {claimed} for s in (0, 10] and"
+    )
+    unit = (
+        f"its gain exceeds {claimed} only if the input was narrower than s ≈ {m.s_unit_star:.2f}"
+        if m.s_unit_star is not None
+        else f"its gain does not cross {claimed} for input spreads in (0, 10]"
+    )
+    if verdict == "holds":
+        conclusion = (
+            f"So 'more than {claimed}' holds for narrow inputs and is closer to "
+            f"{m.gain_at_1:.0f}x for the unit spread BN produces."
+        )
+    elif m.worst_rel_error > c.rel_tolerance:
+        conclusion = (
+            f"The gains measured at a layer differ from the analytic ones by up to "
+            f"{m.worst_rel_error:.1%} (tolerance {c.rel_tolerance:.0%}), so the analytic "
+            "reading is not confirmed."
+        )
+    else:
+        conclusion = f"So 'more than {claimed}' does not hold even for narrow inputs."
+    return (
+        f"The claim depends on the spread s of the input. For a point mass the gain is "
+        f"σ'(0)/σ'({c.mean:g}) = {m.point_gain:.2f}x; {below} is {m.gain_at_1:.2f}x at "
+        "s = 1, because a wide input puts mass both in the saturated tail (raising E[σ'] at "
+        f"mean {c.mean:g}) and away from the peak (lowering it at mean 0). BN with its "
+        f"default γ = 1 also rescales the input to s = 1; {unit}. {conclusion}"
+    )
