@@ -39,6 +39,18 @@ def notify(progress: Progress | None, fraction: float, message: str = "") -> Non
         progress(min(max(float(fraction), 0.0), 1.0), message)
 
 
+def all_checks(checks: dict[str, bool]) -> Verdict:
+    """The verdict of a rule that holds only if every one of its checks passes and has no
+    inconclusive case (exact identities, formulas): 'holds' or 'fails'. ``checks`` maps
+    each part of the rule, named as the report would say it, to whether it passed."""
+    return "holds" if all(checks.values()) else "fails"
+
+
+def failed_checks(checks: dict[str, bool]) -> str:
+    """The parts of such a rule that did not pass, for a report's notes: 'a; b' ('' if none)."""
+    return "; ".join(name for name, ok in checks.items() if not ok)
+
+
 @dataclass
 class Line:
     """One curve: x and y values of equal length; ``style`` is a matplotlib format string."""
