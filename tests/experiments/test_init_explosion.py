@@ -71,12 +71,12 @@ def _synthetic(linear_6=None, relu=(1.52, 1.49)):
 )
 def test_verdict_rule(args, verdict, failed):
     from normlab.experiments import get
-    from normlab.experiments.base import failed_checks
 
     exp = get("init-explosion")
     m = _synthetic(**args)
     assert exp.judge(exp.quick_config(), m) == verdict
-    assert failed_checks(exp.checks(exp.quick_config(), m)) == failed
+    says = f"Measured, the rule fails on: {failed}." if failed else ""
+    assert exp.failures(exp.quick_config(), m) == says
 
 
 def test_rate_is_the_geometric_mean_over_initialisations():

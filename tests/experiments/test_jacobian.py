@@ -47,11 +47,11 @@ def _synthetic(**changes):
 )
 def test_verdict_rule(changes, verdict, failed):
     from normlab.experiments import get
-    from normlab.experiments.base import failed_checks
 
     exp, m = get("jacobian"), _synthetic(**changes)
     assert exp.judge(exp.quick_config(), m) == verdict
-    assert failed_checks(exp.checks(exp.quick_config(), m)) == failed
+    says = f"Measured, the rule fails on: {failed}." if failed else ""
+    assert exp.failures(exp.quick_config(), m) == says
 
 
 def test_density_is_not_judged_at_m_2():

@@ -50,12 +50,12 @@ def _synthetic(*, out_err=0.0, cos=1e-6, plain_end=1.2, decay_end=0.5, acc_decay
 )
 def test_verdict_rule(changes, verdict, failed):
     from normlab.experiments import get
-    from normlab.experiments.base import failed_checks
 
     exp = get("scale-invariance")
     m = _synthetic(**changes)
     assert exp.judge(exp.quick_config(), m) == verdict
-    assert failed_checks(exp.checks(exp.quick_config(), m)) == failed
+    says = f"Measured, the rule fails on: {failed}." if failed else ""
+    assert exp.failures(exp.quick_config(), m) == says
 
 
 def test_effective_learning_rate_is_lr_over_squared_norm():

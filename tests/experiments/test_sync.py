@@ -76,12 +76,12 @@ def _synthetic(f32=1e-7, f64=1e-15, same_count=True):
 )
 def test_verdict_rule(args, verdict, failed):
     from normlab.experiments import get
-    from normlab.experiments.base import failed_checks
 
     exp = get("sync")
     m = _synthetic(**args)
     assert exp.judge(exp.quick_config(), m) == verdict
-    assert failed_checks(exp.checks(exp.quick_config(), m)) == failed
+    says = f"Measured, the rule fails on: {failed}." if failed else ""
+    assert exp.failures(exp.quick_config(), m) == says
 
 
 def test_measurement_summaries():

@@ -39,18 +39,6 @@ def notify(progress: Progress | None, fraction: float, message: str = "") -> Non
         progress(min(max(float(fraction), 0.0), 1.0), message)
 
 
-def all_checks(checks: dict[str, bool]) -> Verdict:
-    """The verdict of a rule that holds only if every one of its checks passes and has no
-    inconclusive case (exact identities, formulas): 'holds' or 'fails'. ``checks`` maps
-    each part of the rule, named as the report would say it, to whether it passed."""
-    return "holds" if all(checks.values()) else "fails"
-
-
-def failed_checks(checks: dict[str, bool]) -> str:
-    """The parts of such a rule that did not pass, for a report's notes: 'a; b' ('' if none)."""
-    return "; ".join(name for name, ok in checks.items() if not ok)
-
-
 @dataclass
 class Line:
     """One curve: x and y values of equal length; ``style`` is a matplotlib format string."""
@@ -204,3 +192,21 @@ class Experiment:
             ).strip(),
             **fields,
         )
+
+
+class AllChecks(Experiment):
+    """An experiment whose rule is a list of checks that must all pass (exact identities,
+    formulas): it holds if every check passes and fails otherwise, with no inconclusive
+    case. Subclasses implement :meth:`checks` instead of :meth:`judge`."""
+
+    def checks(self, config, measurement) -> dict[str, bool]:
+        """Each part of the rule, named as the report says it, and whether it passed."""
+        raise NotImplementedError
+
+    def judge(self, config, measurement) -> Verdict:
+        return "holds" if all(self.checks(config, measurement).values()) else "fails"
+
+    def failures(self, config, measurement) -> str:
+        """The report's sentence naming the checks that did not pass ('' if none did)."""
+        failed = [name for name, ok in self.checks(config, measurement).items() if not ok]
+        return f"Measured, the rule fails on: {'; '.join(failed)}." if failed else ""

@@ -25,17 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from normlab.experiments.base import (
-    Experiment,
-    Line,
-    Plot,
-    Progress,
-    Result,
-    Verdict,
-    all_checks,
-    failed_checks,
-    notify,
-)
+from normlab.experiments.base import AllChecks, Line, Plot, Progress, Result, Verdict, notify
 from normlab.experiments.registry import register
 
 RELU_LIMIT = math.pi / (math.pi - 1)
@@ -117,7 +107,7 @@ class Measurement:
 
 
 @register
-class InitExplosion(Experiment):
+class InitExplosion(AllChecks):
     id = "init-explosion"
     claim = (
         "At initialisation, deep BN networks have gradients that grow per layer "
@@ -194,9 +184,6 @@ class InitExplosion(Experiment):
                 notify(progress, done, f"{act} B={b}")
         return Measurement(rates, profiles)
 
-    def judge(self, config: Config, m: Measurement) -> Verdict:
-        return all_checks(self.checks(config, m))
-
     def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
         c = config
         linear = {b: m.rate("linear", b) for b in c.linear_batches}
@@ -228,7 +215,7 @@ class InitExplosion(Experiment):
                 "For ReLU the rate at finite B is above the limit and approaches it from above."
             )
         else:
-            relu_text = f"Measured, the rule fails on: {failed_checks(self.checks(c, m))}."
+            relu_text = self.failures(c, m)
         return self.result(
             config,
             verdict=verdict,

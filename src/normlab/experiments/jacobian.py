@@ -15,17 +15,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from normlab.experiments.base import (
-    Experiment,
-    Line,
-    Plot,
-    Progress,
-    Result,
-    Verdict,
-    all_checks,
-    failed_checks,
-    notify,
-)
+from normlab.experiments.base import AllChecks, Line, Plot, Progress, Result, Verdict, notify
 from normlab.experiments.registry import register
 
 
@@ -139,7 +129,7 @@ def measure_batch_size(m: int, c: Config, g: torch.Generator) -> BatchSize:
 
 
 @register
-class Jacobian(Experiment):
+class Jacobian(AllChecks):
     id = "jacobian"
     claim = (
         "The training-mode BN Jacobian is dense: J_ij = γ/sqrt(σ²+ε)·(δ_ij − 1/m − x̂_i x̂_j/m); "
@@ -183,9 +173,6 @@ class Jacobian(Experiment):
             notify(progress, (k + 1) / len(config.batch_sizes), f"m = {m}")
         return Measurement(points)
 
-    def judge(self, config: Config, m: Measurement) -> Verdict:
-        return all_checks(self.checks(config, m))
-
     def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
         bs = m.batch_sizes
         ms = [float(b.m) for b in bs]
@@ -198,9 +185,7 @@ class Jacobian(Experiment):
                 "every sample's gradient depends on the whole batch."
             )
         else:
-            measured_shape = (
-                f"Measured, the rule fails on: {failed_checks(self.checks(config, m))}."
-            )
+            measured_shape = self.failures(config, m)
         return self.result(
             config,
             verdict=verdict,

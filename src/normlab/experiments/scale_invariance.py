@@ -18,17 +18,7 @@ import torch
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
-from normlab.experiments.base import (
-    Experiment,
-    Line,
-    Plot,
-    Progress,
-    Result,
-    Verdict,
-    all_checks,
-    failed_checks,
-    notify,
-)
+from normlab.experiments.base import AllChecks, Line, Plot, Progress, Result, Verdict, notify
 from normlab.experiments.registry import register
 
 
@@ -169,7 +159,7 @@ def _thin(values: list[float], k: int = 200) -> tuple[list[int], list[float]]:
 
 
 @register
-class ScaleInvariance(Experiment):
+class ScaleInvariance(AllChecks):
     id = "scale-invariance"
     claim = (
         "BN(aWx) = BN(Wx); gradients scale by 1/a; with L2 weight decay the weight norm "
@@ -229,9 +219,6 @@ class ScaleInvariance(Experiment):
             decay=train_run(config, config.weight_decay, progress, (0.5, 1.0)),
         )
 
-    def judge(self, config: Config, m: Measurement) -> Verdict:
-        return all_checks(self.checks(config, m))
-
     def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
         c, ex, plain, decay = config, m.exact, m.plain, m.decay
         ratio_plain, ratio_decay = plain.eff_lr_ratio, decay.eff_lr_ratio
@@ -248,7 +235,7 @@ class ScaleInvariance(Experiment):
                 "shrinks and η/‖W₁‖² rises, while test accuracy is unchanged."
             )
         else:
-            training = f"Measured, the rule fails on: {failed_checks(self.checks(c, m))}."
+            training = self.failures(c, m)
         return self.result(
             config,
             verdict=verdict,

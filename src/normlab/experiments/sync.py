@@ -23,15 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from normlab.experiments.base import (
-    Experiment,
-    Progress,
-    Result,
-    Verdict,
-    all_checks,
-    failed_checks,
-    notify,
-)
+from normlab.experiments.base import AllChecks, Progress, Result, Verdict, notify
 from normlab.experiments.registry import register
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -293,7 +285,7 @@ def compare(c: Config, ranks: list[dict]) -> list[StepComparison]:
 
 
 @register
-class Sync(Experiment):
+class Sync(AllChecks):
     id = "sync"
     claim = "Synchronised BN over k processes equals single-process BN over the concatenated batch"
     source = "seed 002 (distributed training), seed 004 (distributed topic)"
@@ -334,9 +326,6 @@ class Sync(Experiment):
         notify(progress, 0.8, "single-process reference")
         return Measurement(compare(config, ranks))
 
-    def judge(self, config: Config, m: Measurement) -> Verdict:
-        return all_checks(self.checks(config, m))
-
     def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
         c = config
         vs_torch = m.single_vs_torch_float64
@@ -355,9 +344,8 @@ class Sync(Experiment):
             worst = max(m.steps, key=lambda s: s.worst)
             quantity = max(worst.diffs, key=worst.diffs.get)
             why = (
-                f"Measured, the rule fails on: {failed_checks(self.checks(c, m))}. The largest "
-                f"difference is in {quantity} at split {list(worst.split)}, {worst.dtype}, "
-                f"step {worst.step}."
+                f"{self.failures(c, m)} The largest difference is in {quantity} at split "
+                f"{list(worst.split)}, {worst.dtype}, step {worst.step}."
             )
         return self.result(
             config,

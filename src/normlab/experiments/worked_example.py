@@ -16,17 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from normlab.experiments.base import (
-    Experiment,
-    Line,
-    Plot,
-    Progress,
-    Result,
-    Verdict,
-    all_checks,
-    failed_checks,
-    notify,
-)
+from normlab.experiments.base import AllChecks, Line, Plot, Progress, Result, Verdict, notify
 from normlab.experiments.registry import register
 
 SEED_MEAN = 2.5
@@ -107,7 +97,7 @@ class Measurement:
 
 
 @register
-class WorkedExample(Experiment):
+class WorkedExample(AllChecks):
     id = "worked-example"
     claim = "x = [1, 2, 3, 4], γ = 2, β = 1 → y = [-1.236, 0.106, 1.894, 3.236]"
     source = "seed 003, §4.2 (worked example)"
@@ -159,9 +149,6 @@ class WorkedExample(Experiment):
             mean, var, x_hat, y_formula, y_normlab, y_normlab32, y_torch, y_default_eps
         )
 
-    def judge(self, config: Config, m: Measurement) -> Verdict:
-        return all_checks(self.checks(config, m))
-
     def notes(self, config: Config, m: Measurement, verdict: Verdict) -> str:
         """Why the claim fails: seed 003's slip at the ends of x̂ when that is what the
         measurement shows, else the failed parts of the rule; nothing when it holds."""
@@ -171,7 +158,7 @@ class WorkedExample(Experiment):
         slip = ["x̂_1", "x̂_4", "y_1", "y_4"]
         seed = is_seed_input(config)
         if not (seed and wrong == slip and m.implementations_differ <= 1e-12):
-            failed = f"Measured, the rule fails on: {failed_checks(self.checks(config, m))}."
+            failed = self.failures(config, m)
             if not seed:
                 return failed
             return f"{failed} The seed's values that differ from float64: {', '.join(wrong)}."
