@@ -128,6 +128,13 @@ def measure_batch_size(m: int, c: Config, g: torch.Generator) -> BatchSize:
     )
 
 
+# what the notes say the measurement shows when the rule holds (else: the failed checks)
+DENSE = (
+    "The off-diagonal share shrinks like ~1/sqrt(m) but each entry stays nonzero: every "
+    "sample's gradient depends on the whole batch."
+)
+
+
 @register
 class Jacobian(AllChecks):
     id = "jacobian"
@@ -179,13 +186,6 @@ class Jacobian(AllChecks):
         train_share = [b.offdiag_share_train for b in bs]
         eval_share = [b.offdiag_share_eval for b in bs]
         diffs = [max(b.closed_vs_normlab, b.closed_vs_torch) for b in bs]
-        if verdict == "holds":
-            measured_shape = (
-                "The off-diagonal share shrinks like ~1/sqrt(m) but each entry stays nonzero: "
-                "every sample's gradient depends on the whole batch."
-            )
-        else:
-            measured_shape = self.failures(config, m)
         return self.result(
             config,
             verdict=verdict,
@@ -258,7 +258,8 @@ class Jacobian(AllChecks):
             notes=(
                 "Within a channel the training Jacobian is γ/σ times the projection "
                 "I − 11ᵀ/m − x̂x̂ᵀ/m (rank m − 2), so its rows sum to 0 and the gradient "
-                f"reaching x has zero mean and is orthogonal to x̂. {measured_shape} With "
+                f"reaching x has zero mean and is orthogonal to x̂. {self.failures(config, m) or DENSE} "
+                "With "
                 "m = 2, x̂ = ±1 and the off-diagonal entries −1/2 − x̂_i x̂_j/2 vanish up to ε "
                 "(the 2×2 projection is 0: y does not depend on x at all beyond ε), so density "
                 "is checked for m > 2."
