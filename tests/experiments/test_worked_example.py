@@ -31,3 +31,54 @@ def test_the_seed_is_consistent_with_its_own_wrong_x_hat():
     assert [2 * v + 1 for v in (-(var**0.5), -0.447, 0.447, var**0.5)] == pytest.approx(
         list(SEED_Y), abs=5e-4
     )
+
+
+def _measurement(y_normlab=None, y_torch=None, x=(1.0, 2.0, 3.0, 4.0)):
+    """The true float64 values for ``x`` (γ = 2, β = 1, ε = 0), with normlab's and torch's
+    outputs replaced where given."""
+    from normlab.experiments.worked_example import Measurement
+
+    mean, var, x_hat, y = formula(x, 2.0, 1.0, 0.0)
+    return Measurement(
+        mean, var, x_hat, y, list(y_normlab or y), list(y), list(y_torch or y), list(y)
+    )
+
+
+def _judge(m, **config):
+    from normlab.experiments import get
+
+    exp = get("worked-example")
+    cfg = exp.Config(**config)
+    return exp.judge(cfg, m), exp.notes(cfg, m, exp.judge(cfg, m))
+
+
+def test_verdict_holds_when_the_layers_give_the_seeds_values():
+    # a synthetic world where the seed's y were right: formula, normlab and torch give them
+    m = _measurement(y_normlab=SEED_Y, y_torch=SEED_Y)
+    m.y_formula = list(SEED_Y)
+    assert _judge(m) == ("holds", "")
+
+
+def test_verdict_fails_on_the_seeds_slip_and_says_why():
+    verdict, notes = _judge(_measurement())
+    assert verdict == "fails"
+    assert "−1.342 and (4 − 2.5)/√1.25 = +1.342" in notes
+    assert "y = [-1.683, 0.106, 1.894, 3.683]" in notes
+
+
+def test_verdict_fails_when_implementations_disagree_and_notes_do_not_claim_agreement():
+    y = formula((1.0, 2.0, 3.0, 4.0), 2.0, 1.0, 0.0)[3]
+    verdict, notes = _judge(_measurement(y_torch=[v + 1e-9 for v in y]))
+    assert verdict == "fails"
+    assert "agree on it" not in notes
+    assert "normlab and torch = float64 arithmetic to 1e-12" in notes
+    # even with the seed's values reproduced, disagreement alone fails the rule
+    verdict, _ = _judge(_measurement(y_normlab=SEED_Y, y_torch=SEED_Y))
+    assert verdict == "fails"
+
+
+def test_another_input_is_judged_against_the_formula():
+    x = (0.0, 1.0, 5.0)
+    assert _judge(_measurement(x=x), x=x) == ("holds", "")
+    verdict, notes = _judge(_measurement(x=x, y_normlab=[0.0, 0.0, 0.0]), x=x)
+    assert verdict == "fails" and "normlab's y = the seed's to 0.0005" in notes

@@ -199,3 +199,21 @@ class Experiment:
             ).strip(),
             **fields,
         )
+
+
+class AllChecks(Experiment):
+    """An experiment whose rule is a list of checks that must all pass (exact identities,
+    formulas): it holds if every check passes and fails otherwise, with no inconclusive
+    case. Subclasses implement :meth:`checks` instead of :meth:`judge`."""
+
+    def checks(self, config, measurement) -> dict[str, bool]:
+        """Each part of the rule, named as the report says it, and whether it passed."""
+        raise NotImplementedError
+
+    def judge(self, config, measurement) -> Verdict:
+        return "holds" if all(self.checks(config, measurement).values()) else "fails"
+
+    def failures(self, config, measurement) -> str:
+        """The report's sentence naming the checks that did not pass ('' if none did)."""
+        failed = [name for name, ok in self.checks(config, measurement).items() if not ok]
+        return f"Measured, the rule fails on: {'; '.join(failed)}." if failed else ""

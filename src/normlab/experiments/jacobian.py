@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from normlab.experiments.base import Experiment, Line, Plot, Result, notify
+from normlab.experiments.base import AllChecks, Line, Plot, Progress, Result, Verdict, notify
 from normlab.experiments.registry import register
 
 
@@ -45,8 +45,98 @@ def _blocks(full: torch.Tensor, m: int, c: int) -> tuple[torch.Tensor, float]:
     return blocks, float(cross.abs().max())
 
 
+@dataclass
+class BatchSize:
+    """What was measured at one batch size m (float64, max over channels)."""
+
+    m: int
+    closed_vs_normlab: float  # max |closed form − autograd through normlab|
+    closed_vs_torch: float  # max |closed form − autograd through torch|
+    cross_channel: float  # largest entry coupling two channels (either autograd Jacobian)
+    offdiag_share_train: float  # ‖J − diag J‖_F / ‖J‖_F of the closed form
+    offdiag_share_eval: float  # the same, autograd through normlab in eval mode
+    min_abs_offdiagonal_train: float  # smallest |J_ij|, i ≠ j, of the closed form
+    max_abs_offdiagonal_eval: float  # largest |J_ij|, i ≠ j, in eval mode
+
+
+@dataclass
+class Measurement:
+    """What :class:`Jacobian` measured: one :class:`BatchSize` per m of the config, in order."""
+
+    batch_sizes: list[BatchSize]
+
+    @property
+    def worst(self) -> dict[str, float]:
+        """Largest disagreement with the closed form, and largest cross-channel entry."""
+        bs = self.batch_sizes
+        return {
+            "closed_vs_normlab": max([0.0] + [b.closed_vs_normlab for b in bs]),
+            "closed_vs_torch": max([0.0] + [b.closed_vs_torch for b in bs]),
+            "cross_channel": max([0.0] + [b.cross_channel for b in bs]),
+        }
+
+    @property
+    def min_abs_offdiagonal_train(self) -> float:
+        """Over m > 2 (with m = 2 the off-diagonal entries vanish up to ε; inf if no m > 2)."""
+        return min(
+            [float("inf")] + [b.min_abs_offdiagonal_train for b in self.batch_sizes if b.m > 2]
+        )
+
+    @property
+    def max_abs_offdiagonal_eval(self) -> float:
+        return max([0.0] + [b.max_abs_offdiagonal_eval for b in self.batch_sizes])
+
+
+def measure_batch_size(m: int, c: Config, g: torch.Generator) -> BatchSize:
+    """Draw a batch of m (channels with different offsets and scales, γ away from 0) and
+    compare the closed-form Jacobian with autograd's through normlab and torch, in training
+    and (normlab) eval mode."""
+    import normlab as nl
+
+    x = torch.randn(m, c.channels, generator=g, dtype=torch.float64)
+    x = x * torch.rand(c.channels, generator=g, dtype=torch.float64).add(0.5) * 3
+    x = x + torch.randn(c.channels, generator=g, dtype=torch.float64) * 10
+    gamma = torch.rand(c.channels, generator=g, dtype=torch.float64).add(0.5)
+    beta = torch.randn(c.channels, generator=g, dtype=torch.float64)
+    closed = nl.functional.batch_norm_jacobian(x, gamma, c.eps)  # (C, m, m)
+
+    def ours(inp):
+        return nl.functional.batch_norm(inp, None, None, gamma, beta, True, 0.1, c.eps)
+
+    def theirs(inp):
+        return F.batch_norm(inp, None, None, gamma, beta, True, 0.1, c.eps)
+
+    # eval mode: running statistics = this batch's, so only the mode differs
+    rm, rv = x.mean(0), x.var(0, unbiased=False)
+
+    def ours_eval(inp):
+        return nl.functional.batch_norm(inp, rm, rv, gamma, beta, False, 0.1, c.eps)
+
+    j_ours, cross_ours = _blocks(torch.autograd.functional.jacobian(ours, x), m, c.channels)
+    j_theirs, cross_theirs = _blocks(torch.autograd.functional.jacobian(theirs, x), m, c.channels)
+    j_eval, _ = _blocks(torch.autograd.functional.jacobian(ours_eval, x), m, c.channels)
+    off = ~torch.eye(m, dtype=torch.bool)
+    return BatchSize(
+        m=m,
+        closed_vs_normlab=float((closed - j_ours).abs().max()),
+        closed_vs_torch=float((closed - j_theirs).abs().max()),
+        cross_channel=max(cross_ours, cross_theirs),
+        offdiag_share_train=_offdiag_share(closed),
+        offdiag_share_eval=_offdiag_share(j_eval),
+        min_abs_offdiagonal_train=float(closed[:, off].abs().min()),
+        max_abs_offdiagonal_eval=float(j_eval[:, off].abs().max()),
+    )
+
+
+# what the notes say the measurement shows when the rule holds (else: the failed checks)
+DENSE = (
+    "The off-diagonal share shrinks like ~1/sqrt(m) but each entry stays nonzero: every "
+    "sample's gradient depends on the whole batch."
+)
+
+
 @register
-class Jacobian(Experiment):
+class Jacobian(AllChecks):
     id = "jacobian"
     claim = (
         "The training-mode BN Jacobian is dense: J_ij = γ/sqrt(σ²+ε)·(δ_ij − 1/m − x̂_i x̂_j/m); "
@@ -62,92 +152,63 @@ class Jacobian(Experiment):
     Config = Config
     quick_overrides: ClassVar[dict] = {"batch_sizes": (3, 4, 16), "channels": 2}
 
-    def run(self, config: Config, progress=None) -> Result:
-        import normlab as nl
+    def rule(self, config: Config) -> str:
+        return (
+            f"holds if, in float64 for every batch size m in {list(config.batch_sizes)}, the "
+            f"closed form matches autograd through normlab and through torch to "
+            f"≤ {config.tolerance:g} (max abs), every off-diagonal entry of the training-mode "
+            "Jacobian is nonzero (m > 2), the eval-mode Jacobian has exactly zero "
+            "off-diagonal entries, and no entry couples two channels."
+        )
 
-        c = config
-        g = torch.Generator().manual_seed(c.seed)
-        rows, train_share, eval_share, diffs = [], [], [], []
-        worst = {"closed_vs_normlab": 0.0, "closed_vs_torch": 0.0, "cross_channel": 0.0}
-        min_offdiag, max_eval_offdiag = float("inf"), 0.0
-        for k, m in enumerate(c.batch_sizes):
-            # channels with different offsets and scales; γ away from 0
-            x = torch.randn(m, c.channels, generator=g, dtype=torch.float64)
-            x = x * torch.rand(c.channels, generator=g, dtype=torch.float64).add(0.5) * 3
-            x = x + torch.randn(c.channels, generator=g, dtype=torch.float64) * 10
-            gamma = torch.rand(c.channels, generator=g, dtype=torch.float64).add(0.5)
-            beta = torch.randn(c.channels, generator=g, dtype=torch.float64)
-            closed = nl.functional.batch_norm_jacobian(x, gamma, c.eps)  # (C, m, m)
+    def checks(self, config: Config, m: Measurement) -> dict[str, bool]:
+        """The parts of :meth:`rule`, each named, and whether it passed."""
+        worst = m.worst
+        agree = max(worst["closed_vs_normlab"], worst["closed_vs_torch"])
+        return {
+            f"closed form = autograd to ≤ {config.tolerance:g}": agree <= config.tolerance,
+            "training-mode Jacobian dense (m > 2)": m.min_abs_offdiagonal_train > 0,
+            "eval-mode Jacobian diagonal": m.max_abs_offdiagonal_eval == 0.0,
+            "no entry couples two channels": worst["cross_channel"] == 0.0,
+        }
 
-            def ours(inp, gamma=gamma, beta=beta):
-                return nl.functional.batch_norm(inp, None, None, gamma, beta, True, 0.1, c.eps)
+    def measure(self, config: Config, progress: Progress | None = None) -> Measurement:
+        g = torch.Generator().manual_seed(config.seed)
+        points = []
+        for k, m in enumerate(config.batch_sizes):
+            points.append(measure_batch_size(m, config, g))
+            notify(progress, (k + 1) / len(config.batch_sizes), f"m = {m}")
+        return Measurement(points)
 
-            def theirs(inp, gamma=gamma, beta=beta):
-                return F.batch_norm(inp, None, None, gamma, beta, True, 0.1, c.eps)
-
-            j_ours, cross_ours = _blocks(torch.autograd.functional.jacobian(ours, x), m, c.channels)
-            j_theirs, cross_theirs = _blocks(
-                torch.autograd.functional.jacobian(theirs, x), m, c.channels
-            )
-            # eval mode: running statistics = this batch's, so only the mode differs
-            rm, rv = x.mean(0), x.var(0, unbiased=False)
-
-            def ours_eval(inp, rm=rm, rv=rv, gamma=gamma, beta=beta):
-                return nl.functional.batch_norm(inp, rm, rv, gamma, beta, False, 0.1, c.eps)
-
-            j_eval, _ = _blocks(torch.autograd.functional.jacobian(ours_eval, x), m, c.channels)
-            d_ours = float((closed - j_ours).abs().max())
-            d_theirs = float((closed - j_theirs).abs().max())
-            worst["closed_vs_normlab"] = max(worst["closed_vs_normlab"], d_ours)
-            worst["closed_vs_torch"] = max(worst["closed_vs_torch"], d_theirs)
-            worst["cross_channel"] = max(worst["cross_channel"], cross_ours, cross_theirs)
-            eye = torch.eye(m, dtype=torch.bool)
-            off = closed[:, ~eye]
-            if m > 2:  # with m = 2 the off-diagonal entries can be exactly 0 (see notes)
-                min_offdiag = min(min_offdiag, float(off.abs().min()))
-            max_eval_offdiag = max(max_eval_offdiag, float(j_eval[:, ~eye].abs().max()))
-            ts, es = _offdiag_share(closed), _offdiag_share(j_eval)
-            train_share.append(ts)
-            eval_share.append(es)
-            diffs.append(max(d_ours, d_theirs))
-            rows.append([m, d_ours, d_theirs, ts, es, float(off.abs().min())])
-            notify(progress, (k + 1) / len(c.batch_sizes), f"m = {m}")
-
-        agree = max(worst["closed_vs_normlab"], worst["closed_vs_torch"]) <= c.tolerance
-        dense = min_offdiag > 0
-        diagonal_eval = max_eval_offdiag == 0.0
-        no_cross = worst["cross_channel"] == 0.0
-        holds = agree and dense and diagonal_eval and no_cross
-        ms = [float(m) for m in c.batch_sizes]
+    def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
+        bs = m.batch_sizes
+        ms = [float(b.m) for b in bs]
+        train_share = [b.offdiag_share_train for b in bs]
+        eval_share = [b.offdiag_share_eval for b in bs]
+        diffs = [max(b.closed_vs_normlab, b.closed_vs_torch) for b in bs]
         return self.result(
             config,
-            verdict="holds" if holds else "fails",
-            rule=(
-                f"holds if, in float64 for every batch size m in {list(c.batch_sizes)}, the "
-                f"closed form matches autograd through normlab and through torch to "
-                f"≤ {c.tolerance:g} (max abs), every off-diagonal entry of the training-mode "
-                "Jacobian is nonzero (m > 2), the eval-mode Jacobian has exactly zero "
-                "off-diagonal entries, and no entry couples two channels."
-            ),
+            verdict=verdict,
+            rule=self.rule(config),
             measured=(
                 f"max |closed − autograd| = {max(diffs):.1e}; off-diagonal share of ‖J‖_F: "
-                f"train {train_share[0]:.2f} (m={c.batch_sizes[0]}) → "
-                f"{train_share[-1]:.2f} (m={c.batch_sizes[-1]}), eval {max(eval_share):.0f}"
+                f"train {train_share[0]:.2f} (m={bs[0].m}) → "
+                f"{train_share[-1]:.2f} (m={bs[-1].m}), eval {max(eval_share):.0f}"
             ),
             setup=(
-                f"x of shape (m, {c.channels}) in float64 with per-channel offsets up to ~±10 "
-                f"and scales 1.5–4.5, random γ ∈ [0.5, 1.5] and β, ε = {c.eps:g}. Jacobians by "
-                "torch.autograd.functional.jacobian through normlab.functional.batch_norm "
-                "and torch.nn.functional.batch_norm (training mode), and through normlab in "
-                "eval mode with the batch's own statistics as running statistics, so only "
-                "the mode differs. Exact: nothing scaled down."
+                f"x of shape (m, {config.channels}) in float64 with per-channel offsets up to "
+                f"~±10 and scales 1.5–4.5, random γ ∈ [0.5, 1.5] and β, ε = {config.eps:g}. "
+                "Jacobians by torch.autograd.functional.jacobian through "
+                "normlab.functional.batch_norm and torch.nn.functional.batch_norm (training "
+                "mode), and through normlab in eval mode with the batch's own statistics as "
+                "running statistics, so only the mode differs. Exact: nothing scaled down."
             ),
             metrics={
-                **worst,
-                "min_abs_offdiagonal_train": min_offdiag,
-                "max_abs_offdiagonal_eval": max_eval_offdiag,
-                "offdiag_share_train": dict(zip(map(str, c.batch_sizes), train_share)),
-                "offdiag_share_eval": dict(zip(map(str, c.batch_sizes), eval_share)),
+                **m.worst,
+                "min_abs_offdiagonal_train": m.min_abs_offdiagonal_train,
+                "max_abs_offdiagonal_eval": m.max_abs_offdiagonal_eval,
+                "offdiag_share_train": {str(b.m): b.offdiag_share_train for b in bs},
+                "offdiag_share_eval": {str(b.m): b.offdiag_share_eval for b in bs},
             },
             tables={
                 "Per batch size": {
@@ -159,7 +220,17 @@ class Jacobian(Experiment):
                         "off-diag share (eval)",
                         "min |J_ij|, i≠j (train)",
                     ],
-                    "rows": rows,
+                    "rows": [
+                        [
+                            b.m,
+                            b.closed_vs_normlab,
+                            b.closed_vs_torch,
+                            b.offdiag_share_train,
+                            b.offdiag_share_eval,
+                            b.min_abs_offdiagonal_train,
+                        ]
+                        for b in bs
+                    ],
                 }
             },
             plots=[
@@ -187,10 +258,10 @@ class Jacobian(Experiment):
             notes=(
                 "Within a channel the training Jacobian is γ/σ times the projection "
                 "I − 11ᵀ/m − x̂x̂ᵀ/m (rank m − 2), so its rows sum to 0 and the gradient "
-                "reaching x has zero mean and is orthogonal to x̂. The off-diagonal share "
-                "shrinks like ~1/sqrt(m) but each entry stays nonzero: every sample's gradient "
-                "depends on the whole batch. With m = 2, x̂ = ±1 and the off-diagonal entries "
-                "−1/2 − x̂_i x̂_j/2 vanish up to ε (the 2×2 projection is 0: y does not depend "
-                "on x at all beyond ε), so density is checked for m > 2."
+                f"reaching x has zero mean and is orthogonal to x̂. {self.failures(config, m) or DENSE} "
+                "With "
+                "m = 2, x̂ = ±1 and the off-diagonal entries −1/2 − x̂_i x̂_j/2 vanish up to ε "
+                "(the 2×2 projection is 0: y does not depend on x at all beyond ε), so density "
+                "is checked for m > 2."
             ),
         )

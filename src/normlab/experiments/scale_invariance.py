@@ -11,14 +11,14 @@ norm — the effective learning rate (van Laarhoven 2017; Zhang et al. 2019).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
 
 from normlab.data import load_digits
 from normlab.experiments import _training as T
-from normlab.experiments.base import Experiment, Line, Plot, Result, notify
+from normlab.experiments.base import AllChecks, Line, Plot, Progress, Result, Verdict, notify
 from normlab.experiments.registry import register
 
 
@@ -45,26 +45,78 @@ def _bn_out_and_grad(w: torch.Tensor, x: torch.Tensor, r: torch.Tensor, eps: flo
     return y.detach(), w.grad
 
 
-def exactness(c: Config, g: torch.Generator) -> dict:
+@dataclass
+class Exactness:
+    """The float64 part: per scale a of :attr:`Config.scales`, max |BN(aWx) − BN(Wx)| and the
+    relative error of a·∇_(aW)L against ∇_W L, with ε = 0 and with ε = 1e-5; and
+    cos(W, ∇_W L) (Euler: 0)."""
+
+    scale: list[float]
+    out_err: list[float]
+    grad_err: list[float]
+    out_err_eps: list[float]
+    grad_err_eps: list[float]
+    euler_cos: float
+
+
+def exactness(c: Config, g: torch.Generator) -> Exactness:
     """Invariance of outputs and 1/a scaling of gradients, float64, for ε = 0 and ε = 1e-5."""
     x = torch.randn(64, 20, generator=g, dtype=torch.float64)
     w = torch.randn(16, 20, generator=g, dtype=torch.float64) / 20**0.5
     r = torch.randn(64, 16, generator=g, dtype=torch.float64)
-    out = {"scale": [], "out_err": [], "grad_err": [], "out_err_eps": [], "grad_err_eps": []}
-    for eps, suffix in ((0.0, ""), (1e-5, "_eps")):
+    err: dict[float, tuple[list[float], list[float]]] = {}
+    for eps in (0.0, 1e-5):
         y1, g1 = _bn_out_and_grad(w, x, r, eps)
+        err[eps] = ([], [])
         for a in c.scales:
             ya, ga = _bn_out_and_grad(a * w, x, r, eps)
-            if not suffix:
-                out["scale"].append(a)
-            out["out_err" + suffix].append(float((ya - y1).abs().max()))
-            out["grad_err" + suffix].append(float((a * ga - g1).abs().max() / g1.abs().max()))
+            err[eps][0].append(float((ya - y1).abs().max()))
+            err[eps][1].append(float((a * ga - g1).abs().max() / g1.abs().max()))
     _, g1 = _bn_out_and_grad(w, x, r, 0.0)
-    out["euler_cos"] = float((w * g1).sum() / (w.norm() * g1.norm()))
-    return out
+    return Exactness(
+        scale=list(c.scales),
+        out_err=err[0.0][0],
+        grad_err=err[0.0][1],
+        out_err_eps=err[1e-5][0],
+        grad_err_eps=err[1e-5][1],
+        euler_cos=float((w * g1).sum() / (w.norm() * g1.norm())),
+    )
 
 
-def train_run(c: Config, weight_decay: float, progress, span) -> dict:
+@dataclass
+class TrainingRun:
+    """One training run: ‖W₁‖ before every update and after the last, the largest
+    |cos(W₁, ∇W₁)| over the steps, and the final test accuracy."""
+
+    weight_decay: float
+    lr: float
+    norms: list[float]
+    max_abs_cos: float
+    accuracy: float
+
+    @property
+    def eff_lr(self) -> list[float]:
+        """The effective learning rate η/‖W₁‖² per step."""
+        return [self.lr / n**2 for n in self.norms]
+
+    @property
+    def eff_lr_ratio(self) -> float:
+        """η/‖W₁‖² at the end over at the start."""
+        eff = self.eff_lr
+        return eff[-1] / eff[0]
+
+
+@dataclass
+class Measurement:
+    """What :class:`ScaleInvariance` measured: the exact part, and training without and
+    with weight decay from the same initial weights."""
+
+    exact: Exactness
+    plain: TrainingRun
+    decay: TrainingRun
+
+
+def train_run(c: Config, weight_decay: float, progress, span) -> TrainingRun:
     """SGD on digits; L2 weight decay on the Linear weights only (not on BN's γ, β).
     Records ‖W₁‖ (the first layer, followed by BN), η/‖W₁‖² and cos(W₁, ∇W₁) per step."""
     split = load_digits(seed=c.seed)
@@ -82,25 +134,21 @@ def train_run(c: Config, weight_decay: float, progress, span) -> dict:
     hist = T.train(
         model,
         split,
-        steps=c.steps,
-        lr=c.lr,
-        batch_size=c.batch,
+        # plain SGD: the setting in which η/‖W₁‖² is the effective step (van Laarhoven 2017)
         momentum=0.0,
         weight_decay=weight_decay,
         weight_decay_on="weights",
-        seed=c.seed,
+        steps=c.steps,
+        lr=c.lr,
+        seed=c.seed,  # the same batches with and without weight decay
+        batch_size=c.batch,
         on_gradient=before_update,
         progress=progress,
         progress_span=span,
         label=f"weight decay {weight_decay:g}",
     )
     norms.append(float(w1.norm()))
-    return {
-        "norms": norms,
-        "eff_lr": [c.lr / n**2 for n in norms],
-        "max_abs_cos": max(cosines),
-        "accuracy": hist.final_test_accuracy,
-    }
+    return TrainingRun(weight_decay, c.lr, norms, max(cosines), hist.final_test_accuracy)
 
 
 def _thin(values: list[float], k: int = 200) -> tuple[list[int], list[float]]:
@@ -112,7 +160,7 @@ def _thin(values: list[float], k: int = 200) -> tuple[list[int], list[float]]:
 
 
 @register
-class ScaleInvariance(Experiment):
+class ScaleInvariance(AllChecks):
     id = "scale-invariance"
     claim = (
         "BN(aWx) = BN(Wx); gradients scale by 1/a; with L2 weight decay the weight norm "
@@ -134,47 +182,70 @@ class ScaleInvariance(Experiment):
         "scales": (1e-3, 0.1, 10.0, 1e3),
     }
 
-    def run(self, config: Config, progress=None) -> Result:
-        c = config
-        ex = exactness(c, torch.Generator().manual_seed(c.seed))
+    def rule(self, config: Config) -> str:
+        tol = f"{config.exact_tolerance:g}"
+        return (
+            f"holds if (1) in float64 with ε = 0, for a in {list(config.scales)}, "
+            f"max |BN(aWx) − BN(Wx)| ≤ {tol}, a·∇_(aW)L equals ∇_W L to {tol} (relative) and "
+            f"cos(W, ∇_W L) ≤ {tol}; (2) while training, |cos(W₁, ∇W₁)| ≤ "
+            f"{config.cos_tolerance:g} at every step; (3) without weight decay ‖W₁‖ ends "
+            "higher than it started and η/‖W₁‖² lower, with weight decay ‖W₁‖ ends lower and "
+            "η/‖W₁‖² higher; and (4) weight decay costs at most "
+            f"{config.accuracy_tolerance:.0%} test accuracy (capacity not limited)."
+        )
+
+    def checks(self, config: Config, m: Measurement) -> dict[str, bool]:
+        """The four parts of :meth:`rule`, each named, and whether it passed."""
+        ex, plain, decay, tol = m.exact, m.plain, m.decay, config.exact_tolerance
+        exact = max(ex.out_err) <= tol and max(ex.grad_err) <= tol and abs(ex.euler_cos) <= tol
+        cos = max(plain.max_abs_cos, decay.max_abs_cos)
+        norms = plain.norms[-1] > plain.norms[0] and decay.norms[-1] < decay.norms[0]
+        return {
+            "(1) exact in float64": exact,
+            "(2) gradient orthogonal to W₁ in training": cos <= config.cos_tolerance,
+            "(3) ‖W₁‖ and η/‖W₁‖² move as stated": (
+                norms and decay.eff_lr_ratio > 1 > plain.eff_lr_ratio
+            ),
+            f"(4) weight decay costs ≤ {config.accuracy_tolerance:.0%} accuracy": (
+                decay.accuracy >= plain.accuracy - config.accuracy_tolerance
+            ),
+        }
+
+    def measure(self, config: Config, progress: Progress | None = None) -> Measurement:
+        ex = exactness(config, torch.Generator().manual_seed(config.seed))
         notify(progress, 0.05, "exact part")
-        plain = train_run(c, 0.0, progress, (0.05, 0.5))
-        decay = train_run(c, c.weight_decay, progress, (0.5, 1.0))
-        exact_ok = (
-            max(ex["out_err"]) <= c.exact_tolerance
-            and max(ex["grad_err"]) <= c.exact_tolerance
-            and abs(ex["euler_cos"]) <= c.exact_tolerance
+        return Measurement(
+            exact=ex,
+            plain=train_run(config, 0.0, progress, (0.05, 0.5)),
+            decay=train_run(config, config.weight_decay, progress, (0.5, 1.0)),
         )
-        ratio_plain = plain["eff_lr"][-1] / plain["eff_lr"][0]
-        ratio_decay = decay["eff_lr"][-1] / decay["eff_lr"][0]
-        orth_ok = max(plain["max_abs_cos"], decay["max_abs_cos"]) <= c.cos_tolerance
-        norms_ok = (
-            plain["norms"][-1] > plain["norms"][0]
-            and decay["norms"][-1] < decay["norms"][0]
-            and ratio_decay > 1 > ratio_plain
+
+    def weight_decay_effect(self, m: Measurement) -> str:
+        """What the notes say the training runs show when the rule holds."""
+        return (
+            "In training the weights never get that small, so weight decay acts on the "
+            "effective learning rate: without it ‖W₁‖ can only grow (the gradient is "
+            "orthogonal to W₁, |cos| below "
+            f"{max(m.plain.max_abs_cos, m.decay.max_abs_cos):.0e} in float32), with it ‖W₁‖ "
+            "shrinks and η/‖W₁‖² rises, while test accuracy is unchanged."
         )
-        capacity_ok = decay["accuracy"] >= plain["accuracy"] - c.accuracy_tolerance
-        holds = exact_ok and orth_ok and norms_ok and capacity_ok
-        worst_eps = max(ex["out_err_eps"])
-        x_plain, n_plain = _thin(plain["norms"])
-        x_decay, n_decay = _thin(decay["norms"])
+
+    def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
+        c, ex, plain, decay = config, m.exact, m.plain, m.decay
+        ratio_plain, ratio_decay = plain.eff_lr_ratio, decay.eff_lr_ratio
+        worst_eps = max(ex.out_err_eps)
+        x_plain, n_plain = _thin(plain.norms)
+        x_decay, n_decay = _thin(decay.norms)
+        wd = f"weight decay {c.weight_decay:g}"
         return self.result(
             config,
-            verdict="holds" if holds else "fails",
-            rule=(
-                f"holds if (1) in float64 with ε = 0, for a in {list(c.scales)}, "
-                f"max |BN(aWx) − BN(Wx)| ≤ {c.exact_tolerance:g}, a·∇_(aW)L equals ∇_W L to "
-                f"{c.exact_tolerance:g} (relative) and cos(W, ∇_W L) ≤ {c.exact_tolerance:g}; "
-                f"(2) while training, |cos(W₁, ∇W₁)| ≤ {c.cos_tolerance:g} at every step; (3) "
-                "without weight decay ‖W₁‖ ends higher than it started and η/‖W₁‖² lower, "
-                "with weight decay ‖W₁‖ ends lower and η/‖W₁‖² higher; and (4) weight decay "
-                f"costs at most {c.accuracy_tolerance:.0%} test accuracy (capacity not limited)."
-            ),
+            verdict=verdict,
+            rule=self.rule(config),
             measured=(
-                f"max output change {max(ex['out_err']):.0e}, gradient·a error "
-                f"{max(ex['grad_err']):.0e}; η/‖W₁‖² ×{ratio_decay:.1f} with wd {c.weight_decay:g} "
-                f"vs ×{ratio_plain:.2f} without; accuracy {decay['accuracy']:.1%} vs "
-                f"{plain['accuracy']:.1%}"
+                f"max output change {max(ex.out_err):.0e}, gradient·a error "
+                f"{max(ex.grad_err):.0e}; η/‖W₁‖² ×{ratio_decay:.1f} with wd {c.weight_decay:g} "
+                f"vs ×{ratio_plain:.2f} without; accuracy {decay.accuracy:.1%} vs "
+                f"{plain.accuracy:.1%}"
             ),
             setup=(
                 "Exact part: x (64×20), W (16×20), a random linear loss on BN(xWᵀ) "
@@ -186,15 +257,15 @@ class ScaleInvariance(Experiment):
                 "Small scale: digits and an MLP instead of ImageNet-scale CNNs."
             ),
             metrics={
-                "exact": ex,
+                "exact": asdict(ex),
                 "eff_lr_ratio_no_decay": ratio_plain,
                 "eff_lr_ratio_decay": ratio_decay,
-                "norm_start_end_no_decay": [plain["norms"][0], plain["norms"][-1]],
-                "norm_start_end_decay": [decay["norms"][0], decay["norms"][-1]],
-                "max_abs_cos_no_decay": plain["max_abs_cos"],
-                "max_abs_cos_decay": decay["max_abs_cos"],
-                "accuracy_no_decay": plain["accuracy"],
-                "accuracy_decay": decay["accuracy"],
+                "norm_start_end_no_decay": [plain.norms[0], plain.norms[-1]],
+                "norm_start_end_decay": [decay.norms[0], decay.norms[-1]],
+                "max_abs_cos_no_decay": plain.max_abs_cos,
+                "max_abs_cos_decay": decay.max_abs_cos,
+                "accuracy_no_decay": plain.accuracy,
+                "accuracy_decay": decay.accuracy,
             },
             tables={
                 "Scaling W by a (float64)": {
@@ -208,11 +279,7 @@ class ScaleInvariance(Experiment):
                     "rows": [
                         list(r)
                         for r in zip(
-                            ex["scale"],
-                            ex["out_err"],
-                            ex["grad_err"],
-                            ex["out_err_eps"],
-                            ex["grad_err_eps"],
+                            ex.scale, ex.out_err, ex.grad_err, ex.out_err_eps, ex.grad_err_eps
                         )
                     ],
                 }
@@ -224,7 +291,7 @@ class ScaleInvariance(Experiment):
                     ylabel="‖W₁‖_F",
                     lines=[
                         Line("no weight decay", x_plain, n_plain),
-                        Line(f"weight decay {c.weight_decay:g}", x_decay, n_decay),
+                        Line(wd, x_decay, n_decay),
                     ],
                 ),
                 Plot(
@@ -234,11 +301,7 @@ class ScaleInvariance(Experiment):
                     logy=True,
                     lines=[
                         Line("no weight decay", x_plain, [c.lr / n**2 for n in n_plain]),
-                        Line(
-                            f"weight decay {c.weight_decay:g}",
-                            x_decay,
-                            [c.lr / n**2 for n in n_decay],
-                        ),
+                        Line(wd, x_decay, [c.lr / n**2 for n in n_decay]),
                     ],
                 ),
                 Plot(
@@ -248,24 +311,16 @@ class ScaleInvariance(Experiment):
                     logx=True,
                     logy=True,
                     lines=[
-                        Line("ε = 0", ex["scale"], [max(v, 1e-17) for v in ex["out_err"]], "o-"),
-                        Line(
-                            "ε = 1e-5",
-                            ex["scale"],
-                            [max(v, 1e-17) for v in ex["out_err_eps"]],
-                            "s-",
-                        ),
+                        Line("ε = 0", ex.scale, [max(v, 1e-17) for v in ex.out_err], "o-"),
+                        Line("ε = 1e-5", ex.scale, [max(v, 1e-17) for v in ex.out_err_eps], "s-"),
                     ],
                 ),
             ],
             notes=(
                 "The invariance is exact only with ε = 0: with ε > 0 the output is "
                 "(x − μ)/sqrt(σ² + ε/a²) after rescaling, so shrinking W until a²σ² is near ε "
-                f"changes the function (here up to {worst_eps:.2g} for a = {c.scales[0]:g} "
-                "with ε = 1e-5). In training the weights never get that small, so weight decay "
-                "acts on the effective learning rate: without it ‖W₁‖ can only grow "
-                "(the gradient is orthogonal to W₁, |cos| below "
-                f"{max(plain['max_abs_cos'], decay['max_abs_cos']):.0e} in float32), with it "
-                "‖W₁‖ shrinks and η/‖W₁‖² rises, while test accuracy is unchanged."
+                f"changes the function (here up to {worst_eps:.2g} for "
+                f"a = {ex.scale[ex.out_err_eps.index(worst_eps)]:g} with ε = 1e-5). "
+                + (self.failures(c, m) or self.weight_decay_effect(m))
             ),
         )

@@ -23,10 +23,12 @@ from typing import ClassVar
 
 import torch
 
-from normlab.experiments.base import Experiment, Result, notify
+from normlab.experiments.base import AllChecks, Progress, Result, Verdict, notify
 from normlab.experiments.registry import register
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# what is compared after every step, in report order
+QUANTITIES = ("y", "dx", "dweight", "dbias", "running_mean", "running_var")
 
 
 @dataclass(frozen=True)
@@ -196,8 +198,94 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b).abs().max() / (1.0 + b.abs().max()))
 
 
+def check_splits(c: Config) -> None:
+    """Raise, naming the split and the fix, unless every split gives each rank a size."""
+    for split in c.splits:
+        if len(split) != c.world_size or min(split) < 0 or sum(split) < 2:
+            raise ValueError(
+                f"sync: split {split} must give {c.world_size} non-negative sizes summing to ≥ 2"
+            )
+
+
+@dataclass
+class StepComparison:
+    """One SGD step of one (split, dtype) case: SyncBatchNorm over the ranks against
+    single-process BN on the concatenated batch."""
+
+    split: tuple[int, ...]
+    dtype: str
+    step: int  # 1-based
+    diffs: dict[str, float]  # quantity of QUANTITIES → max |Δ| / (1 + max |reference|)
+    same_count: bool  # every rank's num_batches_tracked equals the reference's
+    normlab_vs_torch: float  # the one-process reference against torch's BatchNorm2d
+
+    @property
+    def worst(self) -> float:
+        """The largest difference over the quantities (inf if the step counts differ)."""
+        return max(self.diffs.values()) if self.same_count else float("inf")
+
+
+@dataclass
+class Measurement:
+    """What :class:`Sync` measured: one :class:`StepComparison` per split, dtype and step."""
+
+    steps: list[StepComparison]
+
+    def worst(self, dtype: str) -> float:
+        return max([0.0] + [s.worst for s in self.steps if s.dtype == dtype])
+
+    @property
+    def per_quantity(self) -> dict[str, float]:
+        return {k: max([0.0] + [s.diffs[k] for s in self.steps]) for k in QUANTITIES}
+
+    @property
+    def single_vs_torch_float64(self) -> float:
+        return max([0.0] + [s.normlab_vs_torch for s in self.steps if s.dtype == "float64"])
+
+
+def compare(c: Config, ranks: list[dict]) -> list[StepComparison]:
+    """Replay every (split, dtype) case in this process with normlab's and torch's
+    BatchNorm2d on the whole batch and compare each step with the ranks' results."""
+    import normlab as nl
+
+    out = []
+    for split in c.splits:
+        for name in c.dtypes:
+            dtype = _DTYPES[name]
+            single = nl.nn.BatchNorm2d(c.channels, dtype=dtype)
+            ref = torch.nn.BatchNorm2d(c.channels, dtype=dtype)
+            _init_layer(single, c)
+            _init_layer(ref, c)
+            ours = _trajectory(c, single.train(), split, dtype, None, lambda t: t)
+            theirs = _trajectory(c, ref.train(), split, dtype, None, lambda t: t)
+            for step in range(c.steps):
+                parts = [rk[(split, name)][step] for rk in ranks]
+                # outputs and input gradients are per sample: the ranks' slices, joined
+                diffs = {
+                    k: _max_diff(torch.cat([p[k] for p in parts]), ours[step][k])
+                    for k in ("y", "dx")
+                }
+                # parameter gradients (all-reduced) and buffers: the same on every rank
+                for k in ("dweight", "dbias", "running_mean", "running_var"):
+                    diffs[k] = max(_max_diff(p[k], ours[step][k]) for p in parts)
+                count = ours[step]["num_batches_tracked"]
+                out.append(
+                    StepComparison(
+                        split=split,
+                        dtype=name,
+                        step=step + 1,
+                        diffs=diffs,
+                        same_count=all(p["num_batches_tracked"] == count for p in parts),
+                        normlab_vs_torch=max(
+                            _max_diff(ours[step][k], theirs[step][k]) for k in QUANTITIES
+                        ),
+                    )
+                )
+    return out
+
+
 @register
-class Sync(Experiment):
+class Sync(AllChecks):
     id = "sync"
     claim = "Synchronised BN over k processes equals single-process BN over the concatenated batch"
     source = "seed 002 (distributed training), seed 004 (distributed topic)"
@@ -210,65 +298,61 @@ class Sync(Experiment):
     Config = Config
     quick_overrides: ClassVar[dict] = {"splits": ((7, 16), (0, 23)), "steps": 2}
 
-    def run(self, config: Config, progress=None) -> Result:
-        import normlab as nl
-
+    def rule(self, config: Config) -> str:
         c = config
-        for split in c.splits:
-            if len(split) != c.world_size or min(split) < 0 or sum(split) < 2:
-                raise ValueError(
-                    f"sync: split {split} must give {c.world_size} non-negative sizes summing to ≥ 2"
-                )
-        notify(progress, 0.05, f"starting {c.world_size} gloo workers")
-        ranks = run_ranks(c)
+        return (
+            "holds if, for every split of the global batch over "
+            f"{c.world_size} ranks in {[list(s) for s in c.splits]} and every step, the "
+            "outputs, input gradients, γ/β gradients (summed over ranks) and running "
+            "mean/variance of SyncBatchNorm equal those of single-process BatchNorm2d "
+            "on the concatenated batch to within "
+            + ", ".join(f"{t:g} ({n})" for n, t in zip(c.dtypes, c.tolerance))
+            + " (max |difference| / (1 + max |reference|) per quantity), with the same "
+            "num_batches_tracked."
+        )
+
+    def checks(self, config: Config, m: Measurement) -> dict[str, bool]:
+        """The parts of :meth:`rule`, each named, and whether it passed."""
+        within = {
+            f"{name} within {tol:g}": m.worst(name) <= tol
+            for name, tol in zip(config.dtypes, config.tolerance)
+        }
+        return {**within, "same num_batches_tracked": all(s.same_count for s in m.steps)}
+
+    def measure(self, config: Config, progress: Progress | None = None) -> Measurement:
+        check_splits(config)
+        notify(progress, 0.05, f"starting {config.world_size} gloo workers")
+        ranks = run_ranks(config)
         notify(progress, 0.8, "single-process reference")
-        rows, worst = [], {name: 0.0 for name in c.dtypes}
-        keys = ("y", "dx", "dweight", "dbias", "running_mean", "running_var")
-        per_quantity = {k: 0.0 for k in keys}
-        vs_torch = 0.0
-        for split in c.splits:
-            for name, _tol in zip(c.dtypes, c.tolerance):
-                dtype = _DTYPES[name]
-                single = nl.nn.BatchNorm2d(c.channels, dtype=dtype)
-                ref = torch.nn.BatchNorm2d(c.channels, dtype=dtype)
-                _init_layer(single, c)
-                _init_layer(ref, c)
-                ours = _trajectory(c, single.train(), split, dtype, None, lambda t: t)
-                theirs = _trajectory(c, ref.train(), split, dtype, None, lambda t: t)
-                for step in range(c.steps):
-                    parts = [rk[(split, name)][step] for rk in ranks]
-                    merged = {k: torch.cat([p[k] for p in parts]) for k in ("y", "dx")}
-                    diffs = {k: _max_diff(merged[k], ours[step][k]) for k in ("y", "dx")}
-                    for k in ("dweight", "dbias", "running_mean", "running_var"):
-                        diffs[k] = max(_max_diff(p[k], ours[step][k]) for p in parts)
-                    same_count = all(
-                        p["num_batches_tracked"] == ours[step]["num_batches_tracked"] for p in parts
-                    )
-                    d = max(diffs.values()) if same_count else float("inf")
-                    worst[name] = max(worst[name], d)
-                    for k in keys:
-                        per_quantity[k] = max(per_quantity[k], diffs[k])
-                    if name == "float64":
-                        vs_torch = max(
-                            vs_torch, *(_max_diff(ours[step][k], theirs[step][k]) for k in keys)
-                        )
-                    rows.append([str(list(split)), name, step + 1, *(diffs[k] for k in keys)])
-        holds = all(worst[n] <= tol for n, tol in zip(c.dtypes, c.tolerance))
+        return Measurement(compare(config, ranks))
+
+    def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
+        c = config
+        vs_torch = m.single_vs_torch_float64
+        if verdict == "holds":
+            empty = (
+                "An empty rank still takes part in every collective and contributes nothing "
+                "to the statistics, so the other rank's output equals BN on the whole batch. "
+                if any(0 in split for split in c.splits)
+                else ""
+            )
+            why = (
+                f"{empty}In float32 the differences are rounding (the global statistics are "
+                "merged in float64 on each rank, BN on one process sums in a different order)."
+            )
+        else:
+            worst = max(m.steps, key=lambda s: s.worst)
+            quantity = max(worst.diffs, key=worst.diffs.get)
+            why = (
+                f"{self.failures(c, m)} The largest difference is in {quantity} at split "
+                f"{list(worst.split)}, {worst.dtype}, step {worst.step}."
+            )
         return self.result(
             config,
-            verdict="holds" if holds else "fails",
-            rule=(
-                "holds if, for every split of the global batch over "
-                f"{c.world_size} ranks in {[list(s) for s in c.splits]} and every step, the "
-                "outputs, input gradients, γ/β gradients (summed over ranks) and running "
-                "mean/variance of SyncBatchNorm equal those of single-process BatchNorm2d "
-                "on the concatenated batch to within "
-                + ", ".join(f"{t:g} ({n})" for n, t in zip(c.dtypes, c.tolerance))
-                + " (max |difference| / (1 + max |reference|) per quantity), with the same "
-                "num_batches_tracked."
-            ),
+            verdict=verdict,
+            rule=self.rule(config),
             measured="max |sync − single| / (1 + |single|) = "
-            + ", ".join(f"{worst[n]:.1e} ({n})" for n in c.dtypes)
+            + ", ".join(f"{m.worst(n):.1e} ({n})" for n in c.dtypes)
             + f" over {len(c.splits)} splits × {c.steps} steps",
             setup=(
                 f"{c.world_size} processes joined in a gloo group over a FileStore in a temporary "
@@ -282,8 +366,8 @@ class Sync(Experiment):
                 "Nothing scaled down beyond the process count."
             ),
             metrics={
-                "max_abs_diff": worst,
-                "max_abs_diff_per_quantity": per_quantity,
+                "max_abs_diff": {n: m.worst(n) for n in c.dtypes},
+                "max_abs_diff_per_quantity": m.per_quantity,
                 "single_normlab_vs_torch_float64": vs_torch,
             },
             tables={
@@ -299,15 +383,14 @@ class Sync(Experiment):
                         "running mean",
                         "running var",
                     ],
-                    "rows": rows,
+                    "rows": [
+                        [str(list(s.split)), s.dtype, s.step, *(s.diffs[k] for k in QUANTITIES)]
+                        for s in m.steps
+                    ],
                 }
             },
             notes=(
-                "An empty rank still takes part in every collective and contributes nothing "
-                "to the statistics, so the other rank's output equals BN on the whole batch. "
-                "In float32 the differences are rounding (the global statistics are merged "
-                "in float64 on each rank, BN on one process sums in a different order). "
-                f"The one-process reference itself matches torch.nn.BatchNorm2d to {vs_torch:.1e} "
-                "in float64."
+                f"{why} The one-process reference itself matches torch.nn.BatchNorm2d to "
+                f"{vs_torch:.1e} in float64."
             ),
         )

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from normlab.experiments.base import Experiment, Line, Plot, Result, notify
+from normlab.experiments.base import AllChecks, Line, Plot, Progress, Result, Verdict, notify
 from normlab.experiments.registry import register
 
 SEED_MEAN = 2.5
@@ -54,8 +54,50 @@ def layer_output(module_cls, x, gamma, beta, eps, dtype=torch.float64) -> list[f
     return [float(v) for v in y.detach().flatten()]
 
 
+def maxdiff(a, b) -> float:
+    """max |a_i − b_i| over two equally long sequences."""
+    return max(abs(u - v) for u, v in zip(a, b, strict=True))
+
+
+def is_seed_input(config: Config) -> bool:
+    """Whether the config is seed 003's example (then its printed values are the claim)."""
+    return tuple(config.x) == (1.0, 2.0, 3.0, 4.0) and (config.gamma, config.beta) == (2.0, 1.0)
+
+
+@dataclass
+class Measurement:
+    """What :class:`WorkedExample` computed: the seed's algorithm in plain float64
+    arithmetic (μ, σ², x̂, y) and y from three layers in training mode."""
+
+    mean: float
+    var: float
+    x_hat: list[float]
+    y_formula: list[float]  # plain float64 arithmetic
+    y_normlab: list[float]  # normlab.nn.BatchNorm1d, float64
+    y_normlab_float32: list[float]
+    y_torch: list[float]  # torch.nn.BatchNorm1d, float64
+    y_default_eps: list[float]  # normlab, float64, ε = 1e-5 instead of the config's
+
+    @property
+    def implementations_differ(self) -> float:
+        """The larger of |normlab − formula| and |torch − formula| (max over the outputs)."""
+        return max(maxdiff(self.y_normlab, self.y_formula), maxdiff(self.y_torch, self.y_formula))
+
+    def seed_steps(self, tolerance: float) -> list[tuple[str, float, float, bool]]:
+        """The seed's arithmetic step by step: (quantity, the seed's value, float64 value,
+        whether the seed's is right to ``tolerance``)."""
+        steps = [("μ_B", SEED_MEAN, self.mean), ("σ_B²", SEED_VAR, self.var)]
+        steps += [(f"x̂_{i + 1}", s, v) for i, (s, v) in enumerate(zip(SEED_X_HAT, self.x_hat))]
+        steps += [(f"y_{i + 1}", s, v) for i, (s, v) in enumerate(zip(SEED_Y, self.y_formula))]
+        return [(q, s, v, abs(s - v) <= tolerance) for q, s, v in steps]
+
+    def wrong_in_seed(self, tolerance: float) -> list[str]:
+        """The quantities the seed gets wrong."""
+        return [q for q, _, _, ok in self.seed_steps(tolerance) if not ok]
+
+
 @register
-class WorkedExample(Experiment):
+class WorkedExample(AllChecks):
     id = "worked-example"
     claim = "x = [1, 2, 3, 4], γ = 2, β = 1 → y = [-1.236, 0.106, 1.894, 3.236]"
     source = "seed 003, §4.2 (worked example)"
@@ -68,7 +110,29 @@ class WorkedExample(Experiment):
     Config = Config
     quick_overrides: ClassVar[dict] = {}  # already instant
 
-    def run(self, config: Config, progress=None) -> Result:
+    def rule(self, config: Config) -> str:
+        return (
+            "holds if normlab's BatchNorm1d (float64, training mode, ε = "
+            f"{config.eps:g}) gives every one of the seed's four outputs to within "
+            f"{config.tolerance:g} (the seed prints 3 decimals), and plain float64 arithmetic "
+            "and torch.nn.BatchNorm1d agree with it to 1e-12; fails otherwise."
+        )
+
+    def claimed(self, config: Config, m: Measurement) -> tuple[float, ...]:
+        """The outputs the claim states: the seed's for its input, else the formula's."""
+        return SEED_Y if is_seed_input(config) else tuple(m.y_formula)
+
+    def checks(self, config: Config, m: Measurement) -> dict[str, bool]:
+        """The two parts of :meth:`rule`, each named, and whether it passed."""
+        claimed = self.claimed(config, m)
+        return {
+            f"normlab's y = the seed's to {config.tolerance:g}": all(
+                abs(y - s) <= config.tolerance for y, s in zip(m.y_normlab, claimed)
+            ),
+            "normlab and torch = float64 arithmetic to 1e-12": m.implementations_differ <= 1e-12,
+        }
+
+    def measure(self, config: Config, progress: Progress | None = None) -> Measurement:
         import normlab as nl
 
         c = config
@@ -80,52 +144,49 @@ class WorkedExample(Experiment):
         # torch refuses ε = 0 in training; 1e-300 is below float64 resolution next to σ².
         y_torch = layer_output(torch.nn.BatchNorm1d, c.x, c.gamma, c.beta, max(c.eps, 1e-300))
         y_default_eps = layer_output(nl.nn.BatchNorm1d, c.x, c.gamma, c.beta, 1e-5)
-
-        def maxdiff(a, b) -> float:
-            return max(abs(u - v) for u, v in zip(a, b))
-
-        is_seed_input = tuple(c.x) == (1.0, 2.0, 3.0, 4.0) and (c.gamma, c.beta) == (2.0, 1.0)
-        claimed = SEED_Y if is_seed_input else tuple(y_formula)
-        per_value = [abs(y - s) <= c.tolerance for y, s in zip(y_normlab, claimed)]
-        implementations_agree = (
-            maxdiff(y_normlab, y_formula) <= 1e-12 and maxdiff(y_torch, y_formula) <= 1e-12
-        )
-        holds = implementations_agree and all(per_value)
-        steps = [
-            ["μ_B", SEED_MEAN, mean, abs(mean - SEED_MEAN) <= c.tolerance],
-            ["σ_B²", SEED_VAR, var, abs(var - SEED_VAR) <= c.tolerance],
-        ]
-        for i, (s, v) in enumerate(zip(SEED_X_HAT, x_hat)):
-            steps.append([f"x̂_{i + 1}", s, v, abs(s - v) <= c.tolerance])
-        for i, (s, v) in enumerate(zip(SEED_Y, y_formula)):
-            steps.append([f"y_{i + 1}", s, v, abs(s - v) <= c.tolerance])
         notify(progress, 1.0, "done")
-        wrong = [row[0] for row in steps if not row[3]]
-        notes = (
+        return Measurement(
+            mean, var, x_hat, y_formula, y_normlab, y_normlab32, y_torch, y_default_eps
+        )
+
+    def notes(self, config: Config, m: Measurement, verdict: Verdict) -> str:
+        """Why the claim fails: seed 003's slip at the ends of x̂ when that is what the
+        measurement shows, else the failed parts of the rule; nothing when it holds."""
+        if verdict == "holds":
+            return ""
+        wrong = m.wrong_in_seed(config.tolerance)
+        slip = ["x̂_1", "x̂_4", "y_1", "y_4"]
+        seed = is_seed_input(config)
+        if not (seed and wrong == slip and m.implementations_differ <= 1e-12):
+            failed = self.failures(config, m)
+            if not seed:
+                return failed
+            return f"{failed} The seed's values that differ from float64: {', '.join(wrong)}."
+        lo, hi = m.x_hat[0], m.x_hat[-1]
+        off = maxdiff(m.y_normlab, SEED_Y)
+        y = "[" + ", ".join(f"{v:.3f}" for v in m.y_formula) + "]"
+        return (
             "The seed's μ = 2.5 and σ² = 1.25 are right, and so are its middle values "
             "(x̂ = ∓0.447, y = 0.106 and 1.894). Its end values are not: it writes "
-            "x̂ = ∓1.118, which is ∓√1.25 — σ itself — instead of (1 − 2.5)/√1.25 = −1.342 "
-            "and (4 − 2.5)/√1.25 = +1.342. Its y then follows from that slip "
-            "(2·(−1.118) + 1 = −1.236), so y₁ and y₄ are off by 2·(1.342 − 1.118) = 0.447. "
-            "The correct output is y = [-1.683, 0.106, 1.894, 3.683]; plain float64 "
+            f"x̂ = ∓1.118, which is ∓√1.25 — σ itself — instead of (1 − 2.5)/√1.25 = "
+            f"−{-lo:.3f} and (4 − 2.5)/√1.25 = +{hi:.3f}. Its y then follows from that slip "
+            f"(2·(−1.118) + 1 = −1.236), so y₁ and y₄ are off by 2·({hi:.3f} − 1.118) = "
+            f"{off:.3f}. The correct output is y = {y}; plain float64 "
             "arithmetic, normlab's BatchNorm1d and torch's BatchNorm1d agree on it to "
-            f"{max(maxdiff(y_normlab, y_formula), maxdiff(y_torch, y_formula)):.1e}. "
+            f"{m.implementations_differ:.1e}. "
             "The verdict judges the claim as the seed states it, so it is 'fails'; "
             "normlab's own tests assert the corrected values. With torch's default "
-            f"ε = 1e-5 instead of 0 the outputs move by {maxdiff(y_default_eps, y_formula):.1e}."
-            if is_seed_input and not holds
-            else ""
+            f"ε = 1e-5 instead of 0 the outputs move by {maxdiff(m.y_default_eps, m.y_formula):.1e}."
         )
+
+    def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
+        c = config
+        claimed = self.claimed(config, m)
         return self.result(
             config,
-            verdict="holds" if holds else "fails",
-            rule=(
-                "holds if normlab's BatchNorm1d (float64, training mode, ε = "
-                f"{c.eps:g}) gives every one of the seed's four outputs to within "
-                f"{c.tolerance:g} (the seed prints 3 decimals), and plain float64 arithmetic "
-                "and torch.nn.BatchNorm1d agree with it to 1e-12; fails otherwise."
-            ),
-            measured="y = [" + ", ".join(f"{v:.3f}" for v in y_normlab) + "]",
+            verdict=verdict,
+            rule=self.rule(config),
+            measured="y = [" + ", ".join(f"{v:.3f}" for v in m.y_normlab) + "]",
             setup=(
                 f"x = {list(c.x)} as a (4, 1) batch, γ = {c.gamma:g}, β = {c.beta:g}, "
                 f"ε = {c.eps:g}; normlab.nn.BatchNorm1d and torch.nn.BatchNorm1d in float64 "
@@ -135,32 +196,35 @@ class WorkedExample(Experiment):
                 "arithmetic. Nothing is scaled down: this is the exact example."
             ),
             metrics={
-                "mean": mean,
-                "var": var,
-                "x_hat": x_hat,
-                "y_formula": y_formula,
-                "y_normlab": y_normlab,
-                "y_normlab_float32": y_normlab32,
-                "y_torch": y_torch,
+                "mean": m.mean,
+                "var": m.var,
+                "x_hat": m.x_hat,
+                "y_formula": m.y_formula,
+                "y_normlab": m.y_normlab,
+                "y_normlab_float32": m.y_normlab_float32,
+                "y_torch": m.y_torch,
                 "y_seed": list(SEED_Y),
-                "max_abs_diff_normlab_formula": maxdiff(y_normlab, y_formula),
-                "max_abs_diff_torch_formula": maxdiff(y_torch, y_formula),
-                "max_abs_diff_float32": maxdiff(y_normlab32, y_formula),
-                "max_abs_diff_seed": maxdiff(y_normlab, claimed),
-                "wrong_in_seed": wrong,
+                "max_abs_diff_normlab_formula": maxdiff(m.y_normlab, m.y_formula),
+                "max_abs_diff_torch_formula": maxdiff(m.y_torch, m.y_formula),
+                "max_abs_diff_float32": maxdiff(m.y_normlab_float32, m.y_formula),
+                "max_abs_diff_seed": maxdiff(m.y_normlab, claimed),
+                "wrong_in_seed": m.wrong_in_seed(c.tolerance),
             },
             tables={
                 "The seed's arithmetic, step by step": {
                     "header": ["quantity", "seed", "float64", "seed right?"],
-                    "rows": [[q, s, v, "yes" if ok else "no"] for q, s, v, ok in steps],
+                    "rows": [
+                        [q, s, v, "yes" if ok else "no"]
+                        for q, s, v, ok in m.seed_steps(c.tolerance)
+                    ],
                 },
                 "Three implementations": {
                     "header": ["", "y₁", "y₂", "y₃", "y₄"],
                     "rows": [
                         ["seed 003", *SEED_Y],
-                        ["float64 formula", *y_formula],
-                        ["normlab BatchNorm1d", *y_normlab],
-                        ["torch BatchNorm1d", *y_torch],
+                        ["float64 formula", *m.y_formula],
+                        ["normlab BatchNorm1d", *m.y_normlab],
+                        ["torch BatchNorm1d", *m.y_torch],
                     ],
                 },
             },
@@ -172,9 +236,9 @@ class WorkedExample(Experiment):
                     kind="bar",
                     lines=[
                         Line("seed 003", [float(v) for v in c.x], list(claimed)),
-                        Line("normlab BatchNorm1d", [float(v) for v in c.x], y_normlab),
+                        Line("normlab BatchNorm1d", [float(v) for v in c.x], m.y_normlab),
                     ],
                 )
             ],
-            notes=notes,
+            notes=self.notes(config, m, verdict),
         )
