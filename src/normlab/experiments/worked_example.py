@@ -1,4 +1,4 @@
-"""worked-example: seed 003's x = [1, 2, 3, 4], γ = 2, β = 1 through one BN layer.
+"""worked-example: x = [1, 2, 3, 4], γ = 2, β = 1 through one BN layer (docs/sources.md#seed-003).
 
 The seed states μ = 2.5, σ² = 1.25, x̂ = [-1.118, -0.447, 0.447, 1.118] and
 y = [-1.236, 0.106, 1.894, 3.236]. μ and σ² are right, and so are the middle values, but
@@ -36,7 +36,7 @@ class Config:
 
 
 def formula(x: tuple[float, ...], gamma: float, beta: float, eps: float):
-    """Seed 003's algorithm in plain float64 arithmetic: (μ, σ², x̂, y)."""
+    """The algorithm of docs/sources.md#seed-003 in plain float64 arithmetic: (μ, σ², x̂, y)."""
     m = len(x)
     mean = sum(x) / m
     var = sum((v - mean) ** 2 for v in x) / m
@@ -58,7 +58,7 @@ def layer_output(module_cls, x, gamma, beta, eps, dtype=torch.float64) -> list[f
 class WorkedExample(Experiment):
     id = "worked-example"
     claim = "x = [1, 2, 3, 4], γ = 2, β = 1 → y = [-1.236, 0.106, 1.894, 3.236]"
-    source = "seed 003, §4.2 (worked example)"
+    source = "docs/sources.md#seed-003, §4.2 (worked example)"
     reference = "y = [-1.236, 0.106, 1.894, 3.236] (exact, 3 decimals)"
     seed_says = (
         "For x = [1, 2, 3, 4] (batch of 4): μ_B = 2.5, σ_B² = 1.25, "
@@ -157,7 +157,7 @@ class WorkedExample(Experiment):
                 "Three implementations": {
                     "header": ["", "y₁", "y₂", "y₃", "y₄"],
                     "rows": [
-                        ["seed 003", *SEED_Y],
+                        ["seed (as printed)", *SEED_Y],
                         ["float64 formula", *y_formula],
                         ["normlab BatchNorm1d", *y_normlab],
                         ["torch BatchNorm1d", *y_torch],
@@ -171,7 +171,7 @@ class WorkedExample(Experiment):
                     ylabel="output y",
                     kind="bar",
                     lines=[
-                        Line("seed 003", [float(v) for v in c.x], list(claimed)),
+                        Line("seed (as printed)", [float(v) for v in c.x], list(claimed)),
                         Line("normlab BatchNorm1d", [float(v) for v in c.x], y_normlab),
                     ],
                 )
