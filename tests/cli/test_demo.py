@@ -22,7 +22,8 @@ def test_demo_30_steps_writes_a_valid_report(demo_run):
     assert stored == payload  # --json prints exactly what results.json holds
     jsonschema.validate(stored, RESULTS_SCHEMA)
     h = stored["headline"]
-    # seed 000's claim at initialisation: BN's first layer gets >= 100x the gradient
+    # the claim of docs/sources.md#seed-000 at initialisation: BN's first layer gets >= 100x
+    # the gradient
     assert h["bn_first_grad"] >= 100 * h["plain_first_grad"]
     assert h["bn_over_plain_first_grad"] == pytest.approx(
         h["bn_first_grad"] / h["plain_first_grad"]

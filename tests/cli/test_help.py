@@ -20,7 +20,7 @@ from normlab.cli import app
 
 GROUP = typer.main.get_command(app)
 NAMES = list(GROUP.commands)
-WIDTHS = (80, 100)
+WIDTHS = (80, 100, 120)
 
 
 def _paragraphs(help_text: str | None) -> list[str]:
@@ -78,6 +78,46 @@ def test_command_help_wraps_only_where_a_line_is_full(name, width):
     assert rendered[0][0].startswith(first_sentence) or len(first_sentence) > width - 2
     for paragraph in rendered:
         _assert_wrapped_only_when_full(paragraph, width - 2, f"normlab {name} --help")
+
+
+_MARKERS = re.compile(r"\s*\[(?:default: [^\]]*|required)\]\s*$")
+
+
+def _parameter_help(lines: list[str], text: str) -> tuple[list[str], int]:
+    """The rendered lines of one parameter's help in its panel, and the room its column has.
+
+    The row is found by the help's first words; its continuation lines are those blank up to
+    the help column. Typer's own ``[default: …]`` / ``[required]`` markers are dropped."""
+    start = " ".join(text.split()[:3])
+    row = next(i for i, line in enumerate(lines) if start in line and line.startswith("│"))
+    column = lines[row].index(start)
+    room = lines[row].rindex("│") - 1 - column
+    pieces = []
+    for line in lines[row:]:
+        if not line.startswith("│") or (line is not lines[row] and line[1:column].strip()):
+            break
+        piece = _MARKERS.sub("", line[column : line.rindex("│")]).rstrip()
+        if piece:
+            pieces.append(piece)
+    return pieces, room
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("name", [None, *NAMES])
+def test_parameter_help_wraps_only_where_a_line_is_full(name, width):
+    command = GROUP if name is None else GROUP.commands[name]
+    lines = _render([] if name is None else [name], width)
+    where = f"normlab {name or ''} --help at {width} columns"
+    checked = 0
+    for param in command.params:
+        text = getattr(param, "help", None)
+        if not text:
+            continue
+        pieces, room = _parameter_help(lines, text)
+        assert " ".join(pieces) == " ".join(text.split()), f"{where}: {param.name}: {pieces}"
+        _assert_wrapped_only_when_full(pieces, room, f"{where}, {param.name}")
+        checked += 1
+    assert checked, f"{where}: no parameter help found"
 
 
 @pytest.mark.parametrize("width", WIDTHS)

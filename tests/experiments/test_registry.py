@@ -1,4 +1,4 @@
-"""Every claim of reference/claims.md is registered exactly once, under its id."""
+"""Every claim of docs/claims.md is registered exactly once, under its id."""
 
 import re
 from pathlib import Path
@@ -8,26 +8,18 @@ import pytest
 from normlab.experiments import registry
 from normlab.experiments.base import Experiment
 
-REPO = Path(__file__).resolve().parents[2]
-# In CI and in the worktrees the shared documents sit beside the repository.
-CLAIMS_MD = [
-    REPO.parent / "shared" / "reference" / "claims.md",
-    Path("/work/shared/reference/claims.md"),
-]
+CLAIMS_MD = Path(__file__).resolve().parents[2] / "docs/claims.md"
 
 
 def claims_md_ids() -> list[str]:
-    """Ids from the claims table of claims.md (first column, in backticks or plain)."""
-    for path in CLAIMS_MD:
-        if path.is_file():
-            ids = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                m = re.match(r"^\|\s*`?([a-z0-9]+(?:-[a-z0-9]+)*)`?\s*\|", line)
-                if m and m.group(1) != "id":
-                    ids.append(m.group(1))
-            assert ids, f"no claims table found in {path}"
-            return ids
-    return list(registry.CLAIM_IDS)
+    """Ids from the claims table of docs/claims.md (first column, in backticks or plain)."""
+    ids = []
+    for line in CLAIMS_MD.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^\|\s*`?([a-z0-9]+(?:-[a-z0-9]+)*)`?\s*\|", line)
+        if m and m.group(1) != "id":
+            ids.append(m.group(1))
+    assert ids, f"no claims table found in {CLAIMS_MD}"
+    return ids
 
 
 def test_claim_ids_match_claims_md():

@@ -1,5 +1,5 @@
-"""Seed 003's worked example: the claim as stated fails (the seed's x̂ ends are wrong); the
-layer gives the correct values, identical in three implementations."""
+"""The worked example of docs/sources.md#seed-003: the claim as stated fails (the seed's
+x̂ ends are wrong); the layer gives the correct values, identical in three implementations."""
 
 import pytest
 

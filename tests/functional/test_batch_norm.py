@@ -24,7 +24,8 @@ def test_matches_torch_functional_train_and_eval():
 
 
 def test_running_statistics_follow_the_recurrence():
-    # reliability 7: biased variance to normalise, unbiased in running_var; momentum 1 copies
+    # docs/reliability.md case 7: biased variance to normalise, unbiased in running_var;
+    # momentum 1 copies
     x = torch.randn(7, 3, 2, dtype=torch.float64)
     mean, _, unbiased, _ = ref.batch_stats(x)
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
@@ -41,7 +42,7 @@ def test_running_statistics_follow_the_recurrence():
 
 
 def test_cumulative_average_with_momentum_none():
-    # reliability 8: every batch weighs the same
+    # docs/reliability.md case 8: every batch weighs the same
     batches = [torch.randn(5, 2, dtype=torch.float64) * (i + 1) for i in range(6)]
     rm, rv = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
     nbt = torch.tensor(0)
@@ -65,7 +66,7 @@ def test_channel_dim_last_equals_moving_the_channel():
 
 
 def test_zero_batch_and_empty_spatial_leave_statistics_untouched():
-    # reliability 5
+    # docs/reliability.md case 5
     for shape in [(0, 3, 4, 4), (2, 3, 0, 4)]:
         x = torch.randn(shape, requires_grad=True)
         w = torch.ones(3, requires_grad=True)

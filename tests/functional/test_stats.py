@@ -74,7 +74,7 @@ def test_constant_channel_maps_to_beta():
 
 @pytest.mark.parametrize("magnitude", [1e18, 1e20, 1e30])
 def test_huge_magnitudes_do_not_overflow(magnitude):
-    # reliability 14 (torch#162489): e² overflows float32 from |x| ~ 1e19 on
+    # docs/reliability.md case 14 (torch#162489): e² overflows float32 from |x| ~ 1e19 on
     x = (torch.randn(32, 4, dtype=torch.float64) * magnitude).float()
     y = NF.batch_norm(x, None, None, training=True)
     assert torch.isfinite(y).all()
@@ -126,7 +126,8 @@ def test_batch_permutation_equivariance(seed):
 
 @given(seed=st.integers(0, 2**16), n=st.integers(2, 40), c=st.integers(1, 5))
 def test_normalisation_identity(seed, n, c):
-    # eps = 0, γ = 1, β = 0: every channel has mean 0 and biased variance 1 (reliability 6)
+    # eps = 0, γ = 1, β = 0: every channel has mean 0 and biased variance 1
+    # (docs/reliability.md case 6)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, 3, generator=g, dtype=torch.float64) * 5 + 2
     y = NF.batch_norm(x, None, None, training=True, eps=0.0)

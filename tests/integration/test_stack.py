@@ -1,10 +1,11 @@
 """The stack around the layer: normlab's layers against torch's through every tool.
 
-SPEC §2.2: "swap the import, keep everything else". Every test builds the same model twice
-from one seed — once with torch's layer, once with normlab's, loaded with the same
-``state_dict`` — runs both through one tool and compares outputs, parameter gradients and
-the whole ``state_dict`` (parameters, running statistics, ``num_batches_tracked``) with
-``assert_close(atol=1e-4, rtol=1e-4)``, in training and in eval.
+README.md, "Works with the rest of the stack": swap the import, keep everything else. Every
+test builds the same model twice from one seed — once with torch's layer, once with
+normlab's, loaded with the same ``state_dict`` — runs both through one tool and compares
+outputs, parameter gradients and the whole ``state_dict`` (parameters, running statistics,
+``num_batches_tracked``) with ``assert_close(atol=1e-4, rtol=1e-4)``, in training and in
+eval.
 
 Models:
 
@@ -501,9 +502,10 @@ def test_compile_no_graph_breaks(pair):
 
 
 def test_compile_calls_normlab_ops():
-    """SPEC §2.2: under torch.compile 'the fast kernels still used: custom ops via
-    torch.library'. The AOT forward and backward graphs of a training step must call an
-    operator of the ``normlab`` namespace (not only decomposed aten ops)."""
+    """README.md, "Works with the rest of the stack": under torch.compile the fused kernels
+    still run, as ``torch.library`` custom ops. The AOT forward and backward graphs of a
+    training step must call an operator of the ``normlab`` namespace (not only decomposed
+    aten ops)."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 

@@ -87,7 +87,7 @@ def test_train_forward_backward_match_float64(act, layout, dtype, calls):
     x, w, b = _make((3, 5, 4, 3), layout, dtype)
     y = _check_train(x, w, b, act, TOL[dtype])
     assert calls["batch_forward"] == 1 and calls["batch_backward"] == 1
-    if layout == "cl":  # reliability 11: the memory format is kept
+    if layout == "cl":  # docs/reliability.md case 11: the memory format is kept
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 

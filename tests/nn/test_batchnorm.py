@@ -173,9 +173,10 @@ def test_pickle_deepcopy_repr_and_moves():
 
 
 def test_worked_example_of_seed_003():
-    # x = [1, 2, 3, 4], γ = 2, β = 1: μ = 2.5, σ² = 1.25 (seed 003). The seed then writes
-    # x_hat = [-1.118, -0.447, 0.447, 1.118]; the outer two are wrong: (1 − 2.5)/sqrt(1.25)
-    # = -1.342, so y = [-1.683, 0.106, 1.894, 3.683], not the seed's [-1.236, …, 3.236].
+    # x = [1, 2, 3, 4], γ = 2, β = 1: μ = 2.5, σ² = 1.25 (docs/sources.md#seed-003). The
+    # seed then writes x_hat = [-1.118, -0.447, 0.447, 1.118]; the outer two are wrong:
+    # (1 − 2.5)/sqrt(1.25) = -1.342, so y = [-1.683, 0.106, 1.894, 3.683], not the seed's
+    # [-1.236, …, 3.236].
     bn = nl.nn.BatchNorm1d(1, eps=0.0, dtype=torch.float64)
     with torch.no_grad():
         bn.weight.fill_(2.0)
@@ -255,7 +256,7 @@ def test_ema_debias_in_eval():
 
 
 def test_track_running_stats_flip_behaves_as_torch():
-    # reliability 9 / torch#20967
+    # docs/reliability.md case 9 / torch#20967
     x = torch.randn(6, 3)
     for flip_to in (False, True):
         ours = nl.nn.BatchNorm1d(3, track_running_stats=not flip_to)

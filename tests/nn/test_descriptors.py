@@ -242,7 +242,7 @@ def test_bad_inputs_raise_clear_errors(case):
 
 @cases
 def test_empty_batch_and_empty_spatial_dims_leave_state_alone(case):
-    # reliability 5: empty output, zero gradients, running statistics untouched
+    # docs/reliability.md case 5: empty output, zero gradients, running statistics untouched
     layer = case.make()
     before = _state(layer)
     shapes = [(0, *case.shape[1:])]

@@ -85,7 +85,8 @@ def test_adapted_model_keeps_stored_statistics_bit_identical(kind):
 
 
 def test_adabn_closes_the_inference_gap_under_covariate_shift():
-    # seed 002: under a shift, eval BN's output mean is γ(m_test − μ)/σ + β, not β.
+    # docs/sources.md#seed-002: under a shift, eval BN's output mean is γ(m_test − μ)/σ + β,
+    # not β.
     model = small_resnet("normlab")
     seen = []
     model.stem[1].register_forward_hook(lambda m, a, y: seen.append(y.mean((0, 2, 3))))

@@ -1,4 +1,4 @@
-"""``normlab demo``: seed 000's story measured — a deep sigmoid net with and without BN."""
+"""``normlab demo``: docs/sources.md#seed-000 measured, a deep sigmoid net with and without BN."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def demo(
         str,
         typer.Option(
             "--activation",
-            help="sigmoid (seed 000's story; the initialisation is chosen for it), tanh or relu.",
+            help="sigmoid (the story of docs/sources.md#seed-000; the initialisation is chosen "
+            "for it), tanh or relu.",
         ),
     ] = "sigmoid",
     seed: Annotated[

@@ -1,4 +1,4 @@
-"""``normlab run ID [ID...] | all``: reproduce claims of the seeds, with a report."""
+"""``normlab run ID [ID...] | all``: reproduce the claims of docs/claims.md, with a report."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def run(
     ids: Annotated[
         list[str],
         typer.Argument(
-            metavar="ID... | all", help="Experiment ids (rows of reference/claims.md) or 'all'."
+            metavar="ID... | all", help="Experiment ids (sections of docs/claims.md) or 'all'."
         ),
     ],
     quick: Annotated[

@@ -7,8 +7,8 @@ first in the order exploding, dead, saturated, vanishing, healthy):
   ``exploding_ratio`` (1e3) times the output layer's;
 - *dead*: more than ``dead_threshold`` (50 %) of a ReLU layer's units never positive;
 - *saturated*: more than ``saturated_threshold`` (25 %) of a sigmoid/tanh layer's inputs
-  beyond the saturation bound (|z| > 5 for the sigmoid, seed 000) — a quarter of the
-  units passing back ~no gradient on every sample is already a crippled layer;
+  beyond the saturation bound (|z| > 5 for the sigmoid, docs/sources.md#seed-000) — a quarter
+  of the units passing back ~no gradient on every sample is already a crippled layer;
 - *vanishing*: a back-propagated gradient below ``vanishing_ratio`` (1e-3) times the
   output layer's.
 
@@ -124,8 +124,8 @@ def recommend(layers: list[LayerVerdict], flow: FlowResult) -> list[str]:
         recs.append(
             f"Insert BatchNorm before the {act} in {_word(d)} {layer_ranges(d)}: "
             f"{'its' if len(set(d)) == 1 else 'their'} inputs sit in the flat tails where the "
-            f"derivative is ~0 (seed 000's failure); normalization pulls each batch back to "
-            f"mean 0, variance 1."
+            f"derivative is ~0 (the failure of docs/sources.md#seed-000); normalization pulls "
+            f"each batch back to mean 0, variance 1."
         )
     if by["dead"]:
         d = [lv.depth for lv in by["dead"]]

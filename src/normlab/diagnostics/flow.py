@@ -23,9 +23,9 @@ Norms over several backward passes are root-mean-square over passes of each pass
 (for one pass: the norm). Percentiles use up to ``max_samples`` values per site (an even
 stride through the rest when there are more); mean, std, min, max and fractions use all.
 
-Saturation: seed 000 calls a sigmoid saturated for |z| > 5, where σ'(z) < 0.0067 = 2.7 % of
-σ'(0). tanh(z) = 2σ(2z) − 1 reaches the same relative slope at |z| > 2.5, so tanh sites
-use ``saturation_threshold / 2``.
+Saturation: docs/sources.md#seed-000 calls a sigmoid saturated for |z| > 5, where σ'(z) < 0.0067
+= 2.7 % of σ'(0). tanh(z) = 2σ(2z) − 1 reaches the same relative slope at |z| > 2.5, so tanh
+sites use ``saturation_threshold / 2``.
 
 Parts: :mod:`._flow_hooks` (which modules are layers and activations; the hooks),
 :mod:`._flow_records` (the records and each site's running statistics); this module
@@ -103,7 +103,7 @@ class GradientFlow:
     Args:
         model: any module.
         saturation_threshold: |z| above which a sigmoid input counts as saturated
-            (seed 000: 5); tanh uses half of it.
+            (docs/sources.md#seed-000: 5); tanh uses half of it.
         max_samples: values kept per site for percentiles.
         layer_types: module types treated as layers (default :data:`LAYER_TYPES`).
     """
@@ -120,8 +120,8 @@ class GradientFlow:
             raise TypeError(f"GradientFlow: model must be a torch.nn.Module, got {type(model)}")
         if not (saturation_threshold > 0 and math.isfinite(saturation_threshold)):
             raise ValueError(
-                f"GradientFlow: saturation_threshold must be a positive number (seed 000 uses "
-                f"5.0), got {saturation_threshold}"
+                f"GradientFlow: saturation_threshold must be a positive number "
+                f"(docs/sources.md#seed-000 uses 5.0), got {saturation_threshold}"
             )
         if max_samples < 1:
             raise ValueError(f"GradientFlow: max_samples must be ≥ 1, got {max_samples}")

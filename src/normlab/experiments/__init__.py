@@ -1,4 +1,4 @@
-"""One module per claim of reference/claims.md, and a registry (see ``registry``)."""
+"""One module per claim of docs/claims.md, and a registry (see ``registry``)."""
 
 from normlab.experiments.base import Experiment, Line, Plot, Result
 from normlab.experiments.registry import all_ids, get, register

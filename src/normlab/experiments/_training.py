@@ -139,7 +139,7 @@ def mlp(
     """Linear → [norm] → activation for each width, then a Linear classifier.
 
     The norm sits between the linear map and the activation, where Ioffe & Szegedy (2015)
-    and seed 000 put it.
+    and docs/sources.md#seed-000 put it.
 
     Args:
         bias: whether the hidden Linear layers have a bias (the classifier always has one).

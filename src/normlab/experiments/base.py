@@ -67,7 +67,7 @@ class Result:
     """What an experiment measured, and its verdict.
 
     Attributes:
-        id: the experiment id (a row of reference/claims.md).
+        id: the experiment id (a section of docs/claims.md).
         claim: the claim, in one sentence.
         verdict: 'holds', 'fails' or 'inconclusive'.
         rule: the verdict rule, as printed in the report.

@@ -1,8 +1,8 @@
-"""The demo (``normlab demo``): seed 000's story measured on real data, as an experiment.
+"""The demo (``normlab demo``): docs/sources.md#seed-000 measured on real data.
 
 Two deep MLPs on scikit-learn's handwritten digits, identical but for one thing: the
-second has a BatchNorm layer between every linear map and its sigmoid (seed 000: BN
-"placed after the linear transform and before the activation").
+second has a BatchNorm layer between every linear map and its sigmoid
+(docs/sources.md#seed-000: BN "placed after the linear transform and before the activation").
 
     plain:  x → [Linear → sigmoid] × depth → Linear → logits
     BN:     x → [Linear → BatchNorm1d → sigmoid] × depth → Linear → logits
@@ -21,10 +21,10 @@ plain net) and train with the same optimizer, steps, batch order and seed. Measu
 Initialisation: W ~ N(0, (g/√fan_in)²) with gain g = 5, biases 0. At g = 1 (LeCun) the
 sigmoid inputs stay within about ±1.5 and nothing saturates — gradients still vanish, but
 only through σ' ≤ 1/4 per layer. At g ≥ 8 a third of the inputs saturate, yet the larger
-weights also amplify the backward signal and the plain net slowly learns. g = 5 has both
-of seed 000's symptoms: deep sigmoid inputs spread to about ±9 with a tenth beyond |z| > 5,
-and a first-layer gradient three orders of magnitude below the last. The init sweep in the
-results shows this trade-off, measured.
+weights also amplify the backward signal and the plain net slowly learns. g = 5 has both of
+the symptoms of docs/sources.md#seed-000: deep sigmoid inputs spread to about ±9 with a
+tenth beyond |z| > 5, and a first-layer gradient three orders of magnitude below the last.
+The init sweep in the results shows this trade-off, measured.
 
 Optimizer: SGD with momentum 0.9 (Ioffe & Szegedy's choice). Adam's per-parameter scaling
 partly undoes vanishing gradients, which would blur the comparison.
@@ -109,7 +109,7 @@ class DemoConfig:
 
     @property
     def trace_layer(self) -> int:
-        """The deep layer whose unit is traced: layer 15 of 20, as in seed 000."""
+        """The deep layer whose unit is traced: layer 15 of 20, as in docs/sources.md#seed-000."""
         return max(1, round(0.75 * self.depth))
 
 
@@ -351,9 +351,10 @@ def measure(
         notify(progress, 0.0, "probing at initialisation")
         init_plain, init_bn = _probe(plain, batch, config), _probe(bn, batch, config)
 
-        # The traced unit: in seed 000's layer (15 of 20), the unit whose median input over
-        # the test set is farthest from 0 at initialisation in the plain net — the drift the
-        # seed describes. The BN net's unit with the same index has the same weights.
+        # The traced unit: in the layer of docs/sources.md#seed-000 (15 of 20), the unit whose
+        # median input over the test set is farthest from 0 at initialisation in the plain net
+        # — the drift the seed describes. The BN net's unit with the same index has the same
+        # weights.
         layer_idx = config.trace_layer
         lin_pos = [j for j, m in enumerate(plain) if isinstance(m, nn.Linear)][layer_idx - 1]
         z = preactivations(plain, split.x_test, training=True)[str(lin_pos)]
@@ -395,8 +396,8 @@ RULE = (
 
 
 def judge(h: dict[str, Any]) -> Verdict:
-    """Seed 000's claim — BN restores gradient flow and training — as :data:`RULE`, over
-    the headline numbers (``*_log10_imbalance``, ``*_final_accuracy``)."""
+    """The claim of docs/sources.md#seed-000 — BN restores gradient flow and training — as
+    :data:`RULE`, over the headline numbers (``*_log10_imbalance``, ``*_final_accuracy``)."""
     gain = h["plain_log10_imbalance"] - h["bn_log10_imbalance"]
     gap = h["bn_final_accuracy"] - h["plain_final_accuracy"]
     if gain >= 2 and gap >= 0.30:
@@ -461,9 +462,10 @@ def present(m: DemoMeasurement, seconds: float = 0.0) -> DemoResults:
             "gain": config.init_gain,
             "why": (
                 f"gain {config.init_gain:g} = {config.init_gain:g}x LeCun's 1/sqrt(fan_in): "
-                "large enough that deep sigmoid inputs leave the linear region (seed 000's "
-                "|z| > 5), small enough that the larger weights do not amplify the backward "
-                "signal back to health; the init sweep shows the trade-off"
+                "large enough that deep sigmoid inputs leave the linear region "
+                "(docs/sources.md#seed-000's |z| > 5), small enough that the larger weights do "
+                "not amplify the backward signal back to health; the init sweep shows the "
+                "trade-off"
             ),
             "optimizer": f"SGD, lr {config.lr:g}, momentum {config.momentum:g}",
         },

@@ -1,12 +1,12 @@
 """ema-bias: a zero-started EMA of the batch mean is biased toward 0; de-biasing removes it.
 
 With r_0 = 0 and r_t = (1 − μ)·r_{t−1} + μ·m_t where the batch means m_t have expectation
-m, E[r_t] = m·(1 − (1 − μ)^t) (seed 002), and r_t / (1 − (1 − μ)^t) is unbiased. μ here is
-the weight of the new batch — torch's ``momentum`` (default 0.1). We check the formula on
-BatchNorm1d's own running mean (thousands of channels as independent replicates), check
-normlab's de-biasing (``ema_debias``, ``BatchNorm1d(ema_debias=True)``) for the mean and for
-torch's running variance (which starts at 1, not 0), and measure what the bias does to
-eval-mode accuracy early in training on the digits.
+m, E[r_t] = m·(1 − (1 − μ)^t) (docs/sources.md#seed-002), and r_t / (1 − (1 − μ)^t) is
+unbiased. μ here is the weight of the new batch — torch's ``momentum`` (default 0.1). We
+check the formula on BatchNorm1d's own running mean (thousands of channels as independent
+replicates), check normlab's de-biasing (``ema_debias``, ``BatchNorm1d(ema_debias=True)``)
+for the mean and for torch's running variance (which starts at 1, not 0), and measure what
+the bias does to eval-mode accuracy early in training on the digits.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ TABLE_STEPS = (1, 2, 5, 10, 20, 50, 100, 300)  # the steps t the running-statist
 
 
 def expected_running_mean(m: float, momentum: float, t: int) -> float:
-    """Seed 002: E[r_t] = m·(1 − (1 − μ)^t) for a zero-started EMA."""
+    """docs/sources.md#seed-002: E[r_t] = m·(1 − (1 − μ)^t) for a zero-started EMA."""
     return m * (1.0 - (1.0 - momentum) ** t)
 
 
@@ -211,7 +211,7 @@ class EmaBias(Experiment):
         "A zero-started EMA of the batch mean is biased toward 0 early: "
         "E[r_t] = m(1-(1-μ)^t); dividing by (1-(1-μ)^t) removes the bias"
     )
-    source = "seed 002 (train and inference modes)"
+    source = "docs/sources.md#seed-002 (train and inference modes)"
     reference = "E[r_t] = m(1-(1-μ)^t) (formula)"
     seed_says = (
         "Population statistics are EMAs of the batch statistics, "

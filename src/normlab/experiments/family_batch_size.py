@@ -515,7 +515,9 @@ def present(m: Measurement, config: Config) -> dict:
 class FamilyBatchSize(Experiment):
     id = "family-batch-size"
     claim = "BN degrades at small batches, GN does not; LN and IN trail at normal batches."
-    source = "seed 003; Wu & He 2018 (Group Normalization), Table 1, Table 2, Fig. 1"
+    source = (
+        "docs/sources.md#seed-003; Wu & He 2018 (Group Normalization), Table 1, Table 2, Fig. 1"
+    )
     reference = (
         "ResNet-50 ImageNet error at batch 32/16/8/4/2: BN 23.6/23.7/24.8/27.3/34.7, GN "
         "24.1/24.2/24.0/24.2/24.1; at batch 32: LN 25.3, IN 28.4"

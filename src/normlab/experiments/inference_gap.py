@@ -161,8 +161,8 @@ class InferenceGap(Experiment):
         "γ(m_test-μ_pop)/sqrt(σ²_pop+ε)+β, not β; recalibration / AdaBN closes the gap"
     )
     source = (
-        "seed 002; Li et al. 2016 (AdaBN); Schneider et al. 2020 (ResNet-50 ImageNet-C "
-        "mCE 76.7% → 62.2%)"
+        "docs/sources.md#seed-002; Li et al. 2016 (AdaBN); Schneider et al. 2020 "
+        "(ResNet-50 ImageNet-C mCE 76.7% → 62.2%)"
     )
     reference = "formula; 14.5-point mCE gain (ImageNet-C)"
     seed_says = (

@@ -117,13 +117,16 @@ class InitExplosion(AllChecks):
         "At initialisation, deep BN networks have gradients that grow per layer "
         "(ReLU: λ → π/(π-1) ≈ 1.467 as batch → ∞; linear: (B-2)/(B-3))"
     )
-    source = "Yang, Pennington, Rao, Sohl-Dickstein, Schoenholz 2019, ICLR (seed 004 topic)"
+    source = (
+        "Yang, Pennington, Rao, Sohl-Dickstein, Schoenholz 2019, ICLR (the topic of "
+        "docs/sources.md#seed-004)"
+    )
     reference = "λ = (B−2)/(B−3) (linear); λ → π/(π−1) ≈ 1.467 (ReLU, B → ∞)"
     seed_says = (
-        "Seed 004 presents BN as a remedy for exploding gradients (its formulas are wrong and "
-        "are not used). The mean-field theory of Yang et al. shows the opposite at "
-        "initialisation: without skip connections, BN itself makes gradients explode "
-        "geometrically with depth, at a rate set by the batch size and the activation."
+        "docs/sources.md#seed-004 presents BN as a remedy for exploding gradients (its "
+        "formulas are wrong and are not used). The mean-field theory of Yang et al. shows the "
+        "opposite at initialisation: without skip connections, BN itself makes gradients "
+        "explode geometrically with depth, at a rate set by the batch size and the activation."
     )
     Config = Config
     quick_overrides: ClassVar[dict] = {

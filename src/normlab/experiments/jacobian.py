@@ -1,4 +1,5 @@
-"""jacobian: the training-mode BN Jacobian is dense, the eval-mode one diagonal (seed 002).
+"""jacobian: the training-mode BN Jacobian is dense, the eval-mode one diagonal
+(docs/sources.md#seed-002).
 
 J_ij = ∂y_i/∂x_j = γ/sqrt(σ² + ε) · (δ_ij − 1/m − x̂_i x̂_j / m) within one channel of m
 values. We compare normlab's closed form (:func:`normlab.functional.batch_norm_jacobian`)
@@ -142,7 +143,7 @@ class Jacobian(AllChecks):
         "The training-mode BN Jacobian is dense: J_ij = γ/sqrt(σ²+ε)·(δ_ij − 1/m − x̂_i x̂_j/m); "
         "in eval it is diagonal"
     )
-    source = "seed 002 (effect on backpropagation)"
+    source = "docs/sources.md#seed-002 (effect on backpropagation)"
     reference = "formula (exact)"
     seed_says = (
         "At test time BN is a per-feature affine map, so its Jacobian is diagonal. In training "

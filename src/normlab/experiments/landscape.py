@@ -7,8 +7,8 @@ mode (batch statistics; nothing about the model changes):
 - the loss range and the ℓ2 change of the gradient along the gradient direction, for steps
   of ½…4 × the learning rate (Fig. 4a, 4b: "gradient predictiveness"),
 - the effective β-smoothness, max ‖Δ∇L‖ / ‖step‖ along that line (Fig. 4c),
-- the top eigenvalue of the Hessian (seed 002: "a smaller Hessian spectral norm"), by
-  Lanczos on Hessian-vector products.
+- the top eigenvalue of the Hessian (docs/sources.md#seed-002: "a smaller Hessian spectral
+  norm"), by Lanczos on Hessian-vector products.
 
 The verdict compares medians over the probe points of training.
 """
@@ -138,7 +138,9 @@ class Landscape(Experiment):
         "BN makes the loss landscape smoother: a smaller top Hessian eigenvalue, more "
         "predictive gradients and a smaller effective β-smoothness."
     )
-    source = "seed 002; Santurkar, Tsipras, Ilyas & Madry 2018, Fig. 4 (VGG on CIFAR-10)"
+    source = (
+        "docs/sources.md#seed-002; Santurkar, Tsipras, Ilyas & Madry 2018, Fig. 4 (VGG on CIFAR-10)"
+    )
     reference = "gradient predictiveness about two orders of magnitude better early in training"
     seed_says = (
         "BN makes the optimisation landscape smoother (a smaller spectral norm of the "

@@ -61,7 +61,9 @@ class Measurement:
 class LearningRate(Experiment):
     id = "learning-rate"
     claim = "BN tolerates much larger learning rates."
-    source = "seed 002; Ioffe & Szegedy 2015 §4.2 (BN-x5, BN-x30); Bjorck et al. 2018"
+    source = (
+        "docs/sources.md#seed-002; Ioffe & Szegedy 2015 §4.2 (BN-x5, BN-x30); Bjorck et al. 2018"
+    )
     reference = "BN-Inception trains at 5x and 30x the base rate; without BN a 5x rate diverges"
     seed_says = (
         "BN smooths the loss landscape (a smaller Hessian spectral norm), which allows larger "

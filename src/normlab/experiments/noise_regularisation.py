@@ -74,7 +74,7 @@ class Measurement:
 class NoiseRegularisation(Experiment):
     id = "noise-regularisation"
     claim = "The noise of batch statistics acts as a regulariser."
-    source = "seed 002; Ioffe & Szegedy 2015 §3.4"
+    source = "docs/sources.md#seed-002; Ioffe & Szegedy 2015 §3.4"
     reference = "qualitative (Ioffe & Szegedy: BN reduces or removes the need for Dropout)"
     seed_says = (
         "Each mini-batch's mean and variance are noisy estimates of the population's, so BN "

@@ -1,4 +1,4 @@
-"""The experiment registry: id → Experiment instance, in the order of claims.md."""
+"""The experiment registry: id → Experiment instance, in the order of docs/claims.md."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib
 
 from normlab.experiments.base import Experiment
 
-# Module names under normlab.experiments, one per row of reference/claims.md.
+# Module names under normlab.experiments, one per section of docs/claims.md.
 CLAIM_IDS: tuple[str, ...] = (
     "vanishing",
     "mnist-fig1",
@@ -56,7 +56,7 @@ def get(claim_id: str) -> Experiment:
 
 
 def all_ids() -> list[str]:
-    """Registered ids, in claims.md order first."""
+    """Registered ids, in docs/claims.md order first."""
     _load_all()
     order = {c: i for i, c in enumerate(CLAIM_IDS)}
     return sorted(_REGISTRY, key=lambda c: (order.get(c, len(order)), c))

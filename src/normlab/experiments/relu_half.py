@@ -1,11 +1,12 @@
 """relu-half: with β = 0, BN keeps about half of the ReLU units active; β > 0 raises it.
 
 A unit's output before the ReLU is y = γ·x̂ + β with x̂ of batch mean 0 and variance 1. If
-x̂ is standard normal (seed 002's simplifying assumption), P(y > 0) = Φ(β/γ) for γ > 0:
-exactly 1/2 at β = 0, increasing in β. We measure the activation probability — the share
-of the batch for which a unit is active, averaged over units — through a Linear → BN → ReLU
-layer in training mode, on Gaussian inputs (where the assumption holds) and on the digits
-(where the pre-activations are not normal, so only the mean, not the median, is centred).
+x̂ is standard normal (the simplifying assumption of docs/sources.md#seed-002),
+P(y > 0) = Φ(β/γ) for γ > 0: exactly 1/2 at β = 0, increasing in β. We measure the activation
+probability — the share of the batch for which a unit is active, averaged over units —
+through a Linear → BN → ReLU layer in training mode, on Gaussian inputs (where the
+assumption holds) and on the digits (where the pre-activations are not normal, so only the
+mean, not the median, is centred).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class Measurement:
 class ReluHalf(Experiment):
     id = "relu-half"
     claim = "With β = 0, BN keeps about 50% of ReLU units active; β > 0 raises it"
-    source = "seed 002 (ReLU and dead units)"
+    source = "docs/sources.md#seed-002 (ReLU and dead units)"
     reference = "50% at β = 0 (Φ(β/γ) under a normal assumption)"
     seed_says = (
         "By centring pre-activations near 0, BN makes a good share of a ReLU unit's inputs "

@@ -79,7 +79,10 @@ class Renorm(Experiment):
         "Batch renormalization matches BN at normal batch sizes and beats it at tiny or "
         "non-i.i.d. batches."
     )
-    source = "seed 002; Ioffe 2017 (Batch Renormalization), §4.2–4.3, Inception-v3 on ImageNet"
+    source = (
+        "docs/sources.md#seed-002; Ioffe 2017 (Batch Renormalization), §4.2–4.3, Inception-v3 on "
+        "ImageNet"
+    )
     reference = (
         "batch of 4: BN 74.2% vs BRN 76.5%; non-i.i.d. (16 classes × 2 per batch of 32): "
         "BN 67% vs BRN 78.5%"

@@ -1,6 +1,6 @@
 """Run experiments by id and save their report: the logic behind ``normlab run``/``report``.
 
-A run is: resolve ids (``all`` = every registered experiment, in claims.md order) → run each
+A run is: resolve ids (``all`` = every registered experiment, in docs/claims.md order) → run each
 with its default or quick config, catching any exception as an ``inconclusive`` result with
 the error, so one broken experiment never stops the others → a JSON payload (the contents
 of ``results.json``) → ``report.html`` rendered from that payload alone. Both files are

@@ -166,7 +166,7 @@ class ScaleInvariance(AllChecks):
         "BN(aWx) = BN(Wx); gradients scale by 1/a; with L2 weight decay the weight norm "
         "shrinks and the effective learning rate η/‖w‖² grows instead of capacity being limited"
     )
-    source = "seed 002; van Laarhoven 2017; Zhang et al. 2019"
+    source = "docs/sources.md#seed-002; van Laarhoven 2017; Zhang et al. 2019"
     reference = "formula (exact); η/‖w‖² grows under weight decay"
     seed_says = (
         "Scaling the weights before a BN layer by c > 0 scales the pre-activations and their "

@@ -149,7 +149,7 @@ class Measurement:
 class SigmoidGain(Experiment):
     id = "sigmoid-gain"
     claim = "Centering a sigmoid input whose mean is 4 raises the expected gradient more than 10x"
-    source = "seed 002 (mitigating vanishing gradients and saturation)"
+    source = "docs/sources.md#seed-002 (mitigating vanishing gradients and saturation)"
     reference = "> 10x"
     seed_says = (
         "For a sigmoid unit, if BN moves the mean of its input from 4 (a saturated region) "

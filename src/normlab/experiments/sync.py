@@ -288,7 +288,10 @@ def compare(c: Config, ranks: list[dict]) -> list[StepComparison]:
 class Sync(AllChecks):
     id = "sync"
     claim = "Synchronised BN over k processes equals single-process BN over the concatenated batch"
-    source = "seed 002 (distributed training), seed 004 (distributed topic)"
+    source = (
+        "docs/sources.md#seed-002 (distributed training), docs/sources.md#seed-004 "
+        "(distributed topic)"
+    )
     reference = "exact up to float error"
     seed_says = (
         "In data-parallel training each device sees only its slice of the batch; with BN "

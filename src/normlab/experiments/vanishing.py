@@ -1,11 +1,11 @@
 """vanishing: a deep sigmoid net's gradients vanish and it stalls; BN restores both.
 
-Seed 000's scenario measured on scikit-learn's digits: two 20-layer sigmoid MLPs built from
-the same initial weights, one plain and one with BatchNorm between every linear map and
-its sigmoid, trained identically. A second, shorter sweep over the initial weight scale
-asks the seed's other question — do the pre-activations saturate (|z| > 5)? — because at
-torch's default initialisation they do not: the gradient vanishes through the product of
-σ'(z) ≤ 1/4 factors and small weights, not through saturation.
+The scenario of docs/sources.md#seed-000 measured on scikit-learn's digits: two 20-layer
+sigmoid MLPs built from the same initial weights, one plain and one with BatchNorm between
+every linear map and its sigmoid, trained identically. A second, shorter sweep over the
+initial weight scale asks the seed's other question — do the pre-activations saturate
+(|z| > 5)? — because at torch's default initialisation they do not: the gradient vanishes
+through the product of σ'(z) ≤ 1/4 factors and small weights, not through saturation.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Config:
     probe_size: int = 256  # training samples the gradient/saturation probe uses
     init_scales: tuple[float, ...] = (1.0, 4.0, 10.0)  # N(0, s²/fan_in) init for the sweep
     sweep_steps: int = 300
-    saturation: float = 5.0  # |z| above which a sigmoid counts as saturated (seed 000)
+    saturation: float = 5.0  # |z| of a saturated sigmoid (docs/sources.md#seed-000)
 
 
 @dataclass
@@ -116,7 +116,7 @@ class Vanishing(Experiment):
         "Deep sigmoid nets saturate and their gradients vanish; BN restores gradient flow "
         "and training."
     )
-    source = "seed 000; Ioffe & Szegedy 2015, §1 and §3"
+    source = "docs/sources.md#seed-000; Ioffe & Szegedy 2015, §1 and §3"
     reference = "pre-activations drift to [50, 80] by layer 15; saturated region |z| > 5"
     seed_says = (
         "In a 20-layer net the inputs of a deep sigmoid drift to ranges like [50, 80] or "

@@ -1,4 +1,4 @@
-"""worked-example: seed 003's x = [1, 2, 3, 4], γ = 2, β = 1 through one BN layer.
+"""worked-example: x = [1, 2, 3, 4], γ = 2, β = 1 through one BN layer (docs/sources.md#seed-003).
 
 The seed states μ = 2.5, σ² = 1.25, x̂ = [-1.118, -0.447, 0.447, 1.118] and
 y = [-1.236, 0.106, 1.894, 3.236]. μ and σ² are right, and so are the middle values, but
@@ -36,7 +36,7 @@ class Config:
 
 
 def formula(x: tuple[float, ...], gamma: float, beta: float, eps: float):
-    """Seed 003's algorithm in plain float64 arithmetic: (μ, σ², x̂, y)."""
+    """The algorithm of docs/sources.md#seed-003 in plain float64 arithmetic: (μ, σ², x̂, y)."""
     m = len(x)
     mean = sum(x) / m
     var = sum((v - mean) ** 2 for v in x) / m
@@ -60,7 +60,7 @@ def maxdiff(a, b) -> float:
 
 
 def is_seed_input(config: Config) -> bool:
-    """Whether the config is seed 003's example (then its printed values are the claim)."""
+    """Whether the config is the example of docs/sources.md#seed-003 (then its printed values are the claim)."""
     return tuple(config.x) == (1.0, 2.0, 3.0, 4.0) and (config.gamma, config.beta) == (2.0, 1.0)
 
 
@@ -100,7 +100,7 @@ class Measurement:
 class WorkedExample(AllChecks):
     id = "worked-example"
     claim = "x = [1, 2, 3, 4], γ = 2, β = 1 → y = [-1.236, 0.106, 1.894, 3.236]"
-    source = "seed 003, §4.2 (worked example)"
+    source = "docs/sources.md#seed-003, §4.2 (worked example)"
     reference = "y = [-1.236, 0.106, 1.894, 3.236] (exact, 3 decimals)"
     seed_says = (
         "For x = [1, 2, 3, 4] (batch of 4): μ_B = 2.5, σ_B² = 1.25, "
@@ -150,7 +150,7 @@ class WorkedExample(AllChecks):
         )
 
     def notes(self, config: Config, m: Measurement, verdict: Verdict) -> str:
-        """Why the claim fails: seed 003's slip at the ends of x̂ when that is what the
+        """Why the claim fails: the seed's slip (docs/sources.md#seed-003) at the ends of x̂ when that is what the
         measurement shows, else the failed parts of the rule; nothing when it holds."""
         if verdict == "holds":
             return ""
@@ -221,7 +221,7 @@ class WorkedExample(AllChecks):
                 "Three implementations": {
                     "header": ["", "y₁", "y₂", "y₃", "y₄"],
                     "rows": [
-                        ["seed 003", *SEED_Y],
+                        ["seed (as printed)", *SEED_Y],
                         ["float64 formula", *m.y_formula],
                         ["normlab BatchNorm1d", *m.y_normlab],
                         ["torch BatchNorm1d", *m.y_torch],
@@ -235,7 +235,7 @@ class WorkedExample(AllChecks):
                     ylabel="output y",
                     kind="bar",
                     lines=[
-                        Line("seed 003", [float(v) for v in c.x], list(claimed)),
+                        Line("seed (as printed)", [float(v) for v in c.x], list(claimed)),
                         Line("normlab BatchNorm1d", [float(v) for v in c.x], m.y_normlab),
                     ],
                 )

@@ -1,7 +1,7 @@
 """Argument validation shared by every normalization entry point.
 
 Every message names the argument, what was wrong, and what to do instead
-(reliability catalogue, cases 1-4).
+(docs/reliability.md cases 1-4).
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 torch's convention: ``running = (1 − momentum) · running + momentum · batch``; with
 ``momentum=None`` the factor is 1/t at the t-th batch, a cumulative average.
 
-A zero-started EMA is biased toward its initial value early on (seed 002): with a true
-mean m, E[r_t] = m·(1 − (1 − μ)^t) when r_0 = 0. :func:`ema_debias` removes the initial
-value's weight exactly: (r_t − (1 − μ)^t · r_0) / (1 − (1 − μ)^t). For the running mean
-(r_0 = 0) this is seed 002's r_t / (1 − (1 − μ)^t); for the running variance torch
+A zero-started EMA is biased toward its initial value early on (docs/sources.md#seed-002):
+with a true mean m, E[r_t] = m·(1 − (1 − μ)^t) when r_0 = 0. :func:`ema_debias` removes the
+initial value's weight exactly: (r_t − (1 − μ)^t · r_0) / (1 − (1 − μ)^t). For the running
+mean (r_0 = 0) this is the seed's r_t / (1 − (1 − μ)^t); for the running variance torch
 starts at r_0 = 1, which the general form handles. Kingma & Ba (2015, Adam, §3) use the
 same correction.
 """

@@ -1,4 +1,4 @@
-"""The dense Jacobian of training-mode batch normalization (seed 002).
+"""The dense Jacobian of training-mode batch normalization (docs/sources.md#seed-002).
 
 Within one channel of m values, with x_hat the normalised values and σ² the biased
 batch variance,

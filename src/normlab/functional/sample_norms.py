@@ -30,7 +30,7 @@ def normalized_dims(
     """``(normalized_shape, dims)`` for a reduction over the input's trailing dims.
 
     Raises a ValueError naming both shapes when the input's trailing dims differ from
-    ``normalized_shape`` (reliability case 3).
+    ``normalized_shape`` (docs/reliability.md case 3).
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(shape)
@@ -422,7 +422,8 @@ def instance_norm(
             normalised value. Running statistics average the instances with >= 2
             counted positions. See :mod:`normlab.functional.masked`.
 
-    Raises ValueError for one spatial element with ``use_input_stats`` (reliability 3).
+    Raises ValueError for one spatial element with ``use_input_stats`` (docs/reliability.md
+    case 3).
 
     Reference: Ulyanov, Vedaldi & Lempitsky, "Instance Normalization: The Missing
     Ingredient for Fast Stylization", 2016, eq. (2).

@@ -19,7 +19,7 @@ within 1e-4 of a float64 two-pass reference (PyTorch's CPU kernel errs by ~0.1-0
 offset 1e4; see tests/functional/test_stats.py). If e² overflows (|x| ≳ 1e19 in float32),
 the mean square is recomputed in float64, so 1/sqrt(var + eps) and the normalised output
 stay exact even when the variance itself (e.g. 1e60 for |x| ~ 1e30) exceeds float32's
-range and is reported as inf (reliability case 14; torch#162489).
+range and is reported as inf (docs/reliability.md case 14; torch#162489).
 """
 
 from __future__ import annotations

@@ -59,9 +59,9 @@ class _NormlabBatchNorm(_BatchNorm):
             ``FloatingPointError`` before any state changes; 'propagate' updates them
             anyway, as torch does (torch#88474: one bad batch poisons them forever).
         ema_debias: keyword-only; if True, eval mode uses the de-biased running statistics
-            (r_t − (1−μ)^t·r_0) / (1 − (1−μ)^t) (seed 002; r_0 = 0 for the mean, 1 for the
-            variance), which removes the pull toward the initial values early in training.
-            Stored buffers stay torch's raw EMA, so checkpoints are unchanged.
+            (r_t − (1−μ)^t·r_0) / (1 − (1−μ)^t) (docs/sources.md#seed-002; r_0 = 0 for the
+            mean, 1 for the variance), which removes the pull toward the initial values early
+            in training. Stored buffers stay torch's raw EMA, so checkpoints are unchanged.
             See :meth:`population_stats`.
         save: keyword-only; what training keeps for backward: 'input' (default: x) or
             'output' (only y, In-Place ABN: Rota Bulò, Porzi & Kontschieder, CVPR 2018 §3;

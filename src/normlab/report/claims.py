@@ -159,10 +159,11 @@ def render_html(payload: dict[str, Any]) -> str:
         css="muted",
     )
     page.paragraph(
-        "Each claim comes from the seed documents or the papers behind them "
-        "(reference/claims.md). Where the paper ran on ImageNet or CIFAR, the experiment runs "
-        "at small scale (digits, synthetic data) and compares the direction and rough size of "
-        "the effect, not absolute accuracy; each section says what was scaled down."
+        "Each claim comes from one of five source articles, the seeds (docs/sources.md), or the "
+        "papers behind them (docs/claims.md). Where the paper ran on ImageNet or CIFAR, the "
+        "experiment runs at small scale (digits, synthetic data) and compares the direction and "
+        "rough size of the effect, not absolute accuracy; each section says what was scaled "
+        "down."
     )
     page.table(
         ["claim", "our figure", "reference figure", "verdict", "time"],

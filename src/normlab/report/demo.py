@@ -301,10 +301,11 @@ def render_html(results: dict[str, Any]) -> str:
     act = cfg["activation"]
     page = Page(f"normlab demo: a {cfg['depth']}-layer {act} network with and without BatchNorm")
     page.paragraph(
-        "Seed 000's story, measured: in a deep sigmoid network the inputs of the deep "
-        "activations spread into the flat tails (|z| > 5), the gradient vanishes on its way "
-        "back and learning stalls; a BatchNorm layer before every sigmoid pulls each "
-        "mini-batch back to mean 0 and variance 1, and the same network trains."
+        "The story of the first source article (docs/sources.md#seed-000), measured: in a deep "
+        "sigmoid network the inputs of the deep activations spread into the flat tails "
+        "(|z| > 5), the gradient vanishes on its way back and learning stalls; a BatchNorm "
+        "layer before every sigmoid pulls each mini-batch back to mean 0 and variance 1, and "
+        "the same network trains."
     )
     page.verdict(results["verdict"], results["summary"])
     page.paragraph(f"Verdict rule: {results['rule']}.", css="muted")
@@ -363,7 +364,8 @@ def render_html(results: dict[str, Any]) -> str:
         "Per layer: the range (light), the 15th–85th percentiles (dark) and the median of the "
         f"{act} inputs over the training set"
         + (
-            f"; dashed lines at ±{h['saturation_bound']:g}, seed 000's saturation bound"
+            f"; dashed lines at ±{h['saturation_bound']:g}, the saturation bound of "
+            "docs/sources.md#seed-000"
             + (
                 " (for tanh, half the sigmoid's 5: the same relative slope)"
                 if act == "tanh"
@@ -426,7 +428,8 @@ def render_html(results: dict[str, Any]) -> str:
         f"small weights keep the inputs near 0 but the gradient shrinks at every layer "
         f"({_SLOPE.get(act, 'the derivative')} times small weights); large weights saturate "
         "more units but also amplify the backward signal. The demo uses "
-        f"g = {init['gain']:g}, where both of seed 000's symptoms show for the sigmoid."
+        f"g = {init['gain']:g}, where both symptoms of docs/sources.md#seed-000 show for the "
+        "sigmoid."
     )
     page.table(
         [

@@ -1,7 +1,8 @@
 """Test-time adaptation of BN statistics: AdaBN and prior-weighted mixing.
 
 Under covariate shift, eval-mode BN normalises test data with training statistics and
-its output mean becomes γ(m_test − μ_pop)/sqrt(σ²_pop + ε) + β instead of β (seed 002).
+its output mean becomes γ(m_test − μ_pop)/sqrt(σ²_pop + ε) + β instead of β
+(docs/sources.md#seed-002).
 Re-estimating the statistics on the test batches closes the gap:
 
 - ``mode='batch'`` (AdaBN, Li et al. 2016, "Revisiting Batch Normalization For Practical
