@@ -6,8 +6,11 @@ its torch-op path, which stays the reference. A plan exists only for the BatchNo
 
 * statistics per channel over every other dim (training), or per-channel constants
   (eval), with weight/bias per channel;
-* a plain CPU float32/float64 ``torch.Tensor`` (no subclass, not meta, not traced by
-  ``torch.compile``) with at least :data:`MIN_NUMEL` elements;
+* a plain CPU float32/float64/bfloat16/float16 ``torch.Tensor`` (no subclass, not meta,
+  not traced by ``torch.compile``) with at least :data:`MIN_NUMEL` elements; half
+  precision is read and written as such, computed in float32 with float64 statistics,
+  with per-channel tensors taken as float32 and parameter gradients returned in each
+  parameter's dtype (torch's rule under autocast: bf16 input, float32 parameters);
 * channels-first contiguous (viewed as ``(N, C, S)``) or channels-last contiguous
   (``(M, C)``); other strides are copied to contiguous first, which is still far faster
   than the torch-op path;

@@ -10,7 +10,7 @@ Layouts (the caller makes the views; nothing here knows about torch):
 One kernel per (direction, layout) — training forward, training backward, eval
 ("affine"), and the training pair with a residual added before the activation
 (``forward_res_*``, ``backward_res_*``; see "residual" below) — each with a serial twin for
-small tensors, compiled for float32 and float64
+small tensors, compiled for float32, float64, bfloat16 and float16 storage
 on first use and cached on disk (~2 s of compilation each). The wrappers reach them
 through entry points that take data pointers (``forward_at``, ``backward_at``,
 ``affine_at`` for the serial twins, ``*_at_threaded`` for the threaded kernels; see
@@ -25,7 +25,14 @@ two families, each with one loop the compiler vectorises:
 
 Statistics and every total are float64 whatever the storage dtype. The smooth
 activations compute elementwise in float64 too; the piecewise-linear ones compute in
-the storage dtype where that is safe (see "arithmetic in the storage dtype" below).
+the storage dtype where that is safe (see "arithmetic in the storage dtype" below), in
+float32 for half storage.
+
+Half precision (bfloat16, float16; "half-precision storage" below): the same kernels
+read and write 16-bit storage, widening each value exactly on load and rounding to
+nearest even on store, with float32 parameters (as ``torch.autocast`` leaves a layer)
+and float32 moments. Half inputs thus get float32 arithmetic and float64 statistics
+without a float32 copy of the tensor, as torch's CPU kernels do (opmath float32).
 
 Statistics (shifted one-pass sums; Chan, Golub & LeVeque, "Algorithms for computing
 the sample variance: analysis and recommendations", The American Statistician, 1983): with ``k`` a value of the
