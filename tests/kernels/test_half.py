@@ -46,23 +46,44 @@ def calls(monkeypatch):
 
 
 # -- the bit conversions ------------------------------------------------------------------
-@njit
-def _widen(bits, out):
-    for i in range(bits.shape[0]):
-        out[i] = _numba._work(bits[i])
+def _converters(widen, narrow):
+    @njit
+    def widen_all(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = widen(bits[i])
+
+    @njit
+    def narrow_all(values, out):
+        for i in range(values.shape[0]):
+            out[i] = narrow(np.float32(values[i]))
+
+    return widen_all, narrow_all
 
 
-@njit
-def _narrow(values, out):
-    for i in range(values.shape[0]):
-        out[i] = _numba._narrow(values[i], out)
-
-
-_TAG = {torch.bfloat16: np.uint16, torch.float16: np.int16}  # how the kernels see the bits
+# how the kernels see the bits, and the conversions: each format's integer code, float16's
+# instructions (F16C) where the CPU has them, and what the kernels use (_work, _narrow)
+_TAG = {torch.bfloat16: np.uint16, torch.float16: np.int16}
+CONVERSIONS = [
+    (torch.bfloat16, "bits", _numba._bf16_to_f32, _numba._f32_to_bf16),
+    (torch.float16, "bits", _numba._fp16_to_f32_bits, _numba._f32_to_fp16_bits),
+    *(
+        [(torch.float16, "native", _numba._fp16_to_f32_native, _numba._f32_to_fp16_native)]
+        if _numba.NATIVE_FLOAT16
+        else []
+    ),
+    (torch.bfloat16, "kernels", _numba._work, None),
+    (torch.float16, "kernels", _numba._work, None),
+]
 
 
 def _bits(t: torch.Tensor, dtype) -> np.ndarray:
     return t.view(torch.int16).numpy().view(_TAG[dtype])
+
+
+@njit
+def _kernels_narrow(values, out):
+    for i in range(values.shape[0]):
+        out[i] = _numba._narrow(values[i], out)
 
 
 def _float32_probes() -> np.ndarray:
@@ -86,12 +107,19 @@ def _float32_probes() -> np.ndarray:
     return np.concatenate([probes, probes | np.uint32(0x80000000)]).view(np.float32)
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_bit_conversions_are_torchs_bit_for_bit(dtype):
+@pytest.mark.parametrize(
+    "dtype, impl, widen, narrow", CONVERSIONS, ids=[f"{d}-{i}" for d, i, *_ in CONVERSIONS]
+)
+def test_bit_conversions_are_torchs_bit_for_bit(dtype, impl, widen, narrow):
+    if narrow is None:  # the kernels' store: _narrow(value, array of the storage type)
+        narrow_into = _kernels_narrow
+    else:
+        narrow_into = _converters(widen, narrow)[1]
+    widen_all = _converters(widen, _numba._f32_to_bf16)[0]
     # widening: all 65536 bit patterns
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     got = np.empty(every.numel(), np.float32)
-    _widen(_bits(every, dtype), got)
+    widen_all(_bits(every, dtype), got)
     want = every.float().numpy()
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan)
@@ -99,7 +127,7 @@ def test_bit_conversions_are_torchs_bit_for_bit(dtype):
     # narrowing: round to nearest even, overflow to ±inf, NaN stays NaN
     values = _float32_probes()
     out = np.empty(values.shape, _TAG[dtype])
-    _narrow(values, out)
+    narrow_into(values, out)
     got16 = torch.from_numpy(out.view(np.int16)).view(dtype)
     want16 = torch.from_numpy(values).to(dtype)
     nan = np.isnan(values)
@@ -107,6 +135,18 @@ def test_bit_conversions_are_torchs_bit_for_bit(dtype):
     keep = torch.from_numpy(~nan)
     mismatch = got16[keep].view(torch.int16) != want16[keep].view(torch.int16)
     assert not mismatch.any(), values[~nan][mismatch.numpy()][:5]
+
+
+def test_a_users_cpu_target_gets_the_portable_float16_code(monkeypatch):
+    # NUMBA_CPU_NAME (e.g. 'generic', for caches shared between machines) may lack F16C:
+    # then the integer code, which needs no instruction or runtime function
+    from numba.core import config
+
+    monkeypatch.setattr(config, "CPU_NAME", "generic")
+    assert _numba._native_float16() is False
+    monkeypatch.setattr(config, "CPU_NAME", None)
+    monkeypatch.setattr(config, "CPU_FEATURES", "-f16c")
+    assert _numba._native_float16() is False
 
 
 # -- outputs and gradients ----------------------------------------------------------------
