@@ -49,6 +49,32 @@ def batch_norm_eval(x, mean, var, weight=None, bias=None, eps=1e-5, channel_dim=
     return y
 
 
+# The unit roundoff u of the half formats (half an ulp at 1): a correctly rounded result
+# is within u·|value| of the exact one.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def assert_half_close(got, want, *, ulps=2.0, channel_dim=1, msg=""):
+    """``got`` (bfloat16/float16) against the float64 ``want``: within the rounding of the
+    result (u·|want|, u = :data:`UNIT_ROUNDOFF`; subnormals: half their spacing) plus
+    ``ulps`` ulps (2u each) at the scale of ``want``'s channel (its largest magnitude over
+    the channel), the arithmetic's error beyond that rounding. The channel's scale, not
+    the element's: an output near 0 is a difference of terms of the channel's size."""
+    u = UNIT_ROUNDOFF[got.dtype]
+    want = want.double()
+    dims = reduce_dims(want.dim(), channel_dim) if want.dim() > 1 else ()
+    scale = want.abs().amax(dims, keepdim=True) if dims else want.abs()
+    bound = u * want.abs() + ulps * 2 * u * scale + u * torch.finfo(got.dtype).tiny
+    err = (got.double() - want).abs()
+    if not bool((err <= bound).all()):
+        worst = int((err - bound).argmax())
+        raise AssertionError(
+            f"{msg}: {int((err > bound).sum())} of {err.numel()} elements beyond "
+            f"u|want| + {ulps} ulps of the channel's scale; worst at {worst}: got "
+            f"{float(got.reshape(-1)[worst])}, want {float(want.reshape(-1)[worst])}"
+        )
+
+
 def batch_stats(x, channel_dim=1):
     """(mean, biased var, unbiased var, count) per channel, float64."""
     x = x.double()

@@ -314,3 +314,44 @@ def test_compiled_fused_block_is_one_op_and_matches(mode, act, monkeypatch):
     bw = [str(n.target) for n in bw_graph.nodes if n.op == "call_function"]
     assert sum("batch_norm_residual_train_backward" in t for t in bw) == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", ["relu", "identity", "tanh", "hardswish", "silu"])
+def test_half_input_matches_float64(act, dtype, cl, path, monkeypatch):
+    # bf16/fp16 x and r, float32 parameters and buffers (autocast's layout): y, dx, dr
+    # within the format's rounding of a float64 reference computed from the same upcast
+    # values (relu: y decides act'; hardswish, silu: r is kept and z recomputed)
+    from tests import reference as ref
+
+    calls = []
+    real = kernels.batch_forward_residual
+    monkeypatch.setattr(
+        kernels, "batch_forward_residual", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    fused, _ = _pair(act, torch.float32)
+    x, r = (t.to(dtype) for t in _inputs(torch.float32, cl, seed=4))
+    x1, r1 = x.clone().requires_grad_(), r.clone().requires_grad_()
+    y = fused(x1, r1)
+    assert y.dtype == dtype and bool(calls) == path.startswith("numba")
+    x64, r64 = x.double().requires_grad_(), r.double().requires_grad_()
+    w64, b64 = (p.detach().double().requires_grad_() for p in (fused.weight, fused.bias))
+    y64 = ACTS[act](ref.batch_norm_train(x64, w64, b64) + r64)
+    ref.assert_half_close(y, y64, msg="y")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    dx, dr, dw, db = torch.autograd.grad(y, (x1, r1, fused.weight, fused.bias), dy)
+    want = torch.autograd.grad(y64, (x64, r64, w64, b64), dy.double())
+    ref.assert_half_close(dx, want[0], msg="dx")
+    ref.assert_half_close(dr, want[1], msg="dr")
+    assert dw.dtype == db.dtype == torch.float32
+    # tanh's act'(z) = 1 − y² is read from the saved half y (as torch's tanh_backward
+    # reads its output): each dz then carries ~2u·|dy| and the sums dγ, dβ a few u of
+    # their scale; relu reads only y's sign, hardswish and silu recompute z
+    tol = 4 * ref.UNIT_ROUNDOFF[dtype] if act == "tanh" else 1e-5
+    for got, exp in zip((dw, db), want[2:]):
+        scale = float(exp.abs().max()) + 1.0
+        torch.testing.assert_close(got.double() / scale, exp / scale, rtol=tol, atol=tol)
+    mean, _, unbiased, _ = ref.batch_stats(x)
+    torch.testing.assert_close(fused.running_mean.double(), 0.1 * mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused.running_var.double(), 0.9 + 0.1 * unbiased, rtol=1e-6, atol=0)

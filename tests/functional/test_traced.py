@@ -84,6 +84,71 @@ def test_train_op_matches_float64_reference(kernel_mode, act, shape, channel_dim
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("param_dtype", ["float32", "same"])
+def test_opcheck_train_ops_with_half_inputs(kernel_mode, dtype, param_dtype):
+    # the fake impls promise y and dx in the input's dtype, dγ/dβ in the parameters'
+    # (float32 under autocast), stats float64; the kernels and the torch ops deliver that
+    x, w, b = _inputs((4, 3, 5, 6), torch.float32, channels_last=True)
+    x = x.detach().to(dtype).requires_grad_()
+    if param_dtype == "same":
+        w, b = (t.detach().to(dtype).requires_grad_() for t in (w, b))
+    args = (x, w, b, 1, 1e-5, "relu", 0.01)
+    torch.library.opcheck(traced.batch_norm_train, args)
+    y, stats = traced.batch_norm_train(*args)
+    assert y.dtype == dtype and stats.dtype == torch.float64
+    back = (torch.randn_like(y), x.detach(), w.detach(), b.detach(), stats, 1, "relu", 0.01)
+    torch.library.opcheck(traced.batch_norm_train_backward, (*back, True, True, True))
+    r = torch.randn_like(x)
+    res = (x, r, w, b, 1, 1e-5, "relu", 0.01)
+    torch.library.opcheck(traced.batch_norm_residual_train, res)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-input", "autocast"])
+def test_compiled_bf16_training_step_matches_eager(autocast, monkeypatch):
+    # bf16 activations, float32 parameters and buffers (what autocast leaves a BN layer
+    # with): the compiled graph runs the same kernels through the custom ops, so outputs
+    # and gradients equal eager's; the running statistics are updated by tensor code
+    # (float32) rather than inside the kernel (float64), within float32's rounding.
+    monkeypatch.setenv(kernels.KERNELS_ENV, "numba")
+    calls = []
+    real = kernels.batch_forward
+    monkeypatch.setattr(kernels, "batch_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def model():
+        torch.manual_seed(0)
+        bn = nl.nn.BatchNorm2d(4, activation="relu")
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bn) if autocast else bn
+
+    eager, comp = model(), model()
+    compiled = torch.compile(comp, backend="aot_eager", fullgraph=True)
+    g = torch.Generator().manual_seed(3)
+    for step in range(2):
+        x = torch.randn(5, 3 if autocast else 4, 6, 6, generator=g) * (step + 1) + step
+        if not autocast:
+            x = x.bfloat16()
+        outs = []
+        for m in (eager, compiled):
+            xg = x.clone().requires_grad_()
+            before = len(calls)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = m(xg)
+            assert y.dtype == torch.bfloat16
+            assert len(calls) == before + 1, "the layer did not run the kernels"
+            y.float().pow(2).sum().backward()
+            outs.append((y, xg.grad))
+        (ye, gxe), (yc, gxc) = outs
+        torch.testing.assert_close(yc, ye, rtol=0, atol=0)
+        torch.testing.assert_close(gxc, gxe, rtol=0, atol=0)
+    for (name, pe), pc in zip(eager.named_parameters(), comp.parameters()):
+        assert pc.grad.dtype == pe.grad.dtype == torch.float32, name
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=0, atol=0, msg=name)
+    for (name, be), bc in zip(eager.named_buffers(), comp.buffers()):
+        assert bc.dtype == be.dtype, name
+        torch.testing.assert_close(bc, be, rtol=1e-6, atol=1e-7, msg=name)
+    torch._dynamo.reset()
+
+
 def test_train_op_keeps_strides_of_an_unusual_layout():
     # (N, C, H, W) permuted to neither contiguous nor channels-last: the kernels write a
     # contiguous output, the op hands back empty_like(x)'s strides as its fake promises.

@@ -323,6 +323,70 @@ def test_half_input_with_float32_parameters():
         assert torch.isfinite(m.running_var).all()
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_autocast_conv_bn_relu_matches_torch_on_the_kernels(channels_last, monkeypatch):
+    # torch.autocast("cpu", bfloat16) around Conv → BN → ReLU: the conv hands BN a bf16
+    # tensor, BN keeps float32 parameters and buffers. normlab's fused layer runs the
+    # kernels on it and agrees with torch's BN + ReLU within bf16's rounding: outputs
+    # and input gradients within 2 ulps at the channel's scale beyond rounding, the
+    # float32 parameter gradients and running statistics to a few bf16 epsilons.
+    from normlab import kernels
+
+    monkeypatch.setenv(kernels.KERNELS_ENV, "numba")
+    calls = []
+    real = kernels.batch_forward
+    monkeypatch.setattr(kernels, "batch_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3)
+    theirs = torch.nn.Sequential(copy.deepcopy(conv), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+    ours = torch.nn.Sequential(copy.deepcopy(conv), nl.nn.BatchNorm2d(8, activation="relu"))
+    with torch.no_grad():
+        for m in (theirs[1], ours[1]):
+            m.weight.copy_(torch.linspace(0.5, 1.5, 8))
+            m.bias.copy_(torch.linspace(-0.5, 0.5, 8))
+    g = torch.Generator().manual_seed(1)
+    u = ref.UNIT_ROUNDOFF[torch.bfloat16]
+    for step in range(2):
+        x = torch.randn(6, 3, 10, 10, generator=g) * (step + 1) + step
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        dy = torch.randn(6, 8, 8, 8, generator=g)
+        grads, outs = [], []
+        for model in (theirs, ours):
+            xg = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = model[0](xg)
+                assert h.dtype == torch.bfloat16
+                y = model[1:](h)
+            assert y.dtype == torch.bfloat16
+            h.retain_grad()
+            y.backward(dy.to(y.dtype))
+            outs.append(y)
+            grads.append([h.grad, *(p.grad.clone() for p in model.parameters())])
+            model.zero_grad()
+        assert len(calls) == step + 1, "normlab's layer did not run the kernels"
+        ref.assert_half_close(outs[1], outs[0].double(), msg=f"y, step {step}")
+        ref.assert_half_close(grads[1][0], grads[0][0].double(), msg=f"BN's dx, step {step}")
+        for a, b in zip(grads[1][1:], grads[0][1:]):  # conv w, b; BN γ, β: float32
+            assert a.dtype == b.dtype == torch.float32
+            scale = float(b.abs().max()) + 1e-3
+            torch.testing.assert_close(a / scale, b / scale, rtol=4 * u, atol=4 * u)
+    for name in ("running_mean", "running_var"):
+        a, b = getattr(ours[1], name), getattr(theirs[1], name)
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=u, atol=u)
+    assert int(ours[1].num_batches_tracked) == 2
+    ours.eval(), theirs.eval()
+    real_affine = kernels.affine_forward
+    monkeypatch.setattr(
+        kernels, "affine_forward", lambda *a, **k: calls.append(2) or real_affine(*a, **k)
+    )
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb = ours(x), theirs(x)
+    assert calls[-1] == 2 and ya.dtype == torch.bfloat16  # eval: the affine kernel
+    ref.assert_half_close(ya, yb.double(), msg="eval y")
+
+
 def test_fused_activation_matches_composition():
     x = torch.randn(8, 3, 4, 4, requires_grad=True)
     for act, fn in [

@@ -44,13 +44,16 @@ TimedFn = Callable[[], object]
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark case: BN + activation over an input of ``shape`` (N, C, *)."""
+    """One benchmark case: BN + activation over an input of ``shape`` (N, C, *) of
+    ``dtype``, the layers' parameters and buffers of ``param_dtype`` (None: ``dtype``;
+    'float32' with a half-precision input is what ``torch.autocast`` leaves them in)."""
 
     name: str
     shape: tuple[int, ...]
     channels_last: bool = False
     activation: str = "relu"
     dtype: str = "float32"
+    param_dtype: str | None = None
 
     @property
     def numel(self) -> int:
@@ -66,11 +69,17 @@ CASES = (
     Case("mlp", (256, 512)),
     Case("small", (64, 100)),
     Case("channels-last", (32, 128, 28, 28), channels_last=True),
+    # bfloat16 activations with float32 parameters and buffers, as under
+    # torch.autocast("cpu", torch.bfloat16): torch's mixed-dtype BN kernel against the
+    # kernels reading and writing bfloat16
+    Case("bf16", (32, 64, 56, 56), dtype="bfloat16", param_dtype="float32"),
+    Case("small-bf16", (64, 100), dtype="bfloat16", param_dtype="float32"),
 )
 QUICK_CASES = (
     Case("conv", (4, 6, 5, 5)),
     Case("mlp", (16, 12)),
     Case("channels-last", (4, 6, 5, 5), channels_last=True),
+    Case("bf16", (4, 6, 5, 5), dtype="bfloat16", param_dtype="float32"),
 )
 
 
@@ -78,7 +87,7 @@ def _layers(case: Case) -> tuple[torch.nn.Module, torch.nn.Module]:
     import normlab.nn as nln
 
     c = case.shape[1]
-    dtype = getattr(torch, case.dtype)
+    dtype = getattr(torch, case.param_dtype or case.dtype)
     rank = len(case.shape)
     ours_cls = {2: nln.BatchNorm1d, 3: nln.BatchNorm1d, 4: nln.BatchNorm2d, 5: nln.BatchNorm3d}
     theirs_cls = {
@@ -188,16 +197,16 @@ def _sample(fn: TimedFn, inner: int) -> float:
 
 
 def jit_warmup(threaded: bool = True) -> dict:
-    """Run every kernel once (float32 and float64, both layouts, the serial twins and,
-    if ``threaded``, the threaded kernels): the first calls' cost, which is Numba's
-    compilation on a fresh install and a load of its on-disk cache afterwards, and the
-    cache statistics."""
+    """Run every kernel once (float32, float64 and bfloat16, both layouts, the serial
+    twins and, if ``threaded``, the threaded kernels): the first calls' cost, which is
+    Numba's compilation on a fresh install and a load of its on-disk cache afterwards,
+    and the cache statistics."""
     import normlab.nn as nln
 
     sizes = (64, max(kernels.PARALLEL_MIN_NUMEL, 4096)) if threaded else (64,)
     start = time.perf_counter()
     with _kernel_mode("numba"):
-        for dtype in (torch.float32, torch.float64):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
             for numel in sizes:
                 for cl in (False, True):
                     x = torch.randn(numel // 16, 4, 2, 2, dtype=dtype)

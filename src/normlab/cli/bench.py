@@ -38,7 +38,7 @@ def _table(results: dict) -> Table:
     compiled = any("compile" in r["train"]["seconds"] for r in results["cases"])
     env = results["environment"]
     table = Table(
-        title=f"BatchNorm + ReLU, float32, {env['threads']} threads, median of "
+        title=f"BatchNorm + ReLU, float32 unless named, {env['threads']} threads, median of "
         f"{results['repeats']}: ms; ×torch = torch / normlab; copies = time / copy_",
         title_justify="left",
     )
@@ -51,6 +51,10 @@ def _table(results: dict) -> Table:
     table.add_column("saved MB (act.-sized)", justify="right")
     for r in results["cases"]:
         shape = "×".join(map(str, r["shape"])) + (" CL" if r["channels_last"] else "")
+        if r.get("dtype", "float32") != "float32":  # e.g. "bfloat16 (float32 params)"
+            shape += f" {r['dtype']}"
+            if r.get("param_dtype"):
+                shape += f" ({r['param_dtype']} params)"
         for phase in ("train", "eval"):
             p = r[phase]
             s = p["seconds"]

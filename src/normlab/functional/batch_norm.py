@@ -720,7 +720,10 @@ def batch_norm(
 
     Shapes: y has the shape, dtype and memory format of ``input``. Statistics are reduced
     over every dim but ``channel_dim`` (N·H·W values per channel for images). Float16 and
-    bfloat16 inputs are computed in float32.
+    bfloat16 inputs are computed in float32 (on the fused kernels: read and written in
+    their own format, statistics in float64), with float32 parameters and buffers (as
+    under ``torch.autocast``) or ones of the input's dtype; y has the input's dtype, each
+    parameter's gradient the parameter's, the running statistics keep theirs.
 
     Reference: Ioffe & Szegedy, "Batch Normalization", ICML 2015, Algorithm 1.
     """

@@ -28,7 +28,9 @@ Half-precision inputs are computed in float32 and returned in their own dtype.
 
 Fast path: for the BatchNorm case (statistics per channel over every other dim,
 per-channel weight/bias, this batch's own statistics; or eval with per-channel
-statistics and no gradients) on CPU float32/float64 tensors, the same math runs in fused
+statistics and no gradients) on CPU float32/float64/bfloat16/float16 tensors (half
+precision read and written in its own format: float32 arithmetic, float64 statistics,
+float32 parameters), the same math runs in fused
 Numba kernels (:mod:`normlab.kernels`): one pass to read the statistics and one to write
 the output, same saved tensors, same bounds. Everything else, double backward included,
 uses the torch ops below, which stay the reference. ``NORMLAB_KERNELS=torch`` forces
@@ -604,11 +606,12 @@ def _residual_backward_from_output(ctx, dy, residual, y, weight, bias, stats_sav
         stats0 = ctx.kernel_stats.copy()
         stats0[0] = 0.0
         stats0[1] = 0.0
+        # in the working dtype: a half input's rebuilt x − mean is not rounded to half
         dx, dr, dw, db = kernels.batch_backward_residual(
-            plan, dy, centred.to(y.dtype), y, True, weight, bias, stats0, activation,
+            plan, dy, centred, y.to(wd), True, weight, bias, stats0, activation,
             negative_slope, needs,
         )  # fmt: skip
-        return dx, dr, dw, db, None, None
+        return _to(dx, y.dtype), _to(dr, y.dtype), dw, db, None, None
     dz = dy.to(wd) * derivative_from_output(act, negative_slope)(y.to(wd))
     zero = torch.zeros_like(invstd)
     dx, dw, db = _closed_form_backward(
@@ -728,11 +731,11 @@ class _NormalizeBatchSaveOutput(torch.autograd.Function):
             stats0 = ctx.kernel_stats.copy()
             stats0[0] = 0.0  # shift k and delta: the rebuilt input is already centred
             stats0[1] = 0.0
+            # in the working dtype: a half input's rebuilt x − mean is not rounded to half
             dx, dw, db = kernels.batch_backward(
-                plan, dy, centred.to(y.dtype), weight, bias, stats0, activation,
-                negative_slope, needs,
+                plan, dy, centred, weight, bias, stats0, activation, negative_slope, needs,
             )  # fmt: skip
-            return dx, dw, db, None, None
+            return _to(dx, y.dtype), dw, db, None, None
         zero = torch.zeros_like(invstd)
         dx, dw, db = _closed_form_backward(
             dy, centred, w, b, Moments(zero, zero, invstd), invstd, dims, True, activation,

@@ -6,8 +6,11 @@ its torch-op path, which stays the reference. A plan exists only for the BatchNo
 
 * statistics per channel over every other dim (training), or per-channel constants
   (eval), with weight/bias per channel;
-* a plain CPU float32/float64 ``torch.Tensor`` (no subclass, not meta, not traced by
-  ``torch.compile``) with at least :data:`MIN_NUMEL` elements;
+* a plain CPU float32/float64/bfloat16/float16 ``torch.Tensor`` (no subclass, not meta,
+  not traced by ``torch.compile``) with at least :data:`MIN_NUMEL` elements; half
+  precision is read and written as such, computed in float32 with float64 statistics,
+  with per-channel tensors taken as float32 and parameter gradients returned in each
+  parameter's dtype (torch's rule under autocast: bf16 input, float32 parameters);
 * channels-first contiguous (viewed as ``(N, C, S)``) or channels-last contiguous
   (``(M, C)``); other strides are copied to contiguous first, which is still far faster
   than the torch-op path;
@@ -82,7 +85,22 @@ MIN_NUMEL = 0
 # far longer than these two launches.
 PARALLEL_MIN_NUMEL = 1 << 16
 
-_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+# The kernels' dtypes: per input dtype, the dtype of the (2, C) moments they return and of
+# the per-channel parameters they read. Half-precision inputs (read and written as 16-bit
+# patterns, computed in float32/float64: kernels._numba, "half-precision storage") take
+# float32 parameters and return float32 moments, as the torch-op path's working dtype.
+_NUMPY_DTYPES = {
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+    torch.bfloat16: np.dtype(np.float32),
+    torch.float16: np.dtype(np.float32),
+}
+_PARAM_DTYPES = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.bfloat16: torch.float32,
+    torch.float16: torch.float32,
+}
 
 
 _mode_cache: tuple[object, str] = (None, "auto")
@@ -171,12 +189,17 @@ def traced(x: torch.Tensor) -> bool:
 
 
 def _eligible_storage(x: torch.Tensor) -> bool:
-    """A plain (no subclass) CPU float32/float64 strided tensor of rank ≥ 2: memory the
-    kernels can read."""
+    """A plain (no subclass) CPU float32/float64/bfloat16/float16 strided tensor of rank
+    ≥ 2: memory the kernels can read."""
     dtype = x.dtype
     return (
         type(x) is torch.Tensor
-        and (dtype is torch.float32 or dtype is torch.float64)
+        and (
+            dtype is torch.float32
+            or dtype is torch.bfloat16
+            or dtype is torch.float64
+            or dtype is torch.float16
+        )
         and x.is_cpu
         and x.layout is torch.strided
         and x.dim() >= 2
@@ -477,8 +500,9 @@ def _constant(c: int, dtype: torch.dtype, value: float) -> torch.Tensor:
 
 
 def _param(p: torch.Tensor | None, c: int, dtype: torch.dtype, fill: float) -> torch.Tensor:
-    """A per-channel parameter as C contiguous values of the kernel's dtype (``p`` itself
-    if it is one already: parameters of the input's dtype cost no copy)."""
+    """A per-channel parameter as C contiguous values of the kernels' parameter dtype
+    (``p`` itself if it is one already: parameters of the input's dtype, or float32 ones
+    for a half-precision input, as autocast leaves them, cost no copy)."""
     if p is None:
         return _constant(c, dtype, fill)
     if p.dtype != dtype:
@@ -510,7 +534,14 @@ def _activation(activation: str | None, negative_slope: float) -> np.ndarray:
 
 
 # A value of the storage dtype: tells the by-address entries what the memory holds.
-_WITNESS = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
+# Half storage: its bits as 16-bit integers, whose type picks the format (uint16 bfloat16,
+# int16 float16; see kernels._numba).
+_WITNESS = {
+    torch.float32: np.float32(0),
+    torch.float64: np.float64(0),
+    torch.bfloat16: np.uint16(0),
+    torch.float16: np.int16(0),
+}
 
 
 def _running_args(running, c: int) -> tuple | None:
@@ -570,10 +601,11 @@ def batch_forward(
     act = _activation(activation, negative_slope)
     numel = x.numel()
     dtype = x.dtype
+    pdtype = _PARAM_DTYPES[dtype]  # the parameters'
     rows, c, s = plan.dims
     stats = np.empty((4, c))
     moments = np.empty((2, c), dtype=_NUMPY_DTYPES[dtype])
-    w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
+    w, b = _param(weight, c, pdtype, 1.0), _param(bias, c, pdtype, 0.0)
     fold = None if running is None else _running_args(running, c)
     correction = numel / (numel - c) if numel > c else math.nan  # n/(n − 1), n = numel/c
     entry, nblocks = _entry("forward_at", numel, rows)
@@ -615,11 +647,12 @@ def batch_backward(
     ``stats`` from :func:`batch_forward`."""
     act = _activation(activation, negative_slope)
     dtype = x.dtype
+    pdtype = _PARAM_DTYPES[dtype]  # the parameters'
     rows, c, s = plan.dims
     if dy.dtype != dtype:
         dy = dy.to(dtype)
     need_dx = bool(needs[0])
-    w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
+    w, b = _param(weight, c, pdtype, 1.0), _param(bias, c, pdtype, 0.0)
     entry, nblocks = _entry("backward_at", x.numel(), rows)
     dx = None
     if need_dx:
@@ -627,8 +660,8 @@ def batch_backward(
     # dγ, dβ are written straight into torch-owned tensors rather than numpy arrays
     # wrapped by torch.from_numpy: autograd frees those with the GIL released, and a
     # numpy-owned buffer then needs the GIL back (~1 µs a step at (64, 100)).
-    dw = _grad_tensor(weight, needs[1], dtype)
-    db = _grad_tensor(bias, needs[2], dtype)
+    dw = _grad_tensor(weight, needs[1], pdtype)
+    db = _grad_tensor(bias, needs[2], pdtype)
     xc, dyc = plan.contiguous(x), plan.contiguous(dy)  # kept alive for the call
     entry(
         _WITNESS[dtype], plan.layout == "cf", dyc.data_ptr(), xc.data_ptr(),
@@ -656,10 +689,11 @@ def batch_forward_residual(
     act = _activation(activation, negative_slope)
     numel = x.numel()
     dtype = x.dtype
+    pdtype = _PARAM_DTYPES[dtype]  # the parameters'
     rows, c, s = plan.dims
     stats = np.empty((4, c))
     moments = np.empty((2, c), dtype=_NUMPY_DTYPES[dtype])
-    w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
+    w, b = _param(weight, c, pdtype, 1.0), _param(bias, c, pdtype, 0.0)
     fold = None if running is None else _running_args(running, c)
     correction = numel / (numel - c) if numel > c else math.nan
     entry, nblocks = _entry("forward_res_at", numel, rows)
@@ -698,17 +732,18 @@ def batch_backward_residual(
     residual r."""
     act = _activation(activation, negative_slope)
     dtype = x.dtype
+    pdtype = _PARAM_DTYPES[dtype]  # the parameters'
     rows, c, s = plan.dims
     if dy.dtype != dtype:
         dy = dy.to(dtype)
     need_dx, need_dr = bool(needs[0]), bool(needs[1])
-    w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
+    w, b = _param(weight, c, pdtype, 1.0), _param(bias, c, pdtype, 0.0)
     entry, nblocks = _entry("backward_res_at", x.numel(), rows)
     fmt = torch.contiguous_format if plan.copy else torch.preserve_format
     dx = empty_like(x, fmt) if need_dx else None
     dr = empty_like(x, fmt) if need_dr else None
-    dw = _grad_tensor(weight, needs[2], dtype)
-    db = _grad_tensor(bias, needs[3], dtype)
+    dw = _grad_tensor(weight, needs[2], pdtype)
+    db = _grad_tensor(bias, needs[3], pdtype)
     xc, dyc, sc = plan.contiguous(x), plan.contiguous(dy), plan.contiguous(src)
     entry(
         _WITNESS[dtype], plan.layout == "cf", dyc.data_ptr(), xc.data_ptr(), sc.data_ptr(),
@@ -720,7 +755,8 @@ def batch_backward_residual(
 
 
 def _grad_tensor(p: torch.Tensor | None, needed: bool, dtype: torch.dtype):
-    """A new contiguous tensor for ``p``'s gradient, in the kernel's ``dtype``."""
+    """A new contiguous tensor for ``p``'s gradient, in the kernels' parameter ``dtype``
+    (converted to ``p``'s own by :func:`_as_param`)."""
     if p is None or not needed:
         return None
     if p.dtype == dtype and p.is_contiguous():  # empty_like: no shape/dtype parsing
@@ -746,9 +782,10 @@ def affine_forward(
     """Eval forward ``act((x − mean)·γ/sqrt(var + ε) + β)`` with per-channel constants."""
     act = _activation(activation, negative_slope)
     dtype = x.dtype
+    pdtype = _PARAM_DTYPES[dtype]  # the parameters'
     rows, c, s = plan.dims
-    m, v = _param(mean, c, dtype, 0.0), _param(var, c, dtype, 1.0)
-    w, b = _param(weight, c, dtype, 1.0), _param(bias, c, dtype, 0.0)
+    m, v = _param(mean, c, pdtype, 0.0), _param(var, c, pdtype, 1.0)
+    w, b = _param(weight, c, pdtype, 1.0), _param(bias, c, pdtype, 0.0)
     entry, nblocks = _entry("affine_at", x.numel(), rows)
     xc = plan.contiguous(x)  # kept alive for the call
     y = empty_like(x, torch.contiguous_format if plan.copy else torch.preserve_format)

@@ -10,7 +10,7 @@ Layouts (the caller makes the views; nothing here knows about torch):
 One kernel per (direction, layout) — training forward, training backward, eval
 ("affine"), and the training pair with a residual added before the activation
 (``forward_res_*``, ``backward_res_*``; see "residual" below) — each with a serial twin for
-small tensors, compiled for float32 and float64
+small tensors, compiled for float32, float64, bfloat16 and float16 storage
 on first use and cached on disk (~2 s of compilation each). The wrappers reach them
 through entry points that take data pointers (``forward_at``, ``backward_at``,
 ``affine_at`` for the serial twins, ``*_at_threaded`` for the threaded kernels; see
@@ -25,7 +25,14 @@ two families, each with one loop the compiler vectorises:
 
 Statistics and every total are float64 whatever the storage dtype. The smooth
 activations compute elementwise in float64 too; the piecewise-linear ones compute in
-the storage dtype where that is safe (see "arithmetic in the storage dtype" below).
+the storage dtype where that is safe (see "arithmetic in the storage dtype" below), in
+float32 for half storage.
+
+Half precision (bfloat16, float16; "half-precision storage" below): the same kernels
+read and write 16-bit storage, widening each value exactly on load and rounding to
+nearest even on store, with float32 parameters (as ``torch.autocast`` leaves a layer)
+and float32 moments. Half inputs thus get float32 arithmetic and float64 statistics
+without a float32 copy of the tensor, as torch's CPU kernels do (opmath float32).
 
 Statistics (shifted one-pass sums; Chan, Golub & LeVeque, "Algorithms for computing
 the sample variance: analysis and recommendations", The American Statistician, 1983): with ``k`` a value of the
@@ -57,7 +64,7 @@ import types as types_module
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 # -- the threading layer --------------------------------------------------------------------
 THREADING_LAYER = "workqueue"
@@ -195,6 +202,241 @@ def _exp(x):
     return res
 
 
+# -- half-precision storage --------------------------------------------------------------
+# Numba has no float16 type on the CPU (numba#4402, #8138; an np.float16 array raises
+# NotImplementedError) and no bfloat16 at all, so half-precision tensors come in as
+# 16-bit integer views of their bits: uint16 holds bfloat16, int16 holds float16 (the
+# signedness is only a tag that picks the format at compile time). Every element read
+# goes through _wide (to float64) or _work (to the storage-dtype arithmetic's type, which
+# for half storage is float32), every write through _narrow, and the per-channel
+# parameters of a half tensor are float32 (_param_witness). For float32/float64 arrays
+# these are the identity (the old code, unchanged); for half storage they are the
+# conversions below (float16: the CPU's instructions where it has them, F16C; else, like
+# bfloat16 always, integer code), branch-free so that LLVM vectorises the loops, exact
+# (every one of the 65536 values widens to its float32; float32 → half rounds to nearest,
+# ties to even, NaN stays NaN, overflow goes to ±inf: tests/kernels/test_half.py checks
+# them against torch bit for bit). A float64 result is narrowed via float32: two
+# roundings, within 2^-24 relative of one, far below the half format's 2^-8 or 2^-11.
+_I16, _I32, _F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
+
+
+def _u32(v: int) -> ir.Constant:
+    return ir.Constant(_I32, v & 0xFFFFFFFF)
+
+
+@intrinsic
+def _bf16_to_f32(typingctx, bits):
+    """bfloat16 bits (uint16) → float32: the top half of the float32's bits."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.shl(builder.zext(args[0], _I32), _u32(16)), _F32)
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_to_bf16(typingctx, value):
+    """float32 → bfloat16 bits (uint16), round to nearest even: add 0x7FFF plus the kept
+    part's lowest bit, keep the top 16 bits (a carry into the exponent is the correct
+    rounding up, to inf past the largest finite value); NaN → quiet NaN, sign kept."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        f = args[0]
+        u = builder.bitcast(f, _I32)
+        high = builder.lshr(u, _u32(16))
+        lsb = builder.and_(high, _u32(1))
+        rounded = builder.lshr(builder.add(builder.add(u, _u32(0x7FFF)), lsb), _u32(16))
+        quiet = builder.or_(high, _u32(0x40))
+        out = builder.select(builder.fcmp_unordered("uno", f, f), quiet, rounded)
+        return builder.trunc(out, _I16)
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _fp16_to_f32_bits(typingctx, bits):
+    """float16 bits (int16) → float32, exact (F. Giesen, "half_to_float", public domain,
+    https://gist.github.com/rygorous/2144712): re-bias the exponent; Inf/NaN get the
+    float32 maximum exponent; subnormals are renormalised by one float subtraction."""
+    if bits != types.int16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        h = builder.zext(args[0], _I32)
+        o = builder.shl(builder.and_(h, _u32(0x7FFF)), _u32(13))  # exponent, mantissa
+        exp = builder.and_(o, _u32(0x7C00 << 13))
+        o = builder.add(o, _u32((127 - 15) << 23))
+        inf_nan = builder.add(o, _u32((128 - 16) << 23))
+        magic = builder.bitcast(_u32(113 << 23), _F32)  # 2^-14
+        sub = builder.fsub(builder.bitcast(builder.add(o, _u32(1 << 23)), _F32), magic)
+        o = builder.select(builder.icmp_unsigned("==", exp, _u32(0)), builder.bitcast(sub, _I32), o)
+        o = builder.select(builder.icmp_unsigned("==", exp, _u32(0x7C00 << 13)), inf_nan, o)
+        o = builder.or_(o, builder.shl(builder.and_(h, _u32(0x8000)), _u32(16)))  # sign
+        return builder.bitcast(o, _F32)
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _f32_to_fp16_bits(typingctx, value):
+    """float32 → float16 bits (int16), round to nearest even (Giesen's
+    "float_to_half_fast3_rtne", same source): |x| ≥ 2^16 (after rounding: overflow),
+    Inf, NaN by the exponent; results below 2^-14 (subnormal or zero) by a float addition
+    of 0.5, whose rounding is the one wanted; normal results by adding the rounding bias
+    0xFFF plus the kept mantissa's lowest bit to the re-biased bits."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        u = builder.bitcast(args[0], _I32)
+        sign = builder.and_(u, _u32(0x80000000))
+        a = builder.xor(u, sign)
+        big = builder.select(
+            builder.icmp_unsigned(">", a, _u32(255 << 23)), _u32(0x7E00), _u32(0x7C00)
+        )
+        half = builder.bitcast(_u32(126 << 23), _F32)  # 0.5
+        small = builder.fadd(builder.bitcast(a, _F32), half)
+        small = builder.sub(builder.bitcast(small, _I32), _u32(126 << 23))
+        odd = builder.and_(builder.lshr(a, _u32(13)), _u32(1))
+        normal = builder.add(builder.add(a, _u32(((15 - 127) << 23) + 0xFFF)), odd)
+        normal = builder.lshr(normal, _u32(13))
+        o = builder.select(builder.icmp_unsigned("<", a, _u32(113 << 23)), small, normal)
+        o = builder.select(builder.icmp_unsigned(">=", a, _u32((127 + 16) << 23)), big, o)
+        o = builder.or_(o, builder.lshr(sign, _u32(16)))
+        return builder.trunc(o, _I16)
+
+    return types.int16(types.float32), codegen
+
+
+@intrinsic
+def _fp16_to_f32_native(typingctx, bits):
+    """float16 bits (int16) → float32 by LLVM's ``fpext half`` (x86 F16C: vcvtph2ps)."""
+    if bits != types.int16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _f32_to_fp16_native(typingctx, value):
+    """float32 → float16 bits (int16) by LLVM's ``fptrunc`` (F16C: vcvtps2ph), which
+    rounds to nearest even as IEEE 754 requires."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
+
+    return types.int16(types.float32), codegen
+
+
+def _native_float16() -> bool:
+    """Whether float16 conversions compile to instructions: an x86-64 CPU with F16C, the
+    host Numba compiles for (a user's NUMBA_CPU_NAME/NUMBA_CPU_FEATURES, e.g. a generic
+    target for portable caches, gets the integer code). Elsewhere LLVM would call
+    compiler-rt's __extendhfsf2/__truncsfhf2, which a JIT cannot count on. Both give the
+    same bits (tests/kernels/test_half.py); F16C's are ~2-4x faster (a (32, 64, 56, 56)
+    sum 0.8 against 1.5 ms, a write pass 0.6 against 2.4 ms)."""
+    import platform
+
+    from numba.core import config
+
+    if config.CPU_NAME or config.CPU_FEATURES:
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        from llvmlite import binding
+
+        return bool(binding.get_host_cpu_features().get("f16c", False))
+    except RuntimeError:  # pragma: no cover - features unknown: the portable code
+        return False
+
+
+NATIVE_FLOAT16 = _native_float16()
+_fp16_to_f32 = _fp16_to_f32_native if NATIVE_FLOAT16 else _fp16_to_f32_bits
+_f32_to_fp16 = _f32_to_fp16_native if NATIVE_FLOAT16 else _f32_to_fp16_bits
+
+_HALF_STORAGE = (types.uint16, types.int16)
+
+
+def _wide(v):  # pragma: no cover - compiled only, see the overload
+    """An element read as float64."""
+
+
+@overload(_wide, inline="always")
+def _wide_impl(v):
+    if isinstance(v, types.Float):
+        return lambda v: np.float64(v)
+    if v == types.uint16:
+        return lambda v: np.float64(_bf16_to_f32(v))
+    if v == types.int16:
+        return lambda v: np.float64(_fp16_to_f32(v))
+    return None
+
+
+def _work(v):  # pragma: no cover - compiled only, see the overload
+    """An element read in the type of the storage-dtype arithmetic: itself for float32
+    and float64, float32 for half storage."""
+
+
+@overload(_work, inline="always")
+def _work_impl(v):
+    if isinstance(v, types.Float):
+        return lambda v: v
+    if v == types.uint16:
+        return lambda v: _bf16_to_f32(v)
+    if v == types.int16:
+        return lambda v: _fp16_to_f32(v)
+    return None
+
+
+def _narrow(v, a):  # pragma: no cover - compiled only, see the overload
+    """``v`` as a value to store into array ``a``: itself for float arrays (the store
+    converts), the rounded bits for half storage."""
+
+
+@overload(_narrow, inline="always")
+def _narrow_impl(v, a):
+    if isinstance(a.dtype, types.Float):
+        return lambda v, a: v
+    if a.dtype == types.uint16:
+        return lambda v, a: _f32_to_bf16(np.float32(v))
+    if a.dtype == types.int16:
+        return lambda v, a: _f32_to_fp16(np.float32(v))
+    return None
+
+
+def _work_empty(shape, x):  # pragma: no cover - compiled only, see the overload
+    """``np.empty(shape)`` of the storage-dtype arithmetic's type for array ``x``."""
+
+
+@overload(_work_empty, inline="always")
+def _work_empty_impl(shape, x):
+    if x.dtype in _HALF_STORAGE:
+        return lambda shape, x: np.empty(shape, dtype=np.float32)
+    return lambda shape, x: np.empty(shape, dtype=x.dtype)
+
+
+def _param_witness(w0):  # pragma: no cover - compiled only, see the overload
+    """A value of the parameters' dtype for storage witness ``w0``: float32 for half
+    storage, else ``w0`` itself."""
+
+
+@overload(_param_witness, inline="always")
+def _param_witness_impl(w0):
+    if w0 in _HALF_STORAGE:
+        return lambda w0: np.float32(0.0)
+    return lambda w0: w0
+
+
 # -- elementwise pieces ------------------------------------------------------------------
 # The activation constants are read into scalars before each loop: loads from the `act`
 # array inside the loop could alias the output and would block vectorisation.
@@ -287,11 +529,11 @@ def _storage_constants(x, stats, scale, shift, act):
     for x's dtype."""
     C = x.shape[1]
     if act[_FAMILY] != _PWL:
-        return np.empty((0, C), dtype=x.dtype)
+        return _work_empty((0, C), x)
     for c in range(C):
         if not _storage_math_is_safe(stats[3, c], scale[c], shift[c], stats[0, c]):
-            return np.empty((0, C), dtype=x.dtype)
-    tk = np.empty((6, C), dtype=x.dtype)
+            return _work_empty((0, C), x)
+    tk = _work_empty((6, C), x)
     for c in range(C):
         tk[0, c] = stats[0, c]
         tk[1, c] = scale[c]
@@ -313,8 +555,8 @@ def _out_rows_cl_storage(x, y, i0, i1, tk):
         xr = x[i]
         yr = y[i]
         for c in range(xr.shape[0]):
-            z = (xr[c] - k[c]) * scale[c] + shift[c]
-            yr[c] = z if z > zero else z * slope
+            z = (_work(xr[c]) - k[c]) * scale[c] + shift[c]
+            yr[c] = _narrow(z if z > zero else z * slope, yr)
 
 
 @njit(**_HELPER)
@@ -324,8 +566,8 @@ def _grad_sums_rows_cl_storage(dy, x, i0, i1, tk, acc_a, acc_b):
     C = x.shape[1]
     k, scale, shift, delta = tk[0].copy(), tk[1].copy(), tk[2].copy(), tk[3].copy()
     slope, zero = tk[4, 0], tk[5, 0]
-    pa = np.empty(C, dtype=x.dtype)
-    pb = np.empty(C, dtype=x.dtype)
+    pa = _work_empty(C, x)
+    pb = _work_empty(C, x)
     i = i0
     while i < i1:
         i_end = min(i1, i + _STORAGE_ROWS)
@@ -335,9 +577,9 @@ def _grad_sums_rows_cl_storage(dy, x, i0, i1, tk, acc_a, acc_b):
             xr = x[r]
             dyr = dy[r]
             for c in range(C):
-                d = xr[c] - k[c]
+                d = _work(xr[c]) - k[c]
                 z = d * scale[c] + shift[c]
-                dz = dyr[c] if z > zero else dyr[c] * slope
+                dz = _work(dyr[c]) if z > zero else _work(dyr[c]) * slope
                 pa[c] += dz
                 pb[c] += dz * (d - delta[c])
         for c in range(C):
@@ -357,10 +599,10 @@ def _grad_rows_cl_storage(dy, x, dx, i0, i1, tk, pqr):
         dyr = dy[r]
         dxr = dx[r]
         for c in range(xr.shape[0]):
-            d = xr[c] - k[c]
+            d = _work(xr[c]) - k[c]
             z = d * scale[c] + shift[c]
-            dz = dyr[c] if z > zero else dyr[c] * slope
-            dxr[c] = p[c] * dz + q[c] * (d - delta[c]) + rr[c]
+            dz = _work(dyr[c]) if z > zero else _work(dyr[c]) * slope
+            dxr[c] = _narrow(p[c] * dz + q[c] * (d - delta[c]) + rr[c], dxr)
 
 
 # -- one row, channels-first: x[i, c, :], S contiguous values (scalar parameters) --------
@@ -370,7 +612,7 @@ def _sums_row(x, i, c, k):
     s1 = 0.0
     s2 = 0.0
     for j in range(x.shape[2]):
-        d = np.float64(x[i, c, j]) - k
+        d = _wide(x[i, c, j]) - k
         s1 += d
         s2 += d * d
     return s1, s2
@@ -382,15 +624,15 @@ def _out_row(x, y, i, c, k, scale, shift, act):
     if fam >= _OTHER:
         a, b = act[_A], act[_C1]
         for j in range(x.shape[2]):
-            y[i, c, j] = _other((np.float64(x[i, c, j]) - k) * scale + shift, fam, a, b)
+            y[i, c, j] = _narrow(_other((_wide(x[i, c, j]) - k) * scale + shift, fam, a, b), y)
     elif fam == _LOGISTIC:
         a, c1, c2, c3 = act[_A], act[_C1], act[_C2], act[_C3]
         for j in range(x.shape[2]):
-            y[i, c, j] = _smooth((np.float64(x[i, c, j]) - k) * scale + shift, a, c1, c2, c3)
+            y[i, c, j] = _narrow(_smooth((_wide(x[i, c, j]) - k) * scale + shift, a, c1, c2, c3), y)
     else:
         slope = act[_SLOPE]
         for j in range(x.shape[2]):
-            y[i, c, j] = _pwl((np.float64(x[i, c, j]) - k) * scale + shift, slope)
+            y[i, c, j] = _narrow(_pwl((_wide(x[i, c, j]) - k) * scale + shift, slope), y)
 
 
 @njit(**_HELPER)
@@ -401,22 +643,22 @@ def _grad_sums_row(dy, x, i, c, k, delta, invstd, scale, shift, act):
     if fam >= _OTHER:
         a, b = act[_A], act[_G1]
         for j in range(x.shape[2]):
-            d = np.float64(x[i, c, j]) - k
-            dz = np.float64(dy[i, c, j]) * _other_grad(d * scale + shift, fam, a, b)
+            d = _wide(x[i, c, j]) - k
+            dz = _wide(dy[i, c, j]) * _other_grad(d * scale + shift, fam, a, b)
             a_sum += dz
             b_sum += dz * ((d - delta) * invstd)
     elif fam == _LOGISTIC:
         a, g1, c3 = act[_A], act[_G1], act[_C3]
         for j in range(x.shape[2]):
-            d = np.float64(x[i, c, j]) - k
-            dz = np.float64(dy[i, c, j]) * _smooth_grad(d * scale + shift, a, g1, c3)
+            d = _wide(x[i, c, j]) - k
+            dz = _wide(dy[i, c, j]) * _smooth_grad(d * scale + shift, a, g1, c3)
             a_sum += dz
             b_sum += dz * ((d - delta) * invstd)
     else:
         slope = act[_SLOPE]
         for j in range(x.shape[2]):
-            d = np.float64(x[i, c, j]) - k
-            dz = np.float64(dy[i, c, j]) * _pwl_grad(d * scale + shift, slope)
+            d = _wide(x[i, c, j]) - k
+            dz = _wide(dy[i, c, j]) * _pwl_grad(d * scale + shift, slope)
             a_sum += dz
             b_sum += dz * ((d - delta) * invstd)
     return a_sum, b_sum
@@ -428,21 +670,21 @@ def _grad_row(dy, x, dx, i, c, k, delta, invstd, scale, shift, ma, mb, act):
     if fam >= _OTHER:
         a, b = act[_A], act[_G1]
         for j in range(x.shape[2]):
-            d = np.float64(x[i, c, j]) - k
-            dz = np.float64(dy[i, c, j]) * _other_grad(d * scale + shift, fam, a, b)
-            dx[i, c, j] = scale * (dz - ma - ((d - delta) * invstd) * mb)
+            d = _wide(x[i, c, j]) - k
+            dz = _wide(dy[i, c, j]) * _other_grad(d * scale + shift, fam, a, b)
+            dx[i, c, j] = _narrow(scale * (dz - ma - ((d - delta) * invstd) * mb), dx)
     elif fam == _LOGISTIC:
         a, g1, c3 = act[_A], act[_G1], act[_C3]
         for j in range(x.shape[2]):
-            d = np.float64(x[i, c, j]) - k
-            dz = np.float64(dy[i, c, j]) * _smooth_grad(d * scale + shift, a, g1, c3)
-            dx[i, c, j] = scale * (dz - ma - ((d - delta) * invstd) * mb)
+            d = _wide(x[i, c, j]) - k
+            dz = _wide(dy[i, c, j]) * _smooth_grad(d * scale + shift, a, g1, c3)
+            dx[i, c, j] = _narrow(scale * (dz - ma - ((d - delta) * invstd) * mb), dx)
     else:
         slope = act[_SLOPE]
         for j in range(x.shape[2]):
-            d = np.float64(x[i, c, j]) - k
-            dz = np.float64(dy[i, c, j]) * _pwl_grad(d * scale + shift, slope)
-            dx[i, c, j] = scale * (dz - ma - ((d - delta) * invstd) * mb)
+            d = _wide(x[i, c, j]) - k
+            dz = _wide(dy[i, c, j]) * _pwl_grad(d * scale + shift, slope)
+            dx[i, c, j] = _narrow(scale * (dz - ma - ((d - delta) * invstd) * mb), dx)
 
 
 # -- one row, channels-last: x[i, :], all C channels of one position (vector parameters) -
@@ -454,16 +696,16 @@ def _sums_rows_cl(x, i0, i1, k, acc1, acc2):
     while i + 4 <= i1:
         for c in range(x.shape[1]):
             kc = k[c]
-            d0 = np.float64(x[i, c]) - kc
-            d1 = np.float64(x[i + 1, c]) - kc
-            d2 = np.float64(x[i + 2, c]) - kc
-            d3 = np.float64(x[i + 3, c]) - kc
+            d0 = _wide(x[i, c]) - kc
+            d1 = _wide(x[i + 1, c]) - kc
+            d2 = _wide(x[i + 2, c]) - kc
+            d3 = _wide(x[i + 3, c]) - kc
             acc1[c] += (d0 + d1) + (d2 + d3)
             acc2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         i += 4
     while i < i1:
         for c in range(x.shape[1]):
-            d = np.float64(x[i, c]) - k[c]
+            d = _wide(x[i, c]) - k[c]
             acc1[c] += d
             acc2[c] += d * d
         i += 1
@@ -500,19 +742,19 @@ def _out_rows_cl_impl(x, y, i0, i1, k, scale, shift, fam, slope, a, c1, c2, c3):
         for c in range(x.shape[1]):
             kc, sc, sh = k[c], scale[c], shift[c]
             for r in range(4):
-                z = (np.float64(x[i + r, c]) - kc) * sc + sh
-                y[i + r, c] = _act_value(z, fam, slope, a, c1, c2, c3)
+                z = (_wide(x[i + r, c]) - kc) * sc + sh
+                y[i + r, c] = _narrow(_act_value(z, fam, slope, a, c1, c2, c3), y)
         i += 4
     while i < i1:
         for c in range(x.shape[1]):
-            z = (np.float64(x[i, c]) - k[c]) * scale[c] + shift[c]
-            y[i, c] = _act_value(z, fam, slope, a, c1, c2, c3)
+            z = (_wide(x[i, c]) - k[c]) * scale[c] + shift[c]
+            y[i, c] = _narrow(_act_value(z, fam, slope, a, c1, c2, c3), y)
         i += 1
 
 
 @njit(**_HELPER)
 def _dz_cl(dy, x, i, c, k, scale, shift, fam, slope, a, g1, c3):
-    d = np.float64(x[i, c]) - k
+    d = _wide(x[i, c]) - k
     z = d * scale + shift
     if fam == _PWL:
         g = _pwl_grad(z, slope)
@@ -520,7 +762,7 @@ def _dz_cl(dy, x, i, c, k, scale, shift, fam, slope, a, g1, c3):
         g = _smooth_grad(z, a, g1, c3)
     else:
         g = _other_grad(z, fam, a, g1)
-    return np.float64(dy[i, c]) * g, d
+    return _wide(dy[i, c]) * g, d
 
 
 @njit(**_HELPER)
@@ -596,12 +838,12 @@ def _grad_rows_cl_impl(
             )
             for r in range(4):
                 dz, d = _dz_cl(dy, x, i + r, c, kc, sc, sh, fam, slope, a, g1, c3)
-                dx[i + r, c] = sc * (dz - mac - ((d - de) * iv) * mbc)
+                dx[i + r, c] = _narrow(sc * (dz - mac - ((d - de) * iv) * mbc), dx)
         i += 4
     while i < i1:
         for c in range(x.shape[1]):
             dz, d = _dz_cl(dy, x, i, c, k[c], scale[c], shift[c], fam, slope, a, g1, c3)
-            dx[i, c] = scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c])
+            dx[i, c] = _narrow(scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c]), dx)
         i += 1
 
 
@@ -669,7 +911,7 @@ def forward_cf(x, weight, bias, eps, act, y, stats, moments):
     n = N * S
     pwl = act[_FAMILY] == _PWL
     for c in prange(C):
-        k = np.float64(x[0, c, 0])
+        k = _wide(x[0, c, 0])
         s1 = 0.0
         s2 = 0.0
         for i in range(N):
@@ -681,13 +923,13 @@ def forward_cf(x, weight, bias, eps, act, y, stats, moments):
         shift = np.float64(bias[c]) - delta * scale
         if pwl and _storage_math_is_safe(invstd, scale, shift, k):
             # In x's dtype (see the module notes): z = (x − k)·scale + shift.
-            t = np.empty(5, dtype=x.dtype)
+            t = _work_empty(5, x)
             t[0], t[1], t[2], t[3], t[4] = k, scale, shift, act[_SLOPE], 0.0
             kt, sc, sh, slope, zero = t[0], t[1], t[2], t[3], t[4]
             for i in range(N):
                 for j in range(S):
-                    z = (x[i, c, j] - kt) * sc + sh
-                    y[i, c, j] = z if z > zero else z * slope
+                    z = (_work(x[i, c, j]) - kt) * sc + sh
+                    y[i, c, j] = _narrow(z if z > zero else z * slope, y)
         else:
             for i in range(N):
                 _out_row(x, y, i, c, k, scale, shift, act)
@@ -709,7 +951,7 @@ def forward_cl(x, weight, bias, eps, act, nblocks, y, stats, moments):
     M, C = x.shape
     k = np.empty(C)
     for c in range(C):
-        k[c] = np.float64(x[0, c])
+        k[c] = _wide(x[0, c])
     part = np.empty((nblocks, 2, C))
     rows = (M + nblocks - 1) // nblocks
     for blk in prange(nblocks):
@@ -754,7 +996,7 @@ def backward_cf(dy, x, weight, bias, stats, act, need_dx, dx, sums):
             #   dz = dy·act'(z),  A = Σ dz,  B = invstd·Σ dz·(d − delta)
             #   dx = p·dz + q·(d − delta) + r,  p = scale, q = −scale·invstd·B/n,
             #   r = −scale·A/n
-            t = np.empty(9, dtype=x.dtype)
+            t = _work_empty(9, x)
             t[0], t[1], t[2], t[3], t[4], t[5] = k, scale[c], shift[c], act[_SLOPE], delta, 0.0
             kt, sc, sh, slope, de, zero = t[0], t[1], t[2], t[3], t[4], t[5]
             a_sum = 0.0
@@ -763,9 +1005,9 @@ def backward_cf(dy, x, weight, bias, stats, act, need_dx, dx, sums):
                 ra = zero
                 rb = zero
                 for j in range(S):
-                    d = x[i, c, j] - kt
+                    d = _work(x[i, c, j]) - kt
                     z = d * sc + sh
-                    dz = dy[i, c, j] if z > zero else dy[i, c, j] * slope
+                    dz = _work(dy[i, c, j]) if z > zero else _work(dy[i, c, j]) * slope
                     ra += dz
                     rb += dz * (d - de)
                 a_sum += np.float64(ra)
@@ -780,10 +1022,10 @@ def backward_cf(dy, x, weight, bias, stats, act, need_dx, dx, sums):
                 p, q, r = t[6], t[7], t[8]
                 for i in range(N):
                     for j in range(S):
-                        d = x[i, c, j] - kt
+                        d = _work(x[i, c, j]) - kt
                         z = d * sc + sh
-                        dz = dy[i, c, j] if z > zero else dy[i, c, j] * slope
-                        dx[i, c, j] = p * dz + q * (d - de) + r
+                        dz = _work(dy[i, c, j]) if z > zero else _work(dy[i, c, j]) * slope
+                        dx[i, c, j] = _narrow(p * dz + q * (d - de) + r, dx)
             continue
         a_sum = 0.0
         b_sum = 0.0
@@ -818,7 +1060,7 @@ def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
             _grad_sums_rows_cl_storage(dy, x, i0, i1, tk, acc_a, acc_b)
             part[blk, 0] = acc_a
             part[blk, 1] = acc_b
-        pqr = np.empty((3, C), dtype=x.dtype)
+        pqr = _work_empty((3, C), x)
         for c in range(C):
             a_sum, b_sum = _block_totals(part, c)
             b_sum *= invstd[c]
@@ -864,8 +1106,8 @@ def affine_cf(x, mean, var, weight, bias, eps, act, y):
             i, c = r // C, r % C
             kt, sc, sh, slope, zero = tk[0, c], tk[1, c], tk[2, c], tk[4, c], tk[5, c]
             for j in range(S):
-                z = (x[i, c, j] - kt) * sc + sh
-                y[i, c, j] = z if z > zero else z * slope
+                z = (_work(x[i, c, j]) - kt) * sc + sh
+                y[i, c, j] = _narrow(z if z > zero else z * slope, y)
         return
     for r in prange(N * C):
         i, c = r // C, r % C
@@ -903,18 +1145,18 @@ def _out_row_res(x, res, y, i, c, k, scale, shift, act):
     if fam >= _OTHER:
         a, b = act[_A], act[_C1]
         for j in range(x.shape[2]):
-            z = (np.float64(x[i, c, j]) - k) * scale + shift + np.float64(res[i, c, j])
-            y[i, c, j] = _other(z, fam, a, b)
+            z = (_wide(x[i, c, j]) - k) * scale + shift + _wide(res[i, c, j])
+            y[i, c, j] = _narrow(_other(z, fam, a, b), y)
     elif fam == _LOGISTIC:
         a, c1, c2, c3 = act[_A], act[_C1], act[_C2], act[_C3]
         for j in range(x.shape[2]):
-            z = (np.float64(x[i, c, j]) - k) * scale + shift + np.float64(res[i, c, j])
-            y[i, c, j] = _smooth(z, a, c1, c2, c3)
+            z = (_wide(x[i, c, j]) - k) * scale + shift + _wide(res[i, c, j])
+            y[i, c, j] = _narrow(_smooth(z, a, c1, c2, c3), y)
     else:
         slope = act[_SLOPE]
         for j in range(x.shape[2]):
-            z = (np.float64(x[i, c, j]) - k) * scale + shift + np.float64(res[i, c, j])
-            y[i, c, j] = _pwl(z, slope)
+            z = (_wide(x[i, c, j]) - k) * scale + shift + _wide(res[i, c, j])
+            y[i, c, j] = _narrow(_pwl(z, slope), y)
 
 
 @njit(**_HELPER)
@@ -957,7 +1199,7 @@ def forward_res_cf(x, res, weight, bias, eps, act, y, stats, moments):
     n = N * S
     pwl = act[_FAMILY] == _PWL
     for c in prange(C):
-        k = np.float64(x[0, c, 0])
+        k = _wide(x[0, c, 0])
         s1 = 0.0
         s2 = 0.0
         for i in range(N):
@@ -969,13 +1211,13 @@ def forward_res_cf(x, res, weight, bias, eps, act, y, stats, moments):
         shift = np.float64(bias[c]) - delta * scale
         if pwl and _storage_math_is_safe(invstd, scale, shift, k):
             # in x's dtype: the add of r is the one rounding torch's `bn(x) + r` makes too
-            t = np.empty(5, dtype=x.dtype)
+            t = _work_empty(5, x)
             t[0], t[1], t[2], t[3], t[4] = k, scale, shift, act[_SLOPE], 0.0
             kt, sc, sh, slope, zero = t[0], t[1], t[2], t[3], t[4]
             for i in range(N):
                 for j in range(S):
-                    z = (x[i, c, j] - kt) * sc + sh + res[i, c, j]
-                    y[i, c, j] = z if z > zero else z * slope
+                    z = (_work(x[i, c, j]) - kt) * sc + sh + _work(res[i, c, j])
+                    y[i, c, j] = _narrow(z if z > zero else z * slope, y)
         else:
             for i in range(N):
                 _out_row_res(x, res, y, i, c, k, scale, shift, act)
@@ -993,7 +1235,7 @@ def forward_res_cl(x, res, weight, bias, eps, act, nblocks, y, stats, moments):
     M, C = x.shape
     k = np.empty(C)
     for c in range(C):
-        k[c] = np.float64(x[0, c])
+        k[c] = _wide(x[0, c])
     part = np.empty((nblocks, 2, C))
     rows = (M + nblocks - 1) // nblocks
     for blk in prange(nblocks):
@@ -1014,8 +1256,8 @@ def forward_res_cl(x, res, weight, bias, eps, act, nblocks, y, stats, moments):
     for blk in prange(nblocks):
         for i in range(blk * rows, min(M, (blk + 1) * rows)):
             for c in range(C):
-                z = (np.float64(x[i, c]) - k[c]) * scale[c] + shift[c] + np.float64(res[i, c])
-                y[i, c] = _act_value(z, fam, slope, a, c1, c2, c3)
+                z = (_wide(x[i, c]) - k[c]) * scale[c] + shift[c] + _wide(res[i, c])
+                y[i, c] = _narrow(_act_value(z, fam, slope, a, c1, c2, c3), y)
 
 
 @njit(parallel=True, **_JIT)
@@ -1036,7 +1278,7 @@ def backward_res_cf(dy, x, src, weight, bias, stats, act, from_y, need_dx, need_
         k, delta, invstd = stats[0, c], stats[1, c], stats[3, c]
         if storage and _storage_math_is_safe(invstd, scale[c], shift[c], k):
             # dz = dy where y > 0, else dy·slope: no z needed, only y's sign
-            t = np.empty(7, dtype=x.dtype)
+            t = _work_empty(7, x)
             t[0], t[1], t[2], t[3] = k, act[_SLOPE], delta, 0.0
             kt, slope, de, zero = t[0], t[1], t[2], t[3]
             a_sum = 0.0
@@ -1045,9 +1287,10 @@ def backward_res_cf(dy, x, src, weight, bias, stats, act, from_y, need_dx, need_
                 ra = zero
                 rb = zero
                 for j in range(S):
-                    dz = dy[i, c, j] if src[i, c, j] > zero else dy[i, c, j] * slope
+                    g = _work(dy[i, c, j])
+                    dz = g if _work(src[i, c, j]) > zero else g * slope
                     ra += dz
-                    rb += dz * ((x[i, c, j] - kt) - de)
+                    rb += dz * ((_work(x[i, c, j]) - kt) - de)
                 a_sum += np.float64(ra)
                 b_sum += np.float64(rb)
             b_sum *= invstd
@@ -1060,26 +1303,31 @@ def backward_res_cf(dy, x, src, weight, bias, stats, act, from_y, need_dx, need_
             if need_dx and need_dr:
                 for i in range(N):
                     for j in range(S):
-                        dz = dy[i, c, j] if src[i, c, j] > zero else dy[i, c, j] * slope
-                        dx[i, c, j] = p * dz + q * ((x[i, c, j] - kt) - de) + r
-                        dr[i, c, j] = dz
+                        g = _work(dy[i, c, j])
+                        dz = g if _work(src[i, c, j]) > zero else g * slope
+                        e = (_work(x[i, c, j]) - kt) - de
+                        dx[i, c, j] = _narrow(p * dz + q * e + r, dx)
+                        dr[i, c, j] = _narrow(dz, dr)
             elif need_dx:
                 for i in range(N):
                     for j in range(S):
-                        dz = dy[i, c, j] if src[i, c, j] > zero else dy[i, c, j] * slope
-                        dx[i, c, j] = p * dz + q * ((x[i, c, j] - kt) - de) + r
+                        g = _work(dy[i, c, j])
+                        dz = g if _work(src[i, c, j]) > zero else g * slope
+                        e = (_work(x[i, c, j]) - kt) - de
+                        dx[i, c, j] = _narrow(p * dz + q * e + r, dx)
             elif need_dr:
                 for i in range(N):
                     for j in range(S):
-                        dr[i, c, j] = dy[i, c, j] if src[i, c, j] > zero else dy[i, c, j] * slope
+                        g = _work(dy[i, c, j])
+                        dr[i, c, j] = _narrow(g if _work(src[i, c, j]) > zero else g * slope, dr)
             continue
         sc, sh = scale[c], shift[c]
         a_sum = 0.0
         b_sum = 0.0
         for i in range(N):
             for j in range(S):
-                d = np.float64(x[i, c, j]) - k
-                dz = _dz_res(np.float64(dy[i, c, j]), d, np.float64(src[i, c, j]), sc, sh,
+                d = _wide(x[i, c, j]) - k
+                dz = _dz_res(_wide(dy[i, c, j]), d, _wide(src[i, c, j]), sc, sh,
                              from_y, act)  # fmt: skip
                 a_sum += dz
                 b_sum += dz * ((d - delta) * invstd)
@@ -1089,13 +1337,13 @@ def backward_res_cf(dy, x, src, weight, bias, stats, act, from_y, need_dx, need_
         if need_dx or need_dr:
             for i in range(N):
                 for j in range(S):
-                    d = np.float64(x[i, c, j]) - k
-                    dz = _dz_res(np.float64(dy[i, c, j]), d, np.float64(src[i, c, j]), sc, sh,
+                    d = _wide(x[i, c, j]) - k
+                    dz = _dz_res(_wide(dy[i, c, j]), d, _wide(src[i, c, j]), sc, sh,
                                  from_y, act)  # fmt: skip
                     if need_dx:
-                        dx[i, c, j] = sc * (dz - ma - ((d - delta) * invstd) * mb)
+                        dx[i, c, j] = _narrow(sc * (dz - ma - ((d - delta) * invstd) * mb), dx)
                     if need_dr:
-                        dr[i, c, j] = dz
+                        dr[i, c, j] = _narrow(dz, dr)
 
 
 @njit(parallel=True, **_JIT)
@@ -1113,8 +1361,8 @@ def backward_res_cl(dy, x, src, weight, bias, stats, act, from_y, nblocks, need_
         acc_b = np.zeros(C)
         for i in range(blk * rows, min(M, (blk + 1) * rows)):
             for c in range(C):
-                d = np.float64(x[i, c]) - k[c]
-                dz = _dz_res(np.float64(dy[i, c]), d, np.float64(src[i, c]), scale[c],
+                d = _wide(x[i, c]) - k[c]
+                dz = _dz_res(_wide(dy[i, c]), d, _wide(src[i, c]), scale[c],
                              shift[c], from_y, act)  # fmt: skip
                 acc_a[c] += dz
                 acc_b[c] += dz * ((d - delta[c]) * invstd[c])
@@ -1131,13 +1379,15 @@ def backward_res_cl(dy, x, src, weight, bias, stats, act, from_y, nblocks, need_
     for blk in prange(nblocks):
         for i in range(blk * rows, min(M, (blk + 1) * rows)):
             for c in range(C):
-                d = np.float64(x[i, c]) - k[c]
-                dz = _dz_res(np.float64(dy[i, c]), d, np.float64(src[i, c]), scale[c],
+                d = _wide(x[i, c]) - k[c]
+                dz = _dz_res(_wide(dy[i, c]), d, _wide(src[i, c]), scale[c],
                              shift[c], from_y, act)  # fmt: skip
                 if need_dx:
-                    dx[i, c] = scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c])
+                    dx[i, c] = _narrow(
+                        scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c]), dx
+                    )
                 if need_dr:
-                    dr[i, c] = dz
+                    dr[i, c] = _narrow(dz, dr)
 
 
 # -- serial twins for small tensors -------------------------------------------------------
@@ -1242,8 +1492,9 @@ def forward_at(w0, cf, x_at, y_at, rows, C, S, w_at, b_at, eps, act, stats, mome
     in the same call. Returns 0 without running buffers, else 1 if they were updated and
     2 if a non-finite statistic skipped the update.
     """
-    w = carray(_pointer(w_at, w0), (C,))
-    b = carray(_pointer(b_at, w0), (C,))
+    p0 = _param_witness(w0)  # the parameters' dtype
+    w = carray(_pointer(w_at, p0), (C,))
+    b = carray(_pointer(b_at, p0), (C,))
     if cf:
         x = carray(_pointer(x_at, w0), (rows, C, S))
         y = carray(_pointer(y_at, w0), (rows, C, S))
@@ -1266,8 +1517,9 @@ def backward_at(w0, cf, dy_at, x_at, dx_at, rows, C, S, w_at, b_at, stats, act, 
     """:func:`backward_cf` / :func:`backward_cl`, serial, by address (see
     :func:`forward_at`); ``dx_at`` is not touched unless ``need_dx``, nor ``dbias_at``
     / ``dweight_at`` (C values each: Σdz, Σdz·x̂) when 0."""
-    w = carray(_pointer(w_at, w0), (C,))
-    b = carray(_pointer(b_at, w0), (C,))
+    p0 = _param_witness(w0)  # the parameters' dtype
+    w = carray(_pointer(w_at, p0), (C,))
+    b = carray(_pointer(b_at, p0), (C,))
     sums = np.empty((2, C), dtype=w.dtype)
     n_dx = rows if need_dx else 0
     if cf:
@@ -1281,19 +1533,20 @@ def backward_at(w0, cf, dy_at, x_at, dx_at, rows, C, S, w_at, b_at, stats, act, 
         dx2 = carray(_pointer(dx_at, w0), (n_dx, C))
         backward_cl_serial(dy2, x2, w, b, stats, act, nblocks, need_dx, dx2, sums)
     if dbias_at != 0:
-        carray(_pointer(dbias_at, w0), (C,))[:] = sums[0]
+        carray(_pointer(dbias_at, p0), (C,))[:] = sums[0]
     if dweight_at != 0:
-        carray(_pointer(dweight_at, w0), (C,))[:] = sums[1]
+        carray(_pointer(dweight_at, p0), (C,))[:] = sums[1]
 
 
 @njit(**_JIT)
 def affine_at(w0, cf, x_at, y_at, rows, C, S, m_at, v_at, w_at, b_at, eps, act, nblocks):
     """:func:`affine_cf` / :func:`affine_cl`, serial, by address (see
     :func:`forward_at`)."""
-    m = carray(_pointer(m_at, w0), (C,))
-    v = carray(_pointer(v_at, w0), (C,))
-    w = carray(_pointer(w_at, w0), (C,))
-    b = carray(_pointer(b_at, w0), (C,))
+    p0 = _param_witness(w0)  # the parameters' dtype
+    m = carray(_pointer(m_at, p0), (C,))
+    v = carray(_pointer(v_at, p0), (C,))
+    w = carray(_pointer(w_at, p0), (C,))
+    b = carray(_pointer(b_at, p0), (C,))
     if cf:
         x = carray(_pointer(x_at, w0), (rows, C, S))
         y = carray(_pointer(y_at, w0), (rows, C, S))
@@ -1310,8 +1563,9 @@ def forward_res_at(w0, cf, x_at, res_at, y_at, rows, C, S, w_at, b_at, eps, act,
                    skip_nonfinite, nblocks):  # fmt: skip
     """:func:`forward_res_cf` / :func:`forward_res_cl` by address, as :func:`forward_at`
     (``res_at``: the residual, laid out like x)."""
-    w = carray(_pointer(w_at, w0), (C,))
-    b = carray(_pointer(b_at, w0), (C,))
+    p0 = _param_witness(w0)  # the parameters' dtype
+    w = carray(_pointer(w_at, p0), (C,))
+    b = carray(_pointer(b_at, p0), (C,))
     if cf:
         x = carray(_pointer(x_at, w0), (rows, C, S))
         res = carray(_pointer(res_at, w0), (rows, C, S))
@@ -1336,8 +1590,9 @@ def backward_res_at(w0, cf, dy_at, x_at, src_at, from_y, dx_at, dr_at, rows, C, 
                     nblocks):  # fmt: skip
     """:func:`backward_res_cf` / :func:`backward_res_cl` by address, as
     :func:`backward_at`; ``src_at``: the saved output y (``from_y``) or the residual."""
-    w = carray(_pointer(w_at, w0), (C,))
-    b = carray(_pointer(b_at, w0), (C,))
+    p0 = _param_witness(w0)  # the parameters' dtype
+    w = carray(_pointer(w_at, p0), (C,))
+    b = carray(_pointer(b_at, p0), (C,))
     sums = np.empty((2, C), dtype=w.dtype)
     n_dx = rows if need_dx else 0
     n_dr = rows if need_dr else 0
@@ -1358,9 +1613,9 @@ def backward_res_at(w0, cf, dy_at, x_at, src_at, from_y, dx_at, dr_at, rows, C, 
         backward_res_cl_serial(dy2, x2, src2, w, b, stats, act, from_y, nblocks, need_dx,
                                need_dr, dx2, dr2, sums)  # fmt: skip
     if dbias_at != 0:
-        carray(_pointer(dbias_at, w0), (C,))[:] = sums[0]
+        carray(_pointer(dbias_at, p0), (C,))[:] = sums[0]
     if dweight_at != 0:
-        carray(_pointer(dweight_at, w0), (C,))[:] = sums[1]
+        carray(_pointer(dweight_at, p0), (C,))[:] = sums[1]
 
 
 @njit(**_JIT)
