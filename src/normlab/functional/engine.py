@@ -265,6 +265,17 @@ def _finish_kernel_forward(plan, moments, config: BatchConfig, x, folded, out) -
         out.plan, out.moments = plan, moments
 
 
+def _kernel_forward(ctx, plan, x, weight, bias, config: BatchConfig, out) -> torch.Tensor:
+    """y of the fused training kernel for ``plan``; its saved statistics go to ctx, the
+    running update and ``out`` as :func:`_finish_kernel_forward`."""
+    y, moments, ctx.kernel_stats, folded = kernels.batch_forward(
+        plan, x, weight, bias, config.eps, config.activation, config.negative_slope,
+        config.running,
+    )  # fmt: skip
+    _finish_kernel_forward(plan, moments, config, x, folded, out)
+    return y
+
+
 def _finish_torch_forward(stats: Moments, wd, count: int, config: BatchConfig, out) -> None:
     """After a torch-op forward: the same, from ``stats`` (biased var)."""
     mean, var = stats.mean.to(wd), stats.var.to(wd)
@@ -329,11 +340,7 @@ class _NormalizeBatch(torch.autograd.Function):
         ctx.kernel_plan = plan
         ctx.config = config
         if plan is not None:  # fused kernel: same outputs, same saved tensors (x + stats)
-            y, moments, ctx.kernel_stats, folded = kernels.batch_forward(
-                plan, x, weight, bias, config.eps, config.activation, config.negative_slope,
-                config.running,
-            )  # fmt: skip
-            _finish_kernel_forward(plan, moments, config, x, folded, out)
+            y = _kernel_forward(ctx, plan, x, weight, bias, config, out)
             ctx.save_for_backward(x, weight, bias)
             return y
         center = config.center

@@ -14,8 +14,8 @@ from normlab.functional.engine import (
     BatchStats,
     Centering,
     _closed_form_backward,
-    _finish_kernel_forward,
     _flat_grads,
+    _kernel_forward,
     _normalize_torch,
     _to,
     _unwrap,
@@ -93,11 +93,7 @@ class _NormalizeBatchSaveOutput(torch.autograd.Function):
         )
         ctx.kernel_plan = plan
         if plan is not None:
-            y, moments, ctx.kernel_stats, folded = kernels.batch_forward(
-                plan, x, weight, bias, config.eps, config.activation, config.negative_slope,
-                config.running,
-            )  # fmt: skip
-            _finish_kernel_forward(plan, moments, config, x, folded, out)
+            y = _kernel_forward(ctx, plan, x, weight, bias, config, out)
             ctx.save_for_backward(y, weight, bias)
             return y
         y, norm = _normalize_torch(

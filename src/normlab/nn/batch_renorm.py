@@ -126,12 +126,7 @@ class _BatchRenorm(_NormlabBatchNorm):
             self.eps,
             r_max=r_max,
             d_max=d_max,
-            channel_dim=self._channel_dim,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            nonfinite=self.nonfinite,
-            num_batches_tracked=self.num_batches_tracked if tracking else None,
-            where=type(self).__name__,
+            **self._functional_options(tracking),
         )
 
     def extra_repr(self) -> str:

@@ -391,6 +391,18 @@ class _NormlabBatchNorm(_BatchNorm):
         self._skipped_batch(skipped)
         return y
 
+    def _functional_options(self, tracking: bool) -> dict:
+        """The keyword arguments every functional batch-norm variant (renorm, ghost) takes
+        from the layer, in one place."""
+        return {
+            "channel_dim": self._channel_dim,
+            "activation": self.activation,
+            "negative_slope": self.negative_slope,
+            "nonfinite": self.nonfinite,
+            "num_batches_tracked": self._buffers.get("num_batches_tracked") if tracking else None,
+            "where": type(self).__name__,
+        }
+
     def _plain_normalize(self) -> bool:
         return type(self)._normalize is _NormlabBatchNorm._normalize
 
@@ -479,48 +491,52 @@ class _NormlabBatchNorm(_BatchNorm):
         return s
 
 
-class _Rank1d:
-    """Input rank check of the 1d layers of a family: (N, C) or (N, C, L)."""
+class _RankCheck:
+    """Input rank check of the 1d/2d/3d layers of a family (``_ranks``: the accepted
+    ranks; ``_expected``: what they look like; ``_instead``: where other ranks go, with
+    ``{family}`` the class name without its '1d'/'2d'/'3d')."""
+
+    _ranks: tuple[int, ...] = ()
+    _expected = ""
+    _instead = ""
 
     def _check_rank(self, input: torch.Tensor) -> None:
-        if input.dim() not in (2, 3):
+        if input.dim() not in self._ranks:
             name = type(self).__name__
-            family = name[:-2]
             raise ValueError(
-                f"{name}: expected 2-D (N, C) or 3-D (N, C, L) input, got {input.dim()}-D "
-                f"input of shape {tuple(input.shape)}. Use {family}2d for (N, C, H, W), "
-                f"{family}3d for (N, C, D, H, W), or normlab.nn.BatchNorm(num_features, "
-                f"channel_dim=...) for any rank."
+                f"{name}: expected {self._expected} input, got {input.dim()}-D input of shape "
+                f"{tuple(input.shape)}. " + self._instead.format(family=name[:-2])
             )
 
 
-class _Rank2d:
-    """Input rank check of the 2d layers of a family: (N, C, H, W)."""
+class _Rank1d(_RankCheck):
+    """(N, C) or (N, C, L)."""
 
-    def _check_rank(self, input: torch.Tensor) -> None:
-        if input.dim() != 4:
-            name = type(self).__name__
-            family = name[:-2]
-            raise ValueError(
-                f"{name}: expected 4-D (N, C, H, W) input, got {input.dim()}-D input of "
-                f"shape {tuple(input.shape)}. Use {family}1d for (N, C) or (N, C, L), "
-                f"{family}3d for 5-D, or normlab.nn.BatchNorm for any rank; a single image "
-                f"(C, H, W) needs input.unsqueeze(0)."
-            )
+    _ranks = (2, 3)
+    _expected = "2-D (N, C) or 3-D (N, C, L)"
+    _instead = (
+        "Use {family}2d for (N, C, H, W), {family}3d for (N, C, D, H, W), or "
+        "normlab.nn.BatchNorm(num_features, channel_dim=...) for any rank."
+    )
 
 
-class _Rank3d:
-    """Input rank check of the 3d layers of a family: (N, C, D, H, W)."""
+class _Rank2d(_RankCheck):
+    """(N, C, H, W)."""
 
-    def _check_rank(self, input: torch.Tensor) -> None:
-        if input.dim() != 5:
-            name = type(self).__name__
-            family = name[:-2]
-            raise ValueError(
-                f"{name}: expected 5-D (N, C, D, H, W) input, got {input.dim()}-D input "
-                f"of shape {tuple(input.shape)}. Use {family}1d/2d for lower ranks or "
-                f"normlab.nn.BatchNorm for any rank."
-            )
+    _ranks = (4,)
+    _expected = "4-D (N, C, H, W)"
+    _instead = (
+        "Use {family}1d for (N, C) or (N, C, L), {family}3d for 5-D, or normlab.nn.BatchNorm "
+        "for any rank; a single image (C, H, W) needs input.unsqueeze(0)."
+    )
+
+
+class _Rank3d(_RankCheck):
+    """(N, C, D, H, W)."""
+
+    _ranks = (5,)
+    _expected = "5-D (N, C, D, H, W)"
+    _instead = "Use {family}1d/2d for lower ranks or normlab.nn.BatchNorm for any rank."
 
 
 class BatchNorm1d(_Rank1d, _NormlabBatchNorm, torch.nn.BatchNorm1d):

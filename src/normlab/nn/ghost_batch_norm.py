@@ -65,12 +65,7 @@ class _GhostBatchNorm(_NormlabBatchNorm):
             self.momentum,
             self.eps,
             virtual_batch_size=self.virtual_batch_size,
-            channel_dim=self._channel_dim,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            nonfinite=self.nonfinite,
-            num_batches_tracked=self.num_batches_tracked if tracking else None,
-            where=type(self).__name__,
+            **self._functional_options(tracking),
         )
 
     def extra_repr(self) -> str:
