@@ -126,19 +126,8 @@ class _NormalizeBatchSaveOutput(torch.autograd.Function):
         return (_to(dx, y.dtype), *_flat_grads(dw, db, config.param_shape), None, None)
 
 
+# the Function's C++ apply, as engine._apply_normalize_batch (x not empty, not traced)
 _apply_save_output = super(torch.autograd.Function, _NormalizeBatchSaveOutput).apply
-
-
-def normalize_batch_save_output(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    config: BatchConfig,
-    out: BatchStats | None = None,
-) -> torch.Tensor:
-    """y = act(γ·x̂ + β) in training mode keeping only y for backward (see
-    :class:`_NormalizeBatchSaveOutput`); x not empty, not traced."""
-    return _apply_save_output(_unwrap(x), _unwrap(weight), _unwrap(bias), config, out)
 
 
 def check_save_output(save, activation, negative_slope, weight, where) -> bool:
@@ -173,5 +162,5 @@ def batch_norm_save_output(
         running_mean, running_var, momentum, num_batches_tracked, nonfinite, layout.n
     )
     config = BatchConfig(layout.dims, eps, activation, negative_slope, running, shape)
-    y = normalize_batch_save_output(input, weight, bias, config)
+    y = _apply_save_output(_unwrap(input), _unwrap(weight), _unwrap(bias), config, None)
     return skipped_outcome(y, running, nonfinite, where)

@@ -391,17 +391,18 @@ class _NormlabBatchNorm(_BatchNorm):
         self._skipped_batch(skipped)
         return y
 
-    def _functional_options(self, tracking: bool) -> dict:
-        """The keyword arguments every functional batch-norm variant (renorm, ghost) takes
-        from the layer, in one place."""
-        return {
-            "channel_dim": self._channel_dim,
-            "activation": self.activation,
-            "negative_slope": self.negative_slope,
-            "nonfinite": self.nonfinite,
-            "num_batches_tracked": self._buffers.get("num_batches_tracked") if tracking else None,
-            "where": type(self).__name__,
-        }
+    def _call_variant(self, fn, input, mean, var, use_batch_stats, tracking, **extras):
+        """``fn(input, mean, var, weight, bias, training, momentum, eps, ...)``: a functional
+        batch-norm variant (renorm, ghost) called with the layer's arguments, in one place;
+        ``extras``: the variant's own keywords."""
+        params = self._parameters
+        return fn(
+            input, mean, var, params.get("weight"), params.get("bias"), use_batch_stats,
+            self.momentum, self.eps, channel_dim=self._channel_dim, activation=self.activation,
+            negative_slope=self.negative_slope, nonfinite=self.nonfinite,
+            num_batches_tracked=self._buffers.get("num_batches_tracked") if tracking else None,
+            where=type(self).__name__, **extras,
+        )  # fmt: skip
 
     def _plain_normalize(self) -> bool:
         return type(self)._normalize is _NormlabBatchNorm._normalize

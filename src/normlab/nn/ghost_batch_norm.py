@@ -55,17 +55,14 @@ class _GhostBatchNorm(_NormlabBatchNorm):
         self.virtual_batch_size = virtual_batch_size
 
     def _normalize(self, input, mean, var, use_batch_stats, tracking):
-        return _ghost_batch_norm(
+        return self._call_variant(
+            _ghost_batch_norm,
             input,
             mean,
             var,
-            self.weight,
-            self.bias,
             use_batch_stats,
-            self.momentum,
-            self.eps,
+            tracking,
             virtual_batch_size=self.virtual_batch_size,
-            **self._functional_options(tracking),
         )
 
     def extra_repr(self) -> str:
