@@ -165,3 +165,64 @@ def test_the_cache_is_not_part_of_pickles_or_state():
     assert m._checked is not None
     assert "_checked" not in pickle.loads(pickle.dumps(m)).__dict__
     assert list(m.state_dict()) == list(torch.nn.BatchNorm1d(3).state_dict())
+
+
+class _Uncached(nl.nn.BatchNorm2d):
+    """The same layer on the general path every call (overriding the checks turns the
+    cache, and so the validated hot path, off)."""
+
+    def _check_input_dim(self, input):
+        super()._check_input_dim(input)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"activation": "relu"},
+        {"activation": "leaky_relu", "negative_slope": 0.2, "momentum": None},
+        {"track_running_stats": False},
+        {"affine": False},
+        {"ema_debias": True},
+        {"save": "output", "activation": "leaky_relu"},
+        {"nonfinite": "propagate"},
+    ],
+    ids=["plain", "relu", "leaky-cumulative", "untracked", "no-affine", "debias", "save", "prop"],
+)
+def test_validated_hot_path_matches_the_general_path(kw):
+    """Cached calls (kernels or engine called directly) give the outputs, gradients,
+    buffers and counter of the general path, in training and in eval."""
+    torch.manual_seed(0)
+    fast, slow = nl.nn.BatchNorm2d(3, **kw), _Uncached(3, **kw)
+    assert fast._cache_checks and not slow._cache_checks
+    slow.load_state_dict(fast.state_dict())
+    for mode in ("train", "eval"):
+        fast.train(mode == "train")
+        slow.train(mode == "train")
+        for _ in range(3):  # the 2nd and 3rd calls take the validated path
+            x = torch.randn(4, 3, 5, 5)
+            (yf, gf), (ys, gs) = _step(fast, x), _step(slow, x)
+            torch.testing.assert_close(yf, ys, rtol=0, atol=0)
+            torch.testing.assert_close(gf, gs, rtol=0, atol=0)
+        for (name, a), (_, b) in zip(
+            fast.state_dict().items(), slow.state_dict().items(), strict=True
+        ):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_validated_hot_path_skips_and_raises_on_nonfinite_batches():
+    m = nl.nn.BatchNorm1d(4)
+    x = torch.randn(8, 4)
+    m(x)
+    m(x)  # validated
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    bad = x.clone()
+    bad[0, 1] = float("nan")
+    with pytest.warns(nl.functional.NonFiniteStatisticsWarning, match="BatchNorm1d"):
+        m(bad)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    m.nonfinite = "raise"
+    m(x)  # a new signature (nonfinite changed): validated again, then cached
+    with pytest.raises(FloatingPointError, match="not finite"):
+        m(bad)

@@ -4,87 +4,34 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from normlab import kernels
-from normlab.functional import _checks
+from normlab.functional._bn_checks import (  # noqa: F401  (re-exported: BN's validation)
+    BatchNormLayout,
+    NonFiniteStatisticsWarning,
+    _check_batch_norm,
+    _check_running,
+    _nonfinite_error,
+    _param_shape,
+    channel_layout,
+    running_update,
+    skipped_outcome,
+    traced_running_update,
+)
 from normlab.functional.ema import fold_running_
 from normlab.functional.engine import (
-    RunningUpdate,
+    BatchConfig,
     StatsSource,
     _normalize_batch,
     normalize_batch,
     normalize_with_stats,
     view_params,
 )
-from normlab.functional.stats import reduce_count, work_dtype
-
-
-class NonFiniteStatisticsWarning(RuntimeWarning):
-    """A training batch had NaN/Inf statistics; the running statistics were not updated."""
-
-
-def _param_shape(ndim: int, channel_dim: int, num_channels: int) -> list[int]:
-    shape = [1] * ndim
-    shape[channel_dim] = num_channels
-    return shape
-
-
-def _check_running(
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    momentum: float | None,
-    training: bool,
-    num_batches_tracked: torch.Tensor | None,
-    where: str,
-) -> None:
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(
-            f"{where}: running_mean and running_var must both be tensors or both be None"
-        )
-    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
-        raise ValueError(
-            f"{where}: momentum=None (cumulative average) needs num_batches_tracked, a 0-d int64 "
-            f"tensor counting the batches seen; or pass a float momentum such as 0.1."
-        )
-
-
-def channel_layout(
-    input: torch.Tensor,
-    channel_dim: int,
-    params: dict[str, torch.Tensor | None],
-    where: str,
-) -> tuple[int, tuple[int, ...], list[int]]:
-    """Validate a per-channel normalization call and return its layout.
-
-    Checks the input (floating, at least (N, C)) and every per-channel tensor in
-    ``params`` (shape ``(C,)``). Returns ``(c, dims, shape)``: the canonical channel dim,
-    the reduction dims (all others) and the broadcast shape of a per-channel tensor.
-    """
-    _checks.check_floating(input, "input", where)
-    if input.dim() < 2:
-        raise ValueError(
-            f"{where}: input must have a batch dimension and a channel dimension, got shape "
-            f"{tuple(input.shape)}; for a single sample of C features use input.unsqueeze(0) "
-            f"(and eval mode)."
-        )
-    c = _checks.canonical_dim(channel_dim, input.dim(), "channel_dim", where)
-    num_channels = input.shape[c]
-    for name, t in params.items():
-        _checks.check_param(t, name, num_channels, where, f" (channel_dim={channel_dim})")
-    dims = tuple(d for d in range(input.dim()) if d != c)
-    return c, dims, _param_shape(input.dim(), c, num_channels)
-
-
-def _nonfinite_error(where: str) -> FloatingPointError:
-    return FloatingPointError(
-        f"{where}: the batch statistics are not finite (the input holds NaN or Inf, "
-        f"or overflows); running statistics were left unchanged. Find the source "
-        f"(learning rate, data, loss scale), or construct the layer with "
-        f"nonfinite='skip' to skip such batches."
-    )
+from normlab.functional.residual import batch_norm_residual
+from normlab.functional.save_output import batch_norm_save_output
+from normlab.functional.stats import work_dtype
 
 
 def update_running_stats_(
@@ -128,72 +75,6 @@ def update_running_stats_(
             return True
     fold_running_(running_mean, running_var, mean, unbiased_var, momentum, num_batches_tracked)
     return False
-
-
-@dataclass(frozen=True)
-class BatchNormLayout:
-    """What validation of a :func:`batch_norm` call establishes about its shapes:
-    ``dims`` (the reduction dims, ascending), ``shape`` (the broadcast shape of a
-    per-channel tensor), ``n`` (values per channel), ``view`` (whether a (C,) tensor
-    needs viewing as ``shape`` to broadcast: not when the channel dim is the last one,
-    as for (N, C) input, which saves a view and its autograd node per parameter) and
-    ``channel`` (the channel dim, non-negative)."""
-
-    dims: tuple[int, ...]
-    shape: list[int]
-    n: int
-    view: bool
-    channel: int
-
-
-def _check_batch_norm(
-    input: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    training: bool,
-    momentum: float | None,
-    eps: float,
-    channel_dim: int,
-    nonfinite: str,
-    num_batches_tracked: torch.Tensor | None,
-    where: str,
-    local_stats: bool,
-    degenerate: str = "error",
-) -> BatchNormLayout:
-    """Every check of a :func:`batch_norm` call, raising the documented errors; the
-    result depends only on the arguments' types, shapes and flags. ``local_stats``: the
-    training statistics are this input's (no ``source_fn``), so one value per channel is
-    an error here rather than after the collective. ``degenerate``: see :func:`batch_norm`;
-    only 'error' raises for one value per channel here."""
-    _checks.check_eps(eps, where)
-    _checks.check_degenerate(degenerate, where)
-    _checks.check_momentum(momentum, where)
-    _checks.check_nonfinite(nonfinite, where)
-    c, dims, shape = channel_layout(
-        input,
-        channel_dim,
-        {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
-        where,
-    )
-    _check_running(running_mean, running_var, momentum, training, num_batches_tracked, where)
-    if not training and running_mean is None:
-        raise ValueError(
-            f"{where}: training=False normalises with running statistics, but "
-            f"running_mean/running_var are None. Pass them, or training=True to use the "
-            f"batch's own statistics."
-        )
-    if training and degenerate == "eval" and running_mean is None:
-        raise ValueError(
-            f"{where}: degenerate='eval' normalises a batch of <= 1 value per channel with the "
-            f"running statistics, but there are none (running_mean/running_var are None, "
-            f"track_running_stats=False). Pass them, or use degenerate='skip' or 'error'."
-        )
-    n = reduce_count(input.shape, dims)
-    if training and local_stats and n == 1 and degenerate == "error":
-        raise _checks.one_value_per_channel_error(tuple(input.shape), where)
-    return BatchNormLayout(dims, shape, n, c != input.dim() - 1, c)
 
 
 def _batch_norm(
@@ -264,13 +145,13 @@ def _batch_norm(
     # the engine's main entry takes them as they are (param_shape), the others viewed.
     shape = layout.shape if layout.view else None
     if residual is not None:
-        return _batch_norm_residual(
+        return batch_norm_residual(
             input, residual, running_mean, running_var, weight, bias, training, momentum,
             eps, activation, negative_slope, nonfinite, num_batches_tracked, where, layout,
             source_fn, shape, save,
         )  # fmt: skip
     if save != "input" and training and source_fn is None and not kernels.traced(input):
-        return _batch_norm_save_output(
+        return batch_norm_save_output(
             input, running_mean, running_var, weight, bias, momentum, eps, activation,
             negative_slope, nonfinite, num_batches_tracked, where, layout, shape, save,
         )  # fmt: skip
@@ -321,15 +202,7 @@ def _batch_norm(
             negative_slope, nonfinite, num_batches_tracked, where, layout, source, n,
         ), False  # fmt: skip
     # An empty batch has no statistics: the running ones stay untouched.
-    running = None
-    if running_mean is not None and n > 0:
-        running = RunningUpdate(
-            running_mean,
-            running_var,
-            momentum,
-            num_batches_tracked,
-            skip_nonfinite=nonfinite != "propagate",
-        )
+    running = running_update(running_mean, running_var, momentum, num_batches_tracked, nonfinite, n)
     if input.numel() == 0 and source is None:
         y, mean, var = normalize_batch(
             input, layout.dims, view_params(weight, shape), view_params(bias, shape),
@@ -338,149 +211,11 @@ def _batch_norm(
         if running is not None:  # no channels (C = 0) but n > 0: only the counter moves
             fold_running_(running_mean, running_var, mean, var, momentum, num_batches_tracked)
     else:  # the engine's entry without statistics tensors: running folds them in
-        config = (layout.dims, eps, True, activation, negative_slope, source, running, shape)
-        y = _normalize_batch(input, weight, bias, config, [])
-    if running is not None and running.skipped:
-        if nonfinite == "raise":
-            raise _nonfinite_error(where)
-        return y, True
-    return y, False
-
-
-def _check_residual(input: torch.Tensor, residual: torch.Tensor, where: str) -> None:
-    if not isinstance(residual, torch.Tensor):
-        raise TypeError(f"{where}: residual must be a tensor or None, got {type(residual)!r}")
-    if residual.shape != input.shape or residual.dtype != input.dtype:
-        raise ValueError(
-            f"{where}: residual must have the input's shape and dtype ({tuple(input.shape)}, "
-            f"{input.dtype}), got {tuple(residual.shape)}, {residual.dtype}. It is added to "
-            f"the normalised input before the activation; project it first (a 1x1 conv and "
-            f"BN, as a ResNet downsample does) or cast it with residual.to(input.dtype)."
+        config = BatchConfig(
+            layout.dims, eps, activation, negative_slope, running, shape, True, source
         )
-    if residual.device != input.device:
-        raise ValueError(
-            f"{where}: residual is on {residual.device}, the input on {input.device}; move it "
-            f"with residual.to(input.device)."
-        )
-
-
-def _batch_norm_residual(
-    input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
-    activation, negative_slope, nonfinite, num_batches_tracked, where, layout, source_fn,
-    shape, save="input",
-) -> tuple[torch.Tensor, bool]:  # fmt: skip
-    """:func:`_batch_norm` with a residual: ``y = act(γ·x̂ + β + r)``. Training, eager:
-    one fused autograd function (:func:`normlab.functional.engine.normalize_batch_residual`);
-    eval and traced code: the layer without activation, then ``act(· + r)`` as torch ops
-    (a compiler fuses those; autograd differentiates them)."""
-    from normlab.functional.activations import get_activation
-    from normlab.functional.engine import normalize_batch_residual
-
-    _check_residual(input, residual, where)
-    if source_fn is not None:
-        raise NotImplementedError(
-            f"{where}: residual= is not supported with statistics gathered elsewhere "
-            f"(SyncBatchNorm across ranks): add the residual and apply the activation after "
-            f"the layer."
-        )
-    act = get_activation(activation, where)
-    if training and not kernels.traced(input) and input.numel() > 0:
-        running = None
-        if running_mean is not None and layout.n > 0:
-            running = RunningUpdate(
-                running_mean, running_var, momentum, num_batches_tracked,
-                skip_nonfinite=nonfinite != "propagate",
-            )  # fmt: skip
-        save_output = save != "input" and _check_save_output(
-            save, activation, negative_slope, weight, where
-        )
-        config = (layout.dims, eps, activation, negative_slope, running, shape, save_output)
-        y = normalize_batch_residual(input, residual, weight, bias, config, [])
-        if running is not None and running.skipped:
-            if nonfinite == "raise":
-                raise _nonfinite_error(where)
-            return y, True
-        return y, False
-    if training and kernels.traced(input) and _residual_op_applies(input, layout, weight, bias):
-        from normlab.functional import traced
-
-        # torch.compile / export: one custom op for BN + add + act (the fused kernels)
-        y, mean, var = traced.normalize_batch_residual(
-            input, residual, layout.channel, weight, bias, eps=eps, activation=activation,
-            negative_slope=negative_slope,
-        )  # fmt: skip
-        n = layout.n
-        if running_mean is not None and n > 0:
-            unbiased = var * (n / (n - 1)) if n > 1 else var * float("nan")
-            traced.update_running(
-                running_mean, running_var, num_batches_tracked, mean, unbiased, momentum,
-                nonfinite, where,
-            )  # fmt: skip
-        return y, False
-    z, skipped = _batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps,
-        channel_dim=layout.channel, activation=None, nonfinite=nonfinite,
-        num_batches_tracked=num_batches_tracked, where=where, layout=layout,
-    )  # fmt: skip
-    z = z + residual
-    return (z if act.name == "identity" else act.forward(z, negative_slope)), skipped
-
-
-def _check_save_output(save, activation, negative_slope, weight, where) -> bool:
-    """Validate ``save`` (True for 'output'); γ must have no zero (x̂ = (z − β)/γ)."""
-    from normlab.functional.activations import check_save
-
-    check_save(save, activation, negative_slope, where)
-    if save == "output" and weight is not None and not bool(torch.all(weight)):
-        raise ValueError(
-            f"{where}: save='output' recovers x̂ = (act⁻¹(y) − β)/γ in backward, but weight "
-            f"(γ) has a zero entry, so x̂ is lost there. Use save='input' for this layer, or "
-            f"keep γ away from 0 (e.g. initialise it to 1, or clamp |γ| ≥ ε after each step)."
-        )
-    return save == "output"
-
-
-def _batch_norm_save_output(
-    input, running_mean, running_var, weight, bias, momentum, eps, activation,
-    negative_slope, nonfinite, num_batches_tracked, where, layout, shape, save,
-) -> tuple[torch.Tensor, bool]:  # fmt: skip
-    """Training :func:`_batch_norm` with ``save='output'``: keep y, not x, for backward
-    (:class:`normlab.functional.engine._NormalizeBatchSaveOutput`)."""
-    from normlab.functional.engine import normalize_batch_save_output
-
-    _check_save_output(save, activation, negative_slope, weight, where)
-    running = None
-    if running_mean is not None and layout.n > 0:
-        running = RunningUpdate(
-            running_mean, running_var, momentum, num_batches_tracked,
-            skip_nonfinite=nonfinite != "propagate",
-        )  # fmt: skip
-    if input.numel() == 0:  # nothing to save either way
-        return _batch_norm(
-            input, running_mean, running_var, weight, bias, True, momentum, eps,
-            channel_dim=layout.channel, activation=activation, negative_slope=negative_slope,
-            nonfinite=nonfinite, num_batches_tracked=num_batches_tracked, where=where,
-            layout=layout,
-        )  # fmt: skip
-    config = (layout.dims, eps, activation, negative_slope, running, shape)
-    y = normalize_batch_save_output(input, weight, bias, config, [])
-    if running is not None and running.skipped:
-        if nonfinite == "raise":
-            raise _nonfinite_error(where)
-        return y, True
-    return y, False
-
-
-def _residual_op_applies(input, layout, weight, bias) -> bool:
-    """Whether traced training BN → add → act goes through the residual custom ops: the
-    custom-op conditions of the plain layer (no torch.func transform, not meta, not
-    jit.trace) with (C,) parameters."""
-    from normlab.functional import traced
-
-    c = input.shape[layout.channel]
-    return traced.use_custom_op(input, layout.dims, True) and all(
-        p is None or (p.dim() == 1 and p.shape[0] == c) for p in (weight, bias)
-    )
+        y = _normalize_batch(input, weight, bias, config)
+    return skipped_outcome(y, running, nonfinite, where)
 
 
 def _traced_batch_norm(
@@ -501,12 +236,9 @@ def _traced_batch_norm(
         input, layout.dims, weight, bias, eps=eps, center=True, activation=activation,
         negative_slope=negative_slope, param_shape=shape,
     )  # fmt: skip
-    if running_mean is not None and n > 0:
-        unbiased = var * (n / (n - 1)) if n > 1 else var * float("nan")
-        traced.update_running(
-            running_mean, running_var, num_batches_tracked, mean, unbiased, momentum,
-            nonfinite, where,
-        )  # fmt: skip
+    traced_running_update(
+        running_mean, running_var, num_batches_tracked, mean, var, n, momentum, nonfinite, where
+    )
     return y
 
 
@@ -684,7 +416,7 @@ def batch_norm(
             after the affine and before the activation: ResNet's ``relu(bn(x) + identity)``
             as one layer. Its gradient is dy·act'(z). In training the layer saves x and its
             output y (not r) when y determines act'(z) (every activation but hardswish and
-            silu; see ``normlab.functional.engine._NormalizeBatchResidual``).
+            silu; see ``normlab.functional.residual._NormalizeBatchResidual``).
         save: what training mode keeps for backward: 'input' (default; x, and the
             activation is recomputed) or 'output' (only y: In-Place ABN, Rota Bulò et al.,
             CVPR 2018 §3; x̂ = (act⁻¹(y) − β)/γ is rebuilt in backward). 'output' needs an

@@ -48,11 +48,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from normlab import kernels
-from normlab.functional.activations import derivative_from_output, get_activation, inverse_of
+from normlab.functional.activations import get_activation
 from normlab.functional.ema import fold_running_
 from normlab.functional.stats import Moments, centered_moments, reduce_count, work_dtype
 
@@ -131,6 +132,65 @@ class RunningUpdate:
     skipped: bool = False
 
 
+class BatchConfig(NamedTuple):
+    """The non-tensor arguments of a training autograd Function (:class:`_NormalizeBatch`
+    and its residual and save-output siblings), passed as one argument: every argument of
+    a custom Function costs autograd work on each call.
+
+    Attributes:
+        dims: the reduction dims, canonical (non-negative, ascending).
+        eps: added to the variance.
+        activation, negative_slope: the fused activation.
+        running: the running estimates to fold this batch into, or None.
+        param_shape: None, or the keepdim shape of the one channel dim when weight and bias
+            come as (C,) tensors (a layer's parameters): the kernels take them as they are,
+            and the torch ops view them, so the caller's graph has no view nodes.
+        center: subtract the mean (False for RMSNorm; plain Function only).
+        source: statistics from elsewhere (:class:`StatsSource`; plain Function only).
+        save_output: residual Function only: keep y and r, not x (save="output").
+    """
+
+    dims: tuple[int, ...]
+    eps: float
+    activation: str | None
+    negative_slope: float
+    running: RunningUpdate | None = None
+    param_shape: list[int] | None = None
+    center: bool = True
+    source: StatsSource | None = None
+    save_output: bool = False
+
+
+class BatchStats:
+    """Where a training Function leaves this batch's statistics (not outputs of the
+    Function: they are not differentiable, and every output costs autograd work): the
+    kernel plan and its (2, C) moments array on the kernel path, or keepdim ``mean`` and
+    biased ``var`` tensors on the torch-op path. :meth:`tensors` gives the tensors either
+    way; a caller that needs only y passes no BatchStats and no tensor is made."""
+
+    __slots__ = ("mean", "moments", "plan", "var")
+
+    def __init__(self) -> None:
+        self.plan = self.moments = self.mean = self.var = None
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, var): keepdim, in the working dtype, detached."""
+        if self.mean is None:
+            self.mean, self.var = kernels.stats_tensors(self.plan, self.moments)
+        return self.mean, self.var
+
+
+class Centering(NamedTuple):
+    """What the closed-form backward needs to rebuild x̂ = ((x − shift) − delta)·invstd:
+    the saved per-slice statistics (keepdim). ``shift + delta`` is the mean (an
+    unevaluated sum, see :class:`normlab.functional.stats.Moments`); ``invstd`` is
+    1/sqrt(var + eps)."""
+
+    shift: torch.Tensor
+    delta: torch.Tensor
+    invstd: torch.Tensor
+
+
 def _update_running(running: RunningUpdate, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
     """The torch-op path of :class:`RunningUpdate` (mean, var: this batch's, biased)."""
     unbiased = var * (n / (n - 1))
@@ -149,8 +209,7 @@ def _closed_form_backward(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    stats: Moments,
-    invstd: torch.Tensor,
+    norm: Centering,
     dims: tuple[int, ...],
     center: bool,
     activation: str | None,
@@ -159,9 +218,13 @@ def _closed_form_backward(
     count: int,
     reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """dx, dweight, dbias of y = act(weight·x̂ + bias) by the closed form of the module
+    docstring; ``needs``: which of the three to compute; ``count`` values per statistic;
+    ``reduce_sums``: see :class:`StatsSource`."""
     wd = work_dtype(x.dtype)
     xw = x.to(wd)
-    x_hat = ((xw - stats.shift) - stats.delta) * invstd if center else xw * invstd
+    invstd = norm.invstd
+    x_hat = ((xw - norm.shift) - norm.delta) * invstd if center else xw * invstd
     w = _to(weight, wd)
     dz = dy.to(wd)
     act = get_activation(activation)
@@ -191,81 +254,137 @@ def _closed_form_backward(
     return dx, dw, db
 
 
+def _finish_kernel_forward(plan, moments, config: BatchConfig, x, folded, out) -> None:
+    """After a kernel forward: fold the running statistics the kernel did not take, and
+    hand the statistics to ``out``."""
+    running = config.running
+    if running is not None and not folded:  # buffers the kernel does not take
+        mean, var = kernels.stats_tensors(plan, moments)
+        _update_running(running, mean, var, reduce_count(x.shape, config.dims))
+    if out is not None:
+        out.plan, out.moments = plan, moments
+
+
+def _kernel_forward(ctx, plan, x, weight, bias, config: BatchConfig, out) -> torch.Tensor:
+    """y of the fused training kernel for ``plan``; its saved statistics go to ctx, the
+    running update and ``out`` as :func:`_finish_kernel_forward`."""
+    y, moments, ctx.kernel_stats, folded = kernels.batch_forward(
+        plan, x, weight, bias, config.eps, config.activation, config.negative_slope,
+        config.running,
+    )  # fmt: skip
+    _finish_kernel_forward(plan, moments, config, x, folded, out)
+    return y
+
+
+def _finish_torch_forward(stats: Moments, wd, count: int, config: BatchConfig, out) -> None:
+    """After a torch-op forward: the same, from ``stats`` (biased var)."""
+    mean, var = stats.mean.to(wd), stats.var.to(wd)
+    if config.running is not None:
+        _update_running(config.running, mean, var, count)
+    if out is not None:
+        out.mean, out.var = mean, var
+
+
+def _normalize_torch(x, config: BatchConfig, activation, negative_slope, weight, bias, out):
+    """The torch-op forward of the residual and save-output Functions: this batch's
+    statistics over ``config.dims`` (centred), then act(weight·x̂ + bias) with
+    ``weight``/``bias`` (C,) or keepdim; the running update folded in and the statistics
+    handed to ``out``. Returns y in the working dtype and the :class:`Centering`."""
+    wd = work_dtype(x.dtype)
+    param_shape = config.param_shape
+    weight, bias = view_params(weight, param_shape), view_params(bias, param_shape)
+    stats, e = centered_moments(x, config.dims)
+    norm = Centering(stats.shift, stats.delta, torch.rsqrt(stats.var + config.eps).to(wd))
+    y = _affine_act(
+        e.mul_(norm.invstd), _to(weight, wd), _to(bias, wd), activation, negative_slope, True
+    )
+    _finish_torch_forward(stats, wd, reduce_count(x.shape, config.dims), config, out)
+    return y, norm
+
+
+def _batch_centering(x: torch.Tensor, dims, eps: float, center: bool = True):
+    """The :class:`Centering` of x over ``dims`` as differentiable functions of x: what
+    double backward (``create_graph=True``) differentiates."""
+    xw = x.to(work_dtype(x.dtype))
+    if center:
+        mean = xw.mean(dims, keepdim=True)
+        var = (xw - mean).pow(2).mean(dims, keepdim=True)
+    else:
+        var = xw.pow(2).mean(dims, keepdim=True)
+        mean = torch.zeros_like(var)
+    return Centering(mean, torch.zeros_like(mean), torch.rsqrt(var + eps))
+
+
+def _flat_grads(dw, db, param_shape):
+    """The gradients of (C,) parameters from keepdim ones (as they are if not flat)."""
+    if param_shape is None:
+        return dw, db
+    return (None if dw is None else dw.reshape(-1)), (None if db is None else db.reshape(-1))
+
+
 class _NormalizeBatch(torch.autograd.Function):
-    """y from x, weight, bias; the statistics go to ``out`` (a list: ``(mean, var)``
-    tensors, or the kernel plan and its (2, C) moments array) rather than being outputs:
-    they are not differentiable, and every output of a custom Function costs autograd
-    work on each call. ``config``: (dims, eps, center, activation,
-    negative_slope, source, running, param_shape), one argument for the same reason.
-    ``param_shape``: None, or the keepdim shape of the one channel dim when weight and
-    bias come as (C,) tensors (a layer's parameters): the kernels take them as they are,
-    and the torch ops view them here, so the caller's graph has no view nodes."""
+    """y from x, weight, bias; ``config``: a :class:`BatchConfig`; the statistics go to
+    ``out`` (a :class:`BatchStats`, or None when the caller needs only y)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, config, out):
-        dims, eps, center, activation, negative_slope, source, running, param_shape = config
+    def forward(ctx, x, weight, bias, config: BatchConfig, out: BatchStats | None):
         ctx.set_materialize_grads(False)
+        source, param_shape = config.source, config.param_shape
         plan = (
             None
             if source is not None
-            else kernels.plan_batch(x, dims, weight, bias, center, flat=param_shape is not None)
+            else kernels.plan_batch(
+                x, config.dims, weight, bias, config.center, flat=param_shape is not None
+            )
         )
         ctx.kernel_plan = plan
         ctx.config = config
         if plan is not None:  # fused kernel: same outputs, same saved tensors (x + stats)
-            y, moments, ctx.kernel_stats, folded = kernels.batch_forward(
-                plan, x, weight, bias, eps, activation, negative_slope, running
-            )
-            if running is not None and not folded:  # buffers the kernel does not take
-                mean, var = kernels.stats_tensors(plan, moments)
-                _update_running(running, mean, var, reduce_count(x.shape, dims))
+            y = _kernel_forward(ctx, plan, x, weight, bias, config, out)
             ctx.save_for_backward(x, weight, bias)
-            out.append((plan, moments))
             return y
+        center = config.center
         saved_params = (weight, bias)  # the inputs themselves: double backward needs them
-        if param_shape is not None:
-            weight, bias = view_params(weight, param_shape), view_params(bias, param_shape)
+        weight, bias = view_params(weight, param_shape), view_params(bias, param_shape)
         wd = work_dtype(x.dtype)
         if source is None:
-            stats, e = centered_moments(x, dims, center=center)
-            count = reduce_count(x.shape, dims)
+            stats, e = centered_moments(x, config.dims, center=center)
+            count = reduce_count(x.shape, config.dims)
         else:
             stats, count = source.stats, source.count
             xw = x.to(wd)
             e = (xw - stats.shift.to(wd)) - stats.delta.to(wd) if center else xw.clone()
-        invstd = torch.rsqrt(stats.var + eps).to(wd)  # var may be float64 (overflow guard)
+        invstd = torch.rsqrt(stats.var + config.eps).to(wd)  # var may be float64 (overflow)
         y = _affine_act(
-            e.mul_(invstd), _to(weight, wd), _to(bias, wd), activation, negative_slope, True
-        )
+            e.mul_(invstd), _to(weight, wd), _to(bias, wd), config.activation,
+            config.negative_slope, True,
+        )  # fmt: skip
         ctx.save_for_backward(x, *saved_params, stats.shift, stats.delta, invstd)
         ctx.count = count
-        mean, var = stats.mean.to(wd), stats.var.to(wd)
-        if running is not None:
-            _update_running(running, mean, var, count)
-        out.append((mean, var))
+        _finish_torch_forward(stats, wd, count, config, out)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         if dy is None:  # y took no part in the loss
             return None, None, None, None, None
-        dims, eps, center, activation, negative_slope, source, _, param_shape = ctx.config
+        config: BatchConfig = ctx.config
+        dims, source, param_shape = config.dims, config.source, config.param_shape
         needs = ctx.needs_input_grad[:3]
         plan = ctx.kernel_plan
         if plan is not None:
             x, weight, bias = ctx.saved_tensors
             if not torch.is_grad_enabled():
                 dx, dw, db = kernels.batch_backward(
-                    plan, dy, x, weight, bias, ctx.kernel_stats, activation, negative_slope, needs
-                )
+                    plan, dy, x, weight, bias, ctx.kernel_stats, config.activation,
+                    config.negative_slope, needs,
+                )  # fmt: skip
                 return dx, dw, db, None, None
             count = reduce_count(x.shape, dims)
-            shift = delta = invstd = None  # recomputed below, differentiably
         else:
             x, weight, bias, shift, delta, invstd = ctx.saved_tensors
             count = ctx.count
-        if param_shape is not None:
-            weight, bias = view_params(weight, param_shape), view_params(bias, param_shape)
+        weight, bias = view_params(weight, param_shape), view_params(bias, param_shape)
         if torch.is_grad_enabled():
             # create_graph=True: the statistics must be functions of x for the second
             # derivative, so recompute them with differentiable ops.
@@ -274,36 +393,14 @@ class _NormalizeBatch(torch.autograd.Function):
                     "double backward (create_graph=True) through normalization with external "
                     "statistics (SyncBatchNorm, ghost or renorm sources) is not supported"
                 )
-            xw = x.to(work_dtype(x.dtype))
-            if center:
-                mean = xw.mean(dims, keepdim=True)
-                var = (xw - mean).pow(2).mean(dims, keepdim=True)
-            else:
-                mean = torch.zeros_like(invstd)
-                var = xw.pow(2).mean(dims, keepdim=True)
-            stats = Moments(mean, torch.zeros_like(mean), var)
-            invstd = torch.rsqrt(var + eps)
+            norm = _batch_centering(x, dims, config.eps, config.center)
         else:
-            stats = Moments(shift, delta, invstd)  # var unused by the backward
+            norm = Centering(shift, delta, invstd)
         dx, dw, db = _closed_form_backward(
-            dy,
-            x,
-            weight,
-            bias,
-            stats,
-            invstd,
-            dims,
-            center,
-            activation,
-            negative_slope,
-            needs,
-            count,
-            None if source is None else source.reduce_sums,
-        )
-        if param_shape is not None:  # the gradients of (C,) parameters
-            dw = None if dw is None else dw.reshape(-1)
-            db = None if db is None else db.reshape(-1)
-        return dx, dw, db, None, None
+            dy, x, weight, bias, norm, dims, config.center, config.activation,
+            config.negative_slope, needs, count, None if source is None else source.reduce_sums,
+        )  # fmt: skip
+        return (dx, *_flat_grads(dw, db, param_shape), None, None)
 
 
 _TRACED_SOURCE_ERROR = (
@@ -390,29 +487,24 @@ def normalize_batch(
                 "skip" if running.skip_nonfinite else "propagate", "normalize_batch",
             )  # fmt: skip
         return y, mean, var
-    out: list = []
-    y = _normalize_batch(
-        x, weight, bias, (dims, eps, center, activation, negative_slope, source, running, None), out
-    )
-    stats = out[0]
-    if isinstance(stats[0], torch.Tensor):  # the torch-op path: (mean, var)
-        return y, stats[0], stats[1]
-    plan, moments = stats  # the kernel path
-    return (y, *kernels.stats_tensors(plan, moments))
+    out = BatchStats()
+    config = BatchConfig(dims, eps, activation, negative_slope, running, None, center, source)
+    y = _normalize_batch(x, weight, bias, config, out)
+    return (y, *out.tensors())
 
 
 def _normalize_batch(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    config: tuple,
-    out: list,
+    config: BatchConfig,
+    out: BatchStats | None = None,
 ) -> torch.Tensor:
-    """y of :func:`normalize_batch` for canonical ``dims`` and an ``x`` that is not empty
-    or has a ``source`` (config: dims, eps, center, activation, negative_slope, source,
-    running, param_shape; see :class:`_NormalizeBatch`); the statistics go to ``out``. For callers that only need y (``functional.batch_norm``, whose running
-    statistics are folded in by ``running``): the kernel path then makes no tensors of
-    the statistics at all."""
+    """y of :func:`normalize_batch` for canonical ``config.dims`` and an ``x`` that is not
+    empty or has a ``config.source`` (see :class:`_NormalizeBatch`); the statistics go to
+    ``out``. For callers that only need y (``functional.batch_norm``, whose running
+    statistics are folded in by ``config.running``) ``out`` is None: the kernel path then
+    makes no tensors of the statistics at all."""
     return _apply_normalize_batch(_unwrap(x), _unwrap(weight), _unwrap(bias), config, out)
 
 
@@ -452,313 +544,3 @@ def normalize_with_stats(
 def count(x: torch.Tensor, dims: Sequence[int]) -> int:
     """Elements per statistic for a reduction of ``x`` over ``dims``."""
     return reduce_count(x.shape, dims)
-
-
-# -- BN → add(residual) → activation ----------------------------------------------------
-class _NormalizeBatchResidual(torch.autograd.Function):
-    """Training batch norm with a residual added before the activation (ResNet's
-    ``relu(bn(x) + identity)``, MobileNetV2's ``bn(x) + identity``):
-
-        z = γ·x̂ + β + r,   y = act(z)
-        dz = dy·act'(z),   dr = dz,   (dx, dγ, dβ) = BN's closed form applied to dz
-
-    (the residual enters z with unit weight, so its gradient is dz itself and BN's
-    backward sees dz as if the activation were the identity).
-
-    Saved for backward: x (BN's statistics are recomputed from it, as in
-    :class:`_NormalizeBatch`) and, to get act'(z), the output y where y determines it
-    (:func:`~normlab.functional.activations.derivative_from_output`: identity, relu,
-    leaky_relu, relu6, hardtanh, elu, sigmoid, tanh), so r is not kept by this layer —
-    the next layer saves y anyway, so the fused block keeps no tensor of its own beyond
-    x. For hardswish and silu, r is saved and z recomputed from x and r.
-
-    Kernel path (:func:`normlab.kernels.batch_forward_residual`): one kernel call reads
-    the statistics, folds the running ones and writes y = act(γ·x̂ + β + r) in its write
-    pass; backward is one two-pass kernel call producing dx and dr = dz together, dz read
-    from the saved y (or z recomputed from x and r). The torch-op path (BN, then the add
-    and the activation as torch ops) is the reference. ``config``: (dims, eps, activation,
-    negative_slope, running, param_shape). Double backward recomputes y with
-    differentiable ops (:func:`normlab.functional.traced.composite`) and differentiates it.
-    """
-
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, config, out):
-        dims, eps, activation, negative_slope, running, param_shape, save_output = config
-        ctx.set_materialize_grads(False)
-        ctx.config = config
-        act = get_activation(activation)
-        from_y = derivative_from_output(act, negative_slope)
-        # save="output" (invertible act, so from_y too): r and y instead of x and y
-        first = residual if save_output else x
-        plan = kernels.plan_batch(x, dims, weight, bias, True, flat=param_shape is not None)
-        ctx.kernel_plan = plan
-        if plan is not None:  # one kernel: statistics, then y = act(γ·x̂ + β + r)
-            y, moments, ctx.kernel_stats, folded = kernels.batch_forward_residual(
-                plan, x, residual, weight, bias, eps, activation, negative_slope, running
-            )
-            if running is not None and not folded:
-                mean, var = kernels.stats_tensors(plan, moments)
-                _update_running(running, mean, var, reduce_count(x.shape, dims))
-            out.append((plan, moments))
-            ctx.from_y = from_y is not None
-            ctx.save_for_backward(first, weight, bias, y if ctx.from_y else residual)
-            return y
-        # the torch-op reference: BN, then the add and the activation as torch ops
-        w, b = view_params(weight, param_shape), view_params(bias, param_shape)
-        wd = work_dtype(x.dtype)
-        stats, e = centered_moments(x, dims)
-        invstd = torch.rsqrt(stats.var + eps).to(wd)
-        z = _affine_act(e.mul_(invstd), _to(w, wd), _to(b, wd), None, 0.0, True)
-        count = reduce_count(x.shape, dims)
-        mean, var = stats.mean.to(wd), stats.var.to(wd)
-        if running is not None:
-            _update_running(running, mean, var, count)
-        stats_saved = (stats.shift, stats.delta, invstd)
-        out.append((mean, var))
-        z = z.add_(residual)
-        if act.name == "relu":
-            y = z.relu_()
-        elif act.name == "identity":
-            y = z
-        else:
-            y = act.forward(z, negative_slope)
-        y = y.to(x.dtype)
-        ctx.from_y = from_y is not None
-        # what recovers act'(z): the output itself, or r to recompute z
-        keep = y if from_y is not None else residual
-        ctx.save_for_backward(first, weight, bias, keep, *stats_saved)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        if dy is None:
-            return None, None, None, None, None, None
-        dims, eps, activation, negative_slope, _, param_shape, save_output = ctx.config
-        nx, nr, nw, nb = ctx.needs_input_grad[:4]
-        plan = ctx.kernel_plan
-        x, weight, bias, keep, *stats_saved = ctx.saved_tensors
-        act = get_activation(activation)
-        wd = work_dtype(x.dtype)
-        double = torch.is_grad_enabled()
-        if save_output:  # x is the residual r here, keep is y
-            return _residual_backward_from_output(
-                ctx, dy, x, keep, weight, bias, stats_saved, (nx, nr, nw, nb)
-            )
-        if double:
-            # create_graph=True: statistics as differentiable functions of x (the saved y,
-            # if that is what was kept, is connected to this node's graph already)
-            xw = x.to(wd)
-            mean = xw.mean(dims, keepdim=True)
-            var = (xw - mean).pow(2).mean(dims, keepdim=True)
-            invstd = torch.rsqrt(var + eps)
-            stats = Moments(mean, torch.zeros_like(mean), var)
-        elif plan is None:
-            shift, delta, invstd = stats_saved
-            stats = Moments(shift, delta, invstd)
-        else:  # one kernel: dx and dr = dz together
-            dx, dr, dw, db = kernels.batch_backward_residual(
-                plan, dy, x, keep, ctx.from_y, weight, bias, ctx.kernel_stats, activation,
-                negative_slope, (nx, nr, nw, nb),
-            )  # fmt: skip
-            return dx, dr, dw, db, None, None
-        if ctx.from_y:
-            dz = dy.to(wd) * derivative_from_output(act, negative_slope)(keep.to(wd))
-        else:  # z = γ·x̂ + β + r recomputed from x and the saved r (hardswish, silu)
-            k, delta, inv = stats.shift, stats.delta, invstd
-            w, b = view_params(weight, param_shape), view_params(bias, param_shape)
-            z = ((x.to(wd) - k) - delta) * inv
-            z = z if w is None else z * w.to(wd)
-            z = z if b is None else z + b.to(wd)
-            dz = dy.to(wd) * act.derivative(z + keep.to(wd), negative_slope)
-        dr = dz.to(x.dtype) if nr else None
-        dx, dw, db = _closed_form_backward(
-            dz, x, view_params(weight, param_shape), view_params(bias, param_shape),
-            stats, invstd, dims, True, None, 0.0, (nx, nw, nb), reduce_count(x.shape, dims),
-        )  # fmt: skip
-        if param_shape is not None:
-            dw = None if dw is None else dw.reshape(-1)
-            db = None if db is None else db.reshape(-1)
-        return dx, dr, dw, db, None, None
-
-
-def _residual_backward_from_output(ctx, dy, residual, y, weight, bias, stats_saved, needs):
-    """Backward of :class:`_NormalizeBatchResidual` under save="output": x − mean =
-    (act⁻¹(y) − r − β)/(γ·invstd) rebuilt from y and r (see
-    :class:`_NormalizeBatchSaveOutput`), then the same kernel (or closed form) with zero
-    shift. Keeping r rather than x costs nothing in a ResNet block, where r is the block
-    input that its first conv keeps anyway."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(_SAVE_OUTPUT_DOUBLE_BACKWARD)
-    dims, _, activation, negative_slope, _, param_shape, _ = ctx.config
-    plan = ctx.kernel_plan
-    wd = work_dtype(y.dtype)
-    if plan is not None:
-        invstd = torch.from_numpy(ctx.kernel_stats[3]).to(wd).reshape(plan.keep)
-    else:
-        invstd = stats_saved[2]
-    w, b = view_params(weight, param_shape), view_params(bias, param_shape)
-    act = get_activation(activation)
-    centred = inverse_of(act, negative_slope)(y.to(wd)).sub_(residual.to(wd))
-    if b is not None:
-        centred = centred.sub_(b.to(wd))
-    centred = centred.div_(invstd if w is None else w.to(wd) * invstd)
-    if plan is not None:
-        stats0 = ctx.kernel_stats.copy()
-        stats0[0] = 0.0
-        stats0[1] = 0.0
-        # in the working dtype: a half input's rebuilt x − mean is not rounded to half
-        dx, dr, dw, db = kernels.batch_backward_residual(
-            plan, dy, centred, y.to(wd), True, weight, bias, stats0, activation,
-            negative_slope, needs,
-        )  # fmt: skip
-        return _to(dx, y.dtype), _to(dr, y.dtype), dw, db, None, None
-    dz = dy.to(wd) * derivative_from_output(act, negative_slope)(y.to(wd))
-    zero = torch.zeros_like(invstd)
-    dx, dw, db = _closed_form_backward(
-        dz, centred, w, b, Moments(zero, zero, invstd), invstd, dims, True, None, 0.0,
-        (needs[0], needs[2], needs[3]), reduce_count(y.shape, dims),
-    )  # fmt: skip
-    if param_shape is not None:
-        dw = None if dw is None else dw.reshape(-1)
-        db = None if db is None else db.reshape(-1)
-    dx = None if dx is None else dx.to(y.dtype)
-    dr = dz.to(y.dtype) if needs[1] else None
-    return dx, dr, dw, db, None, None
-
-
-_apply_residual = super(torch.autograd.Function, _NormalizeBatchResidual).apply
-
-
-def normalize_batch_residual(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    config: tuple,
-    out: list,
-) -> torch.Tensor:
-    """y = act(γ·x̂ + β + r) in training mode (see :class:`_NormalizeBatchResidual`;
-    ``config``: dims, eps, activation, negative_slope, running, param_shape, save_output);
-    x not empty,
-    not traced; the statistics go to ``out``."""
-    return _apply_residual(
-        _unwrap(x), _unwrap(residual), _unwrap(weight), _unwrap(bias), config, out
-    )
-
-
-# -- save="output": keep y, not x (In-Place ABN) ------------------------------------------
-_SAVE_OUTPUT_DOUBLE_BACKWARD = (
-    "batch norm with save='output' keeps only its output, from which the statistics "
-    "cannot be rebuilt as functions of x: double backward (create_graph=True) is not "
-    "supported. Use save='input' (the default) for this layer."
-)
-
-
-class _NormalizeBatchSaveOutput(torch.autograd.Function):
-    """Training batch norm + invertible activation that keeps only its output y for
-    backward (Rota Bulò, Porzi & Kontschieder, "In-Place Activated BatchNorm for
-    Memory-Optimized Training of DNNs", CVPR 2018, §3):
-
-        z = act⁻¹(y),   x̂ = (z − β)/γ,   dz = dy·act'(z) (read from y)
-        dx = γ·invstd·(dz − mean(dz) − x̂·mean(dz·x̂)),   dγ = Σdz·x̂,   dβ = Σdz
-
-    Backward rebuilds x − mean = (z − β)/(γ·invstd) (one elementwise pass; magnitude σ,
-    so no cancellation against a large mean) and runs the ordinary closed form on it
-    with zero shift: the fused kernel on the kernel path, torch ops otherwise. Saved:
-    y, γ, β and the per-channel invstd; x is not kept, so the layer and the next
-    (which keeps y anyway) share one activation-sized tensor.
-
-    γ must be nonzero (checked by the caller; the paper's |γ| + ε would change the
-    function). Precision: x̂ carries the rounding of y amplified by 1/|γ|; elu's saturated
-    tail (y ≈ −α) is recovered only coarsely (see ``activations.inverse_of``), where
-    dz ≈ 0. ``config``: (dims, eps, activation, negative_slope, running, param_shape).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, config, out):
-        dims, eps, activation, negative_slope, running, param_shape = config
-        ctx.set_materialize_grads(False)
-        ctx.config = config
-        plan = kernels.plan_batch(x, dims, weight, bias, True, flat=param_shape is not None)
-        ctx.kernel_plan = plan
-        if plan is not None:
-            y, moments, ctx.kernel_stats, folded = kernels.batch_forward(
-                plan, x, weight, bias, eps, activation, negative_slope, running
-            )
-            if running is not None and not folded:
-                mean, var = kernels.stats_tensors(plan, moments)
-                _update_running(running, mean, var, reduce_count(x.shape, dims))
-            out.append((plan, moments))
-            ctx.save_for_backward(y, weight, bias)
-            return y
-        w, b = view_params(weight, param_shape), view_params(bias, param_shape)
-        wd = work_dtype(x.dtype)
-        stats, e = centered_moments(x, dims)
-        invstd = torch.rsqrt(stats.var + eps).to(wd)
-        y = _affine_act(
-            e.mul_(invstd), _to(w, wd), _to(b, wd), activation, negative_slope, True
-        ).to(x.dtype)
-        mean, var = stats.mean.to(wd), stats.var.to(wd)
-        if running is not None:
-            _update_running(running, mean, var, reduce_count(x.shape, dims))
-        out.append((mean, var))
-        ctx.save_for_backward(y, weight, bias, invstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        if dy is None:
-            return None, None, None, None, None
-        if torch.is_grad_enabled():
-            raise RuntimeError(_SAVE_OUTPUT_DOUBLE_BACKWARD)
-        dims, _, activation, negative_slope, _, param_shape = ctx.config
-        needs = ctx.needs_input_grad[:3]
-        plan = ctx.kernel_plan
-        y, weight, bias, *rest = ctx.saved_tensors
-        wd = work_dtype(y.dtype)
-        if plan is not None:
-            invstd = torch.from_numpy(ctx.kernel_stats[3]).to(wd).reshape(plan.keep)
-        else:
-            invstd = rest[0]
-        w, b = view_params(weight, param_shape), view_params(bias, param_shape)
-        act = get_activation(activation)
-        # x − mean = (act⁻¹(y) − β)/(γ·invstd)
-        centred = inverse_of(act, negative_slope)(y.to(wd))
-        if b is not None:
-            centred = centred.sub_(b.to(wd))
-        centred = centred.div_(invstd if w is None else w.to(wd) * invstd)
-        if plan is not None:
-            stats0 = ctx.kernel_stats.copy()
-            stats0[0] = 0.0  # shift k and delta: the rebuilt input is already centred
-            stats0[1] = 0.0
-            # in the working dtype: a half input's rebuilt x − mean is not rounded to half
-            dx, dw, db = kernels.batch_backward(
-                plan, dy, centred, weight, bias, stats0, activation, negative_slope, needs,
-            )  # fmt: skip
-            return _to(dx, y.dtype), dw, db, None, None
-        zero = torch.zeros_like(invstd)
-        dx, dw, db = _closed_form_backward(
-            dy, centred, w, b, Moments(zero, zero, invstd), invstd, dims, True, activation,
-            negative_slope, needs, reduce_count(y.shape, dims),
-        )  # fmt: skip
-        if dx is not None:
-            dx = dx.to(y.dtype)
-        if param_shape is not None:
-            dw = None if dw is None else dw.reshape(-1)
-            db = None if db is None else db.reshape(-1)
-        return dx, dw, db, None, None
-
-
-_apply_save_output = super(torch.autograd.Function, _NormalizeBatchSaveOutput).apply
-
-
-def normalize_batch_save_output(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    config: tuple,
-    out: list,
-) -> torch.Tensor:
-    """y = act(γ·x̂ + β) in training mode keeping only y for backward (see
-    :class:`_NormalizeBatchSaveOutput`); x not empty, not traced."""
-    return _apply_save_output(_unwrap(x), _unwrap(weight), _unwrap(bias), config, out)

@@ -33,7 +33,7 @@ import torch
 
 from normlab import kernels
 from normlab.functional.activations import get_activation
-from normlab.functional.stats import Moments, centered_moments, reduce_count, work_dtype
+from normlab.functional.stats import centered_moments, reduce_count, work_dtype
 
 _OP_NAMESPACE = "normlab"
 
@@ -129,7 +129,7 @@ def batch_norm_train_backward(
         if dx is not None:
             dx = _like_empty(dx, x)
     else:
-        from normlab.functional.engine import _closed_form_backward, view_params
+        from normlab.functional.engine import Centering, _closed_form_backward, view_params
 
         keep = [1] * x.dim()
         keep[channel_dim] = x.shape[channel_dim]
@@ -137,7 +137,7 @@ def batch_norm_train_backward(
         shift, delta, _, invstd = (stats[i].to(wd).reshape(keep) for i in range(4))
         dx, dw, db = _closed_form_backward(
             dy, x, view_params(weight, keep), view_params(bias, keep),
-            Moments(shift, delta, invstd), invstd, dims, True, activation, negative_slope,
+            Centering(shift, delta, invstd), dims, True, activation, negative_slope,
             needs, reduce_count(x.shape, dims),
         )  # fmt: skip
         dw = None if dw is None else dw.reshape(-1)
@@ -247,7 +247,7 @@ def batch_norm_residual_train_backward(
     not needed). ``src``: the output y where y determines act'(z) (see
     ``activations.derivative_from_output``), else the residual r."""
     from normlab.functional.activations import derivative_from_output
-    from normlab.functional.engine import _closed_form_backward, view_params
+    from normlab.functional.engine import Centering, _closed_form_backward, view_params
 
     dims = tuple(d for d in range(x.dim()) if d != channel_dim)
     from_y = _from_y(activation, negative_slope)
@@ -281,7 +281,7 @@ def batch_norm_residual_train_backward(
             dz = dy.to(wd) * act.derivative(z + src.to(wd), negative_slope)
         dr = dz.to(x.dtype) if needs[1] else None
         dx, dw, db = _closed_form_backward(
-            dz, x, w, b, Moments(shift, delta, invstd), invstd, dims, True, None, 0.0,
+            dz, x, w, b, Centering(shift, delta, invstd), dims, True, None, 0.0,
             (needs[0], needs[2], needs[3]), reduce_count(x.shape, dims),
         )  # fmt: skip
         dw = None if dw is None else dw.reshape(-1)

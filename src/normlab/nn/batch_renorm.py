@@ -115,23 +115,8 @@ class _BatchRenorm(_NormlabBatchNorm):
 
     def _normalize(self, input, mean, var, use_batch_stats, tracking):
         r_max, d_max = self.clip_limits() if use_batch_stats else (1.0, 0.0)
-        return _batch_renorm(
-            input,
-            mean,
-            var,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            self.momentum,
-            self.eps,
-            r_max=r_max,
-            d_max=d_max,
-            channel_dim=self._channel_dim,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            nonfinite=self.nonfinite,
-            num_batches_tracked=self.num_batches_tracked if tracking else None,
-            where=type(self).__name__,
+        return self._call_variant(
+            _batch_renorm, input, mean, var, use_batch_stats, tracking, r_max=r_max, d_max=d_max
         )
 
     def extra_repr(self) -> str:

@@ -15,7 +15,9 @@ import warnings
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normlab import kernels
 from normlab.functional import _checks
+from normlab.functional._bn_checks import running_update, skipped_outcome
 from normlab.functional.activations import activation_name, check_save
 from normlab.functional.batch_norm import (
     NonFiniteStatisticsWarning,
@@ -23,6 +25,7 @@ from normlab.functional.batch_norm import (
     _check_batch_norm,
 )
 from normlab.functional.ema import ema_debias
+from normlab.functional.engine import BatchConfig, _normalize_batch
 from normlab.kernels import traced
 from normlab.nn._fx import Proxy, call_as_leaf
 
@@ -257,13 +260,62 @@ class _NormlabBatchNorm(_BatchNorm):
             signature = self._signature(input)
             checked = self._checked
             if checked is not None and checked[0] == signature:
-                return self._forward_with(input, layout=checked[1])
+                return self._forward_validated(input, checked[1])
             self._check_input_dim(input)
             return self._forward_with(input, signature=signature)
         if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
             return call_as_leaf(self, input)
         self._check_input_dim(input)
         return self._forward_with(input)
+
+    def _forward_validated(self, input: torch.Tensor, layout) -> torch.Tensor:
+        """Forward for an untraced input whose signature was validated (``layout``: the
+        cached checks): the common cases call the kernels or the engine directly with one
+        :class:`~normlab.functional.engine.BatchConfig`, every other case (no buffers,
+        ema_debias, save='output', degenerate or empty batches, kernels that do not apply)
+        takes :meth:`_forward_with`. At (64, 100) the layer's Python is a third of the call.
+        """
+        buffers, params = self._buffers, self._parameters
+        running_mean = buffers.get("running_mean")
+        if not self.training:
+            if running_mean is not None and not self.ema_debias:
+                y = kernels.affine_channels(
+                    input, layout.channel, running_mean, buffers.get("running_var"),
+                    params.get("weight"), params.get("bias"), self.eps, self.activation,
+                    self.negative_slope, True,
+                )  # fmt: skip
+                if y is not None:
+                    return y
+        elif layout.n > 1 and self.save == "input" and input.numel():
+            # functional.batch_norm's training branch for this batch's own statistics
+            nonfinite, where = self.nonfinite, type(self).__name__
+            running = None
+            if self.track_running_stats:
+                running = running_update(
+                    running_mean, buffers.get("running_var"), self.momentum,
+                    buffers.get("num_batches_tracked"), nonfinite, layout.n,
+                )  # fmt: skip
+            config = BatchConfig(
+                layout.dims, self.eps, self.activation, self.negative_slope, running,
+                layout.shape if layout.view else None,
+            )  # fmt: skip
+            y = _normalize_batch(input, params.get("weight"), params.get("bias"), config)
+            if running is not None and running.skipped:
+                self._skipped_batch(skipped_outcome(y, running, nonfinite, where)[1])
+            return y
+        return self._forward_with(input, layout=layout)
+
+    def _skipped_batch(self, skipped: bool) -> None:
+        """Warn, once per layer, that a non-finite batch left the running statistics."""
+        if skipped and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}: a training batch had non-finite statistics (NaN/Inf "
+                f"in its input); running statistics were left unchanged (nonfinite='skip'). "
+                f"Further skips by this layer are silent.",
+                NonFiniteStatisticsWarning,
+                stacklevel=3,
+            )
 
     def _forward_residual(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """forward(input, residual): the checks on every call (not on the cached hot path)."""
@@ -336,16 +388,21 @@ class _NormlabBatchNorm(_BatchNorm):
             y, skipped = self._normalize(*args, layout=layout)
         else:
             y, skipped = self._normalize(*args)
-        if skipped and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"{type(self).__name__}: a training batch had non-finite statistics (NaN/Inf in "
-                f"its input); running statistics were left unchanged (nonfinite='skip'). "
-                f"Further skips by this layer are silent.",
-                NonFiniteStatisticsWarning,
-                stacklevel=2,
-            )
+        self._skipped_batch(skipped)
         return y
+
+    def _call_variant(self, fn, input, mean, var, use_batch_stats, tracking, **extras):
+        """``fn(input, mean, var, weight, bias, training, momentum, eps, ...)``: a functional
+        batch-norm variant (renorm, ghost) called with the layer's arguments, in one place;
+        ``extras``: the variant's own keywords."""
+        params = self._parameters
+        return fn(
+            input, mean, var, params.get("weight"), params.get("bias"), use_batch_stats,
+            self.momentum, self.eps, channel_dim=self._channel_dim, activation=self.activation,
+            negative_slope=self.negative_slope, nonfinite=self.nonfinite,
+            num_batches_tracked=self._buffers.get("num_batches_tracked") if tracking else None,
+            where=type(self).__name__, **extras,
+        )  # fmt: skip
 
     def _plain_normalize(self) -> bool:
         return type(self)._normalize is _NormlabBatchNorm._normalize
@@ -435,48 +492,52 @@ class _NormlabBatchNorm(_BatchNorm):
         return s
 
 
-class _Rank1d:
-    """Input rank check of the 1d layers of a family: (N, C) or (N, C, L)."""
+class _RankCheck:
+    """Input rank check of the 1d/2d/3d layers of a family (``_ranks``: the accepted
+    ranks; ``_expected``: what they look like; ``_instead``: where other ranks go, with
+    ``{family}`` the class name without its '1d'/'2d'/'3d')."""
+
+    _ranks: tuple[int, ...] = ()
+    _expected = ""
+    _instead = ""
 
     def _check_rank(self, input: torch.Tensor) -> None:
-        if input.dim() not in (2, 3):
+        if input.dim() not in self._ranks:
             name = type(self).__name__
-            family = name[:-2]
             raise ValueError(
-                f"{name}: expected 2-D (N, C) or 3-D (N, C, L) input, got {input.dim()}-D "
-                f"input of shape {tuple(input.shape)}. Use {family}2d for (N, C, H, W), "
-                f"{family}3d for (N, C, D, H, W), or normlab.nn.BatchNorm(num_features, "
-                f"channel_dim=...) for any rank."
+                f"{name}: expected {self._expected} input, got {input.dim()}-D input of shape "
+                f"{tuple(input.shape)}. " + self._instead.format(family=name[:-2])
             )
 
 
-class _Rank2d:
-    """Input rank check of the 2d layers of a family: (N, C, H, W)."""
+class _Rank1d(_RankCheck):
+    """(N, C) or (N, C, L)."""
 
-    def _check_rank(self, input: torch.Tensor) -> None:
-        if input.dim() != 4:
-            name = type(self).__name__
-            family = name[:-2]
-            raise ValueError(
-                f"{name}: expected 4-D (N, C, H, W) input, got {input.dim()}-D input of "
-                f"shape {tuple(input.shape)}. Use {family}1d for (N, C) or (N, C, L), "
-                f"{family}3d for 5-D, or normlab.nn.BatchNorm for any rank; a single image "
-                f"(C, H, W) needs input.unsqueeze(0)."
-            )
+    _ranks = (2, 3)
+    _expected = "2-D (N, C) or 3-D (N, C, L)"
+    _instead = (
+        "Use {family}2d for (N, C, H, W), {family}3d for (N, C, D, H, W), or "
+        "normlab.nn.BatchNorm(num_features, channel_dim=...) for any rank."
+    )
 
 
-class _Rank3d:
-    """Input rank check of the 3d layers of a family: (N, C, D, H, W)."""
+class _Rank2d(_RankCheck):
+    """(N, C, H, W)."""
 
-    def _check_rank(self, input: torch.Tensor) -> None:
-        if input.dim() != 5:
-            name = type(self).__name__
-            family = name[:-2]
-            raise ValueError(
-                f"{name}: expected 5-D (N, C, D, H, W) input, got {input.dim()}-D input "
-                f"of shape {tuple(input.shape)}. Use {family}1d/2d for lower ranks or "
-                f"normlab.nn.BatchNorm for any rank."
-            )
+    _ranks = (4,)
+    _expected = "4-D (N, C, H, W)"
+    _instead = (
+        "Use {family}1d for (N, C) or (N, C, L), {family}3d for 5-D, or normlab.nn.BatchNorm "
+        "for any rank; a single image (C, H, W) needs input.unsqueeze(0)."
+    )
+
+
+class _Rank3d(_RankCheck):
+    """(N, C, D, H, W)."""
+
+    _ranks = (5,)
+    _expected = "5-D (N, C, D, H, W)"
+    _instead = "Use {family}1d/2d for lower ranks or normlab.nn.BatchNorm for any rank."
 
 
 class BatchNorm1d(_Rank1d, _NormlabBatchNorm, torch.nn.BatchNorm1d):

@@ -55,22 +55,14 @@ class _GhostBatchNorm(_NormlabBatchNorm):
         self.virtual_batch_size = virtual_batch_size
 
     def _normalize(self, input, mean, var, use_batch_stats, tracking):
-        return _ghost_batch_norm(
+        return self._call_variant(
+            _ghost_batch_norm,
             input,
             mean,
             var,
-            self.weight,
-            self.bias,
             use_batch_stats,
-            self.momentum,
-            self.eps,
+            tracking,
             virtual_batch_size=self.virtual_batch_size,
-            channel_dim=self._channel_dim,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            nonfinite=self.nonfinite,
-            num_batches_tracked=self.num_batches_tracked if tracking else None,
-            where=type(self).__name__,
         )
 
     def extra_repr(self) -> str:
