@@ -143,14 +143,11 @@ class MnistFig1(Experiment):
             def on_eval(_step, m, per_probe=per_probe):
                 per_probe.append(T.unit_percentiles(m, data.x_test))
 
-            hist[norm] = T.train(
+            hist[norm] = T.train_as(
+                config,
                 model,
                 data,
-                steps=config.steps,
-                lr=config.lr,
-                batch_size=config.batch_size,
                 momentum=0.0,
-                seed=config.seed,
                 eval_every=eval_every,
                 on_eval=on_eval,
                 progress=progress,
@@ -229,10 +226,9 @@ class MnistFig1(Experiment):
                 ],
             )
         )
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured=measured,
             setup=(
                 f"{config.depth}×{config.width} sigmoid MLP as in the paper, on scikit-learn's "
