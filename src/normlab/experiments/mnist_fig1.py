@@ -197,8 +197,8 @@ class MnistFig1(Experiment):
                 "step",
                 "test accuracy",
                 [
-                    Line("without BN", hist["none"].eval_steps, hist["none"].test_accuracy, "-"),
-                    Line("with BN", hist["bn"].eval_steps, hist["bn"].test_accuracy, "-"),
+                    hist["none"].accuracy_line("without BN"),
+                    hist["bn"].accuracy_line("with BN"),
                 ],
             )
         ]

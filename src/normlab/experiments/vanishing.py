@@ -284,8 +284,8 @@ class Vanishing(Experiment):
                 "step",
                 "test accuracy",
                 [
-                    Line("plain", hist["none"].eval_steps, hist["none"].test_accuracy, "o-"),
-                    Line("BN", hist["bn"].eval_steps, hist["bn"].test_accuracy, "s-"),
+                    hist["none"].accuracy_line("plain", "o-"),
+                    hist["bn"].accuracy_line("BN", "s-"),
                 ],
             ),
             Plot(
