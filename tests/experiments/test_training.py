@@ -226,3 +226,10 @@ def test_train_as_reads_the_sgd_settings_the_call_does_not_give():
 def test_mlp_widths():
     assert T.mlp_widths(64, (128, 128), 10) == "64-128-128-10"
     assert T.mlp_widths(3, (), 2) == "3-2"
+
+
+def test_history_accuracy_line_is_the_test_accuracy_curve():
+    hist = T.History(eval_steps=[0, 10, 20], test_accuracy=[0.1, 0.5, 0.9])
+    line = hist.accuracy_line("BN", "s-")
+    assert (line.label, line.x, line.y, line.style) == ("BN", [0, 10, 20], [0.1, 0.5, 0.9], "s-")
+    assert hist.accuracy_line("plain").style == "-"

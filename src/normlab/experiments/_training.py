@@ -26,7 +26,7 @@ from torch import nn
 import normlab.nn as nlnn
 from normlab import diagnostics
 from normlab.data import Split
-from normlab.experiments.base import Progress, notify
+from normlab.experiments.base import Line, Progress, notify
 from normlab.functional.batch_norm import NonFiniteStatisticsWarning
 
 
@@ -339,6 +339,10 @@ class History:
     @property
     def final_train_accuracy(self) -> float:
         return self.train_accuracy[-1] if self.train_accuracy else float("nan")
+
+    def accuracy_line(self, label: str, style: str = "-") -> Line:
+        """The run's test-accuracy curve (against the evaluation steps) as a plot line."""
+        return Line(label, self.eval_steps, self.test_accuracy, style)
 
 
 def train(

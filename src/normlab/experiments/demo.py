@@ -249,13 +249,10 @@ def _train(
 
     record(0, model)
     start = time.perf_counter()
-    hist = T.train(
+    hist = T.train_as(
+        config,
         model,
         split,
-        steps=config.steps,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        momentum=config.momentum,
         seed=config.seed + 1,
         eval_every=config.eval_every,
         on_step=on_step,

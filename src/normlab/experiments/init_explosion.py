@@ -217,10 +217,9 @@ class InitExplosion(AllChecks):
             for act, bs in (("linear", c.linear_batches), ("relu", c.relu_batches))
             for b in (bs[0], bs[-1])
         ]
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured=(
                 f"linear B={b_lin}: λ̂ {linear[b_lin]:.3f} (formula "
                 f"{linear_lambda(b_lin):.3f}); ReLU B={c.relu_batches[0]}…{c.relu_batches[-1]}: "

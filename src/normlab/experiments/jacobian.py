@@ -187,10 +187,9 @@ class Jacobian(AllChecks):
         train_share = [b.offdiag_share_train for b in bs]
         eval_share = [b.offdiag_share_eval for b in bs]
         diffs = [max(b.closed_vs_normlab, b.closed_vs_torch) for b in bs]
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured=(
                 f"max |closed − autograd| = {max(diffs):.1e}; off-diagonal share of ‖J‖_F: "
                 f"train {train_share[0]:.2f} (m={bs[0].m}) → "

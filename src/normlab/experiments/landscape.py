@@ -241,9 +241,7 @@ class Landscape(Experiment):
             )
             for q in QUANTITIES
         ]
-        accuracy = [
-            Line(lab, m.history[n].eval_steps, m.history[n].test_accuracy, "-") for n, lab in BN
-        ]
+        accuracy = [m.history[n].accuracy_line(lab) for n, lab in BN]
         plots.append(Plot("Test accuracy", "step", "test accuracy", accuracy))
         return self.verdict_result(
             config,

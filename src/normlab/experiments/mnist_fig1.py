@@ -143,14 +143,11 @@ class MnistFig1(Experiment):
             def on_eval(_step, m, per_probe=per_probe):
                 per_probe.append(T.unit_percentiles(m, data.x_test))
 
-            hist[norm] = T.train(
+            hist[norm] = T.train_as(
+                config,
                 model,
                 data,
-                steps=config.steps,
-                lr=config.lr,
-                batch_size=config.batch_size,
                 momentum=0.0,
-                seed=config.seed,
                 eval_every=eval_every,
                 on_eval=on_eval,
                 progress=progress,
@@ -200,8 +197,8 @@ class MnistFig1(Experiment):
                 "step",
                 "test accuracy",
                 [
-                    Line("without BN", hist["none"].eval_steps, hist["none"].test_accuracy, "-"),
-                    Line("with BN", hist["bn"].eval_steps, hist["bn"].test_accuracy, "-"),
+                    hist["none"].accuracy_line("without BN"),
+                    hist["bn"].accuracy_line("with BN"),
                 ],
             )
         ]
@@ -229,10 +226,9 @@ class MnistFig1(Experiment):
                 ],
             )
         )
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured=measured,
             setup=(
                 f"{config.depth}×{config.width} sigmoid MLP as in the paper, on scikit-learn's "

@@ -187,10 +187,9 @@ class NoiseRegularisation(Experiment):
                     ]
                 )
         bs = list(config.batch_sizes)
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured=measured,
             setup=(
                 f"ReLU MLP {list(config.widths)} on {config.train_size} of scikit-learn's "

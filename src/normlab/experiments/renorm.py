@@ -154,14 +154,11 @@ class Renorm(Experiment):
                 gen = torch.Generator().manual_seed(config.seed)
                 stream = T.class_grouped_batches(data.y_train, *grouped, gen) if grouped else None
                 k = i * len(NORMS) + j
-                hist = T.train(
+                hist = T.train_as(
+                    config,
                     model,
                     data,
-                    steps=config.steps,
-                    lr=config.lr,
                     batch_size=batch,
-                    momentum=config.momentum,
-                    seed=config.seed,
                     batch_stream=stream,
                     progress=progress,
                     progress_span=(k / total, (k + 1) / total),
@@ -191,10 +188,9 @@ class Renorm(Experiment):
             f"batch {config.normal_batch} {acc[normal]['bn']:.1%} vs {acc[normal]['brn']:.1%}"
         )
         names = list(acc)
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured=measured,
             setup=(
                 f"ReLU MLP {list(config.widths)} on scikit-learn's digits instead of "

@@ -237,10 +237,9 @@ class ScaleInvariance(AllChecks):
         x_plain, n_plain = _thin(plain.norms)
         x_decay, n_decay = _thin(decay.norms)
         wd = f"weight decay {c.weight_decay:g}"
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured=(
                 f"max output change {max(ex.out_err):.0e}, gradient·a error "
                 f"{max(ex.grad_err):.0e}; η/‖W₁‖² ×{ratio_decay:.1f} with wd {c.weight_decay:g} "

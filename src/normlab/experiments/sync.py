@@ -350,10 +350,9 @@ class Sync(AllChecks):
                 f"{self.failures(c, m)} The largest difference is in {quantity} at split "
                 f"{list(worst.split)}, {worst.dtype}, step {worst.step}."
             )
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured="max |sync − single| / (1 + |single|) = "
             + ", ".join(f"{m.worst(n):.1e} ({n})" for n in c.dtypes)
             + f" over {len(c.splits)} splits × {c.steps} steps",

@@ -157,14 +157,11 @@ class Vanishing(Experiment):
             return T.probe_layers(model, xp, yp, saturation=config.saturation)
 
         def fit(model, steps, span, label):
-            return T.train(
+            return T.train_as(
+                config,
                 model,
                 data,
                 steps=steps,
-                lr=config.lr,
-                batch_size=config.batch_size,
-                momentum=config.momentum,
-                seed=config.seed,
                 eval_every=config.eval_every,
                 progress=progress,
                 progress_span=span,
@@ -287,8 +284,8 @@ class Vanishing(Experiment):
                 "step",
                 "test accuracy",
                 [
-                    Line("plain", hist["none"].eval_steps, hist["none"].test_accuracy, "o-"),
-                    Line("BN", hist["bn"].eval_steps, hist["bn"].test_accuracy, "s-"),
+                    hist["none"].accuracy_line("plain", "o-"),
+                    hist["bn"].accuracy_line("BN", "s-"),
                 ],
             ),
             Plot(
@@ -307,10 +304,9 @@ class Vanishing(Experiment):
                 ],
             ),
         ]
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured=measured,
             setup=(
                 f"{config.depth}-layer sigmoid MLP (width {config.width}) on scikit-learn's "

@@ -182,10 +182,9 @@ class WorkedExample(AllChecks):
     def present(self, config: Config, m: Measurement, verdict: Verdict) -> Result:
         c = config
         claimed = self.claimed(config, m)
-        return self.result(
+        return self.verdict_result(
             config,
-            verdict=verdict,
-            rule=self.rule(config),
+            verdict,
             measured="y = [" + ", ".join(f"{v:.3f}" for v in m.y_normlab) + "]",
             setup=(
                 f"x = {list(c.x)} as a (4, 1) batch, γ = {c.gamma:g}, β = {c.beta:g}, "
