@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from normlab import kernels
+from normlab import _private, kernels
 from normlab.functional import _checks
 from normlab.functional.ema import fold_running_
 from normlab.functional.engine import (
@@ -609,7 +609,7 @@ def _masked_batch_norm(
     from normlab.functional import traced
 
     ok = count > 1
-    if degenerate == "error" and torch._C._are_functorch_transforms_active():
+    if degenerate == "error" and _private.functorch_active():
         # vmap has no batching rule for asserts: the undefined statistics become NaN
         nan = float("nan")
         mean_n, var_n = torch.where(ok, mean, nan), torch.where(ok, var, nan)

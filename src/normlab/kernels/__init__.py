@@ -52,6 +52,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from normlab import _private
 from normlab.kernels._memory import empty_cache, empty_like, pool_info, set_pool_limit
 
 __all__ = [
@@ -104,19 +105,15 @@ _PARAM_DTYPES = {
 
 
 _mode_cache: tuple[object, str] = (None, "auto")
-# os.environ.get costs ~0.6 µs (key encoding, value decoding), a tenth of a small batch
-# norm's kernel: read CPython's raw mapping, which os.environ keeps in sync, if present.
-try:
-    _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey(KERNELS_ENV)  # type: ignore[attr-defined]
-except AttributeError:  # pragma: no cover - other Pythons
-    _ENV_DATA, _ENV_KEY = None, None
+# The raw value, read on every layer call (see normlab._private.env_raw: ~0.6 µs saved).
+_env_raw = _private.env_raw(KERNELS_ENV)
 
 
 def mode() -> str:
     """The path selection from ``NORMLAB_KERNELS`` (read on every call, so tests and
     users can switch it at run time)."""
     global _mode_cache
-    raw = _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(KERNELS_ENV)
+    raw = _env_raw()
     if raw == _mode_cache[0]:
         return _mode_cache[1]
     if isinstance(raw, bytes):
@@ -130,10 +127,7 @@ def mode() -> str:
             f"kernels or torch's ops by size, 'torch' always uses torch's ops, 'numba' uses the "
             f"kernels wherever they apply."
         )
-    _mode_cache = (
-        _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(KERNELS_ENV),
-        value,
-    )
+    _mode_cache = (_env_raw(), value)
     return value
 
 
@@ -166,9 +160,10 @@ class Plan(NamedTuple):
 
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
-_functorch_active = torch._C._are_functorch_transforms_active
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_jit_tracing = torch._C._get_tracing_state
+# Private torch queries with no public equivalent (normlab._private).
+_functorch_active = _private.functorch_active
+_dispatch_modes = _private.dispatch_modes
+_jit_tracing = torch.jit.is_tracing
 
 
 def traced(x: torch.Tensor) -> bool:
@@ -184,7 +179,7 @@ def traced(x: torch.Tensor) -> bool:
         or x.is_meta
         or _functorch_active()
         or _dispatch_modes() > 0
-        or _jit_tracing() is not None
+        or _jit_tracing()
     )
 
 
