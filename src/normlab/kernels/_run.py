@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ import torch
 from normlab.kernels._launch import _entry, _kernels
 from normlab.kernels._memory import empty_like
 from normlab.kernels._plan import Plan, _eligible_storage, _layout, _use, traced
+
+_package = sys.modules["normlab.kernels"]
 
 # The kernels' dtypes: per input dtype, the dtype of the (2, C) moments they return and of
 # the per-channel parameters they read. Half-precision inputs (read and written as 16-bit
@@ -71,7 +74,10 @@ def affine_channels(
         if p is not None and not (p.is_cpu and p.is_floating_point()):
             return None
     plan = _layout(x, c)
-    return affine_forward(plan, x, mean, var, weight, bias, eps, activation, negative_slope)
+    # Through the package, as every other caller: the one seam tests spy on.
+    return _package.affine_forward(
+        plan, x, mean, var, weight, bias, eps, activation, negative_slope
+    )
 
 
 @functools.lru_cache(maxsize=64)
