@@ -430,16 +430,16 @@ def test_parameters_of_another_dtype_get_gradients_of_their_dtype(
 def test_outputs_come_from_the_pooled_allocator_on_every_path(numba_mode, monkeypatch):
     # A fresh 51 MB activation costs ~10 ms of page faults (kernels/_memory.py);
     # the serial by-address path once bypassed the allocator and lost that at one thread.
-    from normlab.kernels import _memory
+    from normlab.kernels import _memory, _run
 
     sizes = []
-    original = kernels.empty_like
+    original = _run.empty_like  # where the wrappers look it up
 
     def spy(x, memory_format=torch.preserve_format):
         sizes.append(x.numel())
         return original(x, memory_format)
 
-    monkeypatch.setattr(kernels, "empty_like", spy)
+    monkeypatch.setattr(_run, "empty_like", spy)
     x = torch.randn(_memory._MIN_BYTES // 4 // 8, 8, requires_grad=True)  # 4 MiB
     before = torch.get_num_threads()
     try:

@@ -187,9 +187,9 @@ def test_a_lock_held_by_another_thread_at_fork_time_is_free_in_the_child(lock):
     # Deterministic: another thread holds the lock for a while; fork() waits for it.
     result = _run(
         f"""
-        from normlab.kernels import _memory
+        from normlab.kernels import _launch, _memory
         parent = step(3)
-        held = kernels._LAUNCH if "{lock}" == "launch" else _memory._POOL.lock
+        held = _launch._LAUNCH if "{lock}" == "launch" else _memory._POOL.lock
         taken = threading.Event()
 
         def hold():

@@ -1,5 +1,5 @@
 """The kernels' threads: Numba's threading layer, and layers called from several Python
-threads at once (normlab.kernels._LAUNCH serialises the threaded launches)."""
+threads at once (normlab.kernels._launch._LAUNCH serialises the threaded launches)."""
 
 from __future__ import annotations
 

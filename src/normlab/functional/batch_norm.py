@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from normlab import kernels
+from normlab import _private, kernels
 from normlab.functional._bn_checks import (  # noqa: F401  (re-exported: BN's validation)
     BatchNormLayout,
     NonFiniteStatisticsWarning,
@@ -341,7 +341,7 @@ def _masked_batch_norm(
     from normlab.functional import traced
 
     ok = count > 1
-    if degenerate == "error" and torch._C._are_functorch_transforms_active():
+    if degenerate == "error" and _private.functorch_active():
         # vmap has no batching rule for asserts: the undefined statistics become NaN
         nan = float("nan")
         mean_n, var_n = torch.where(ok, mean, nan), torch.where(ok, var, nan)

@@ -52,7 +52,7 @@ from typing import NamedTuple
 
 import torch
 
-from normlab import kernels
+from normlab import _private, kernels
 from normlab.functional.activations import get_activation
 from normlab.functional.ema import fold_running_
 from normlab.functional.stats import Moments, centered_moments, reduce_count, work_dtype
@@ -421,7 +421,7 @@ def view_params(p: torch.Tensor | None, shape) -> torch.Tensor | None:
 # The same two steps, directly (under transforms the engine takes the traceable path,
 # normlab.functional.traced, and never reaches this Function):
 _apply_normalize_batch = super(torch.autograd.Function, _NormalizeBatch).apply
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_unwrap_if_dead = _private.unwrap_if_dead
 
 
 def _unwrap(t: torch.Tensor | None) -> torch.Tensor | None:

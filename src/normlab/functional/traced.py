@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from normlab import kernels
+from normlab import _private, kernels
 from normlab.functional.activations import get_activation
 from normlab.functional.stats import centered_moments, reduce_count, work_dtype
 
@@ -395,7 +395,7 @@ def use_custom_op(x: torch.Tensor, dims: tuple[int, ...], center: bool) -> bool:
         center
         and len(dims) == x.dim() - 1
         and x.dim() >= 2
-        and not torch._C._are_functorch_transforms_active()
+        and not _private.functorch_active()
         and not x.is_meta
         and not torch.jit.is_tracing()
     )
@@ -486,7 +486,7 @@ def update_running(
         values.append(None if gate is None else _value(gate))
         if values[0] is None or values[1] is None or (gate is not None and values[2] is None):
             raise RuntimeError(_VMAP_RUNNING_ERROR.format(where=where))
-        with torch._C._DisableFuncTorch():
+        with _private.DisableFuncTorch():
             _update_running(
                 running_mean, running_var, num_batches_tracked, *values[:2], momentum,
                 nonfinite, where, values[2],
@@ -498,20 +498,10 @@ def update_running(
     )  # fmt: skip
 
 
-_functorch_active = torch._C._are_functorch_transforms_active
+_functorch_active = _private.functorch_active
 
 
-def _value(t: torch.Tensor) -> torch.Tensor | None:
-    """The plain tensor under torch.func's grad/jvp wrappers (None if vmap batched it)."""
-    from torch._C._functorch import get_unwrapped, is_batchedtensor, is_gradtrackingtensor
-
-    t = t.detach()
-    while True:
-        if is_batchedtensor(t):
-            return None
-        if not is_gradtrackingtensor(t):
-            return t
-        t = get_unwrapped(t)
+_value = _private.functorch_value
 
 
 def _update_running(

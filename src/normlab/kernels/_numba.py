@@ -89,7 +89,7 @@ def _choose_threading_layer() -> str | None:
     ``workqueue`` is fork-safe (its thread pool is rebuilt in the child), its workers
     sleep on condition variables between launches, and it loads no OpenMP runtime. It
     is not thread-safe: concurrent launches abort the process. normlab serialises its
-    launches (``normlab.kernels._LAUNCH``); *other* ``parallel=True`` Numba code run
+    launches (``normlab.kernels._launch._LAUNCH``); *other* ``parallel=True`` Numba code run
     concurrently from several Python threads in the same process should choose a
     thread-safe layer itself (``NUMBA_THREADING_LAYER=tbb`` with the ``tbb`` package,
     or ``omp``, which then applies to normlab too). Numba docs, "The Threading Layers".
