@@ -32,7 +32,7 @@ threaded kernels as numpy arrays. The training forward also folds the batch into
 running statistics (``engine.RunningUpdate``) in the same kernel call when the buffers
 are plain contiguous CPU tensors; otherwise the engine does it with torch ops.
 
-BN → add(residual) → activation (``engine._NormalizeBatchResidual``, ``nl.fuse``) has its
+BN → add(residual) → activation (``functional.residual._NormalizeBatchResidual``, ``nl.fuse``) has its
 own pair, :func:`batch_forward_residual` / :func:`batch_backward_residual`: r is read in
 the forward's write pass, and one backward call returns dx and dr = dy·act'(z) together.
 
