@@ -36,7 +36,7 @@ def _kernels():
 def _threads(numel: int) -> int:
     """Threads for a kernel over ``numel`` elements: torch's count (1: the serial
     kernels, no thread team at all; also in a child forked from a process whose Numba
-    threads are GNU OpenMP's, which Numba kills if it launches them)."""
+    threads are not fork-safe: GNU OpenMP's, whose team the child does not have)."""
     want = torch.get_num_threads()
     if want == 1 or _SERIAL_AFTER_FORK:
         return 1
@@ -47,26 +47,25 @@ def _threads(numel: int) -> int:
     if n == 1:
         return 1
     numba.set_num_threads(n)
-    # On Numba's 'omp' layer (a user's choice; see _numba._choose_threading_layer) the
-    # first thread launch can reset the OpenMP thread count torch reads: put torch's
-    # back, or one big batch norm would change how many threads every later torch op
-    # uses. (Never true on 'workqueue', which does not touch OpenMP.)
+    # Numba's 'omp' layer sets the OpenMP thread count on its first launch, in torch's
+    # runtime (see _numba._choose_threading_layer): put torch's back, or one big batch
+    # norm would change how many threads every later torch op uses.
     if torch.get_num_threads() != want:
         torch.set_num_threads(want)
     return n
 
 
-# One threaded launch at a time: Numba's 'workqueue' threading layer (normlab's choice,
-# see _numba._choose_threading_layer) aborts the process on concurrent launches; callers
-# from several Python threads queue here, each launch using every thread anyway.
+# One threaded launch at a time: Numba's 'workqueue' threading layer (the fallback, or a
+# user's choice) aborts the process on concurrent launches, and on 'omp' concurrent
+# launches would share torch's one team; callers from several Python threads queue here,
+# each launch using every thread anyway.
 _LAUNCH = threading.Lock()
-_SERIAL_AFTER_FORK = False
+_SERIAL_AFTER_FORK = False  # set in a forked child unless Numba's layer is fork-safe
+_FORK_SAFE_LAYERS = ("workqueue", "tbb")
 
 
 def _numba_threading_layer() -> str | None:
     """The threading layer Numba's threads run on, or None before they started."""
-    import sys
-
     parallel = sys.modules.get("numba.np.ufunc.parallel")
     return None if parallel is None else getattr(parallel, "_threading_layer", None)
 
@@ -74,9 +73,12 @@ def _numba_threading_layer() -> str | None:
 # fork(): the child gets a copy of memory and only the forking thread. A lock another
 # thread held at that moment would stay locked in the child forever, so the fork waits
 # for a running launch to end (the kernels release the GIL: another thread may be in
-# one) and the child starts with a free lock. Numba's 'workqueue' pool is rebuilt in the
-# child on its first launch; GNU OpenMP's cannot be, so on the 'omp' layer the child
-# runs the serial kernels.
+# one) and the child starts with a free lock. GNU OpenMP's thread team does not exist in
+# the child (Numba kills a direct child that launches on its 'omp' layer; a grandchild
+# would hang), so the child runs the serial kernels, unless Numba's layer is fork-safe:
+# 'workqueue' rebuilds its pool in the child on its first launch; 'tbb' is fork-safe too.
+# Before Numba's threads have started the layer is not known yet (and torch's own OpenMP
+# team usually ran in the parent), so the child stays serial.
 def _before_fork() -> None:
     _LAUNCH.acquire()
 
@@ -88,7 +90,7 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _LAUNCH, _SERIAL_AFTER_FORK
     _LAUNCH = threading.Lock()
-    if _numba_threading_layer() == "omp":
+    if _numba_threading_layer() not in _FORK_SAFE_LAYERS:
         _SERIAL_AFTER_FORK = True
 
 

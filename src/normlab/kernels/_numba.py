@@ -67,32 +67,32 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
 # -- the threading layer --------------------------------------------------------------------
-THREADING_LAYER = "workqueue"
+THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
 
-def _choose_threading_layer() -> str | None:
-    """Run the threaded kernels on Numba's ``workqueue`` threading layer unless the user
-    chose one (``NUMBA_THREADING_LAYER``, ``NUMBA_THREADING_LAYER_PRIORITY`` or
-    ``numba.config.THREADING_LAYER``) or Numba's threads are already running; returns
-    the layer set, or None when left alone.
+def _choose_threading_layer() -> list[str] | None:
+    """Run the threaded kernels on Numba's ``omp`` threading layer (falling back to
+    ``workqueue`` where no OpenMP runtime loads) unless the user chose one
+    (``NUMBA_THREADING_LAYER``, ``NUMBA_THREADING_LAYER_PRIORITY`` or
+    ``numba.config.THREADING_LAYER``) or Numba's threads are already running; returns the
+    priority set, or None when left alone.
 
-    Numba's default on Linux without the ``tbb`` package is ``omp``: the *system* GNU
-    OpenMP runtime, a second one next to the libgomp torch bundles. That layer
+    Why ``omp``: with torch imported first, the OpenMP calls of Numba's ``omp`` extension
+    bind to the libgomp torch bundles (``LD_DEBUG=bindings`` shows ``GOMP_parallel``
+    resolved there), so a kernel's parallel regions run on torch's own thread team,
+    already awake after torch's ops: a launch costs ~1-3 µs and no second team competes
+    for the cores (``benchmarks/side_effects.py --part spin``: the CPU a normlab step
+    leaves spinning equals a torch BN step's). ``workqueue`` costs ~75 µs of
+    condition-variable hand-offs per parallel region on the development VM: resnet-stem
+    training 2.9-3.6x torch against 5.1-5.5x on ``omp`` (``benchmarks/README.md``,
+    "Threads, fork and torch's ops"). ``tbb`` (Numba's own first choice when the ``tbb``
+    package is installed) would bring a second thread pool next to torch's.
 
-    * is not fork-safe: a child forked after a threaded kernel ran is killed by Numba as
-      soon as it launches one ("fork() called from a process already using GNU OpenMP"),
-      which breaks 'fork' multiprocessing pools, DataLoader workers and forking servers;
-    * keeps a second team of threads that spin after every parallel region
-      (``GOMP_SPINCOUNT``: ~300 000 polls) on the cores torch's own team is about to use,
-      which slowed torch's ops after a normlab layer (``benchmarks/side_effects.py``).
-
-    ``workqueue`` is fork-safe (its thread pool is rebuilt in the child), its workers
-    sleep on condition variables between launches, and it loads no OpenMP runtime. It
-    is not thread-safe: concurrent launches abort the process. normlab serialises its
-    launches (``normlab.kernels._launch._LAUNCH``); *other* ``parallel=True`` Numba code run
-    concurrently from several Python threads in the same process should choose a
-    thread-safe layer itself (``NUMBA_THREADING_LAYER=tbb`` with the ``tbb`` package,
-    or ``omp``, which then applies to normlab too). Numba docs, "The Threading Layers".
+    GNU OpenMP is not fork-safe: a child forked after a threaded kernel ran has no thread
+    team (Numba kills a direct child that launches one; a grandchild would hang), so a
+    forked child runs the serial kernels (``normlab.kernels._launch``). On ``workqueue``
+    (``NUMBA_THREADING_LAYER=workqueue``), which is fork-safe, children run threaded.
+    Numba docs, "The Threading Layers".
     """
     from numba.core import config
     from numba.np.ufunc import parallel
@@ -104,8 +104,8 @@ def _choose_threading_layer() -> str | None:
         or str(config.THREADING_LAYER).lower() != "default"
     ):
         return None
-    config.THREADING_LAYER = THREADING_LAYER
-    return THREADING_LAYER
+    config.THREADING_LAYER_PRIORITY = list(THREADING_LAYER_PRIORITY)
+    return config.THREADING_LAYER_PRIORITY
 
 
 # Before any parallel kernel below is compiled or loaded: that starts Numba's threads.
