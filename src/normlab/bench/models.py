@@ -6,6 +6,9 @@ format, the contenders ("variants") are
 * ``torch``: the model as built, torch's BatchNorm2d, eager;
 * ``normlab``: ``normlab.convert(model, to="normlab")``;
 * ``normlab+fuse``: ``normlab.fuse(model)``, when normlab has ``fuse``;
+* ``normlab+fuse(save=output)``: ``normlab.fuse(model, save="output")`` (In-Place ABN:
+  each fused layer keeps only its output), for models whose activations after BN are all
+  invertible (:data:`SAVE_OUTPUT_MODELS`: the LeakyReLU ResNet-18);
 * with ``compile``, each of those under ``torch.compile`` (``torch+compile``, ...).
 
 Every variant is a deep copy of one model, so all start from the same weights and
@@ -129,10 +132,20 @@ def batch(case: ModelCase, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(case.classes, (case.batch,), generator=g)
 
 
-def eager_variants() -> tuple[str, ...]:
+SAVE_OUTPUT = "normlab+fuse(save=output)"
+# Zoo models whose every activation after a BN is invertible (save="output" applies).
+SAVE_OUTPUT_MODELS = frozenset({"resnet18_leaky"})
+
+
+def eager_variants(model: str | None = None) -> tuple[str, ...]:
+    """The eager variants timed for zoo ``model`` (the save-output one only where it
+    applies)."""
     import normlab
 
-    return ("torch", "normlab", *(("normlab+fuse",) if hasattr(normlab, "fuse") else ()))
+    names = ("torch", "normlab", *(("normlab+fuse",) if hasattr(normlab, "fuse") else ()))
+    if model in SAVE_OUTPUT_MODELS and hasattr(normlab, "fuse"):
+        names += (SAVE_OUTPUT,)
+    return names
 
 
 def build_variant(name: str, base: nn.Module, inplace: bool) -> nn.Module:
@@ -145,10 +158,10 @@ def build_variant(name: str, base: nn.Module, inplace: bool) -> nn.Module:
         return model
     if name == "normlab":
         return normlab.convert(model, to="normlab")
-    if name == "normlab+fuse":
-        fused = normlab.fuse(model)
+    if name in ("normlab+fuse", SAVE_OUTPUT):
+        fused = normlab.fuse(model, **({"save": "output"} if name == SAVE_OUTPUT else {}))
         return model if fused is None else fused
-    raise ValueError(f"unknown variant {name!r}; choose from {eager_variants()}")
+    raise ValueError(f"unknown variant {name!r}; choose from {(*eager_variants(), SAVE_OUTPUT)}")
 
 
 @dataclass
@@ -315,7 +328,7 @@ def run_model(
         raise ValueError(f"inplace must be one of {INPLACE_MODES}, got {inplace!r}")
     base = base_model(case, seed)
     x, y = batch(case, seed)
-    names = eager_variants()
+    names = eager_variants(case.model)
     variants = [_Variant(name, name, False, inplace != "off") for name in names]
     for v in variants:
         _prepare(v, base, compile_backend)
