@@ -2,7 +2,6 @@
 
     python benchmarks/side_effects.py [--part spin|ops|model|all] [--repeats 9]
                                       [--inner 5] [--steps 7] [--threads 2] [--json]
-                                      [--numba-spincount N]
 
 The prefixes: a normlab ``BatchNorm2d(activation="relu")`` forward+backward of a
 (32, 64, 56, 56) input (the kernels' threaded path); ``torch.nn.BatchNorm2d`` +
@@ -29,10 +28,6 @@ stretch without torch ops).
 Also printed: Numba's threading layer, the OpenMP runtimes mapped into the process, the
 thread count and the load average (a shared machine: compare ratios within one run).
 ``NUMBA_THREADING_LAYER=workqueue`` runs the kernels on the fork-safe layer (its own pool).
-
-``--numba-spincount N`` (diagnosis) sets ``GOMP_SPINCOUNT`` for a GNU OpenMP runtime
-loaded *after* torch (Numba's ``omp`` layer loads the system libgomp on its first
-launch; torch's bundled one has read its environment at import already).
 """
 
 from __future__ import annotations
@@ -313,11 +308,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--part", choices=("ops", "spin", "model", "all"), default="all")
-    ap.add_argument("--numba-spincount", type=str, default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    if args.numba_spincount is not None:
-        os.environ["GOMP_SPINCOUNT"] = args.numba_spincount
     torch.set_num_threads(args.threads)
     out = {}
     if args.part in ("spin", "all"):
