@@ -6,7 +6,9 @@ from normlab.functional.activations import get_activation
 
 
 class FusedActivation:
-    """Mixin: stores ``activation``/``negative_slope`` and describes them in ``repr``."""
+    """Mixin: stores ``activation``/``negative_slope``, passes them to the layer's
+    functional form (:meth:`_fused`) and describes them in ``repr`` (after the torch
+    layer's own ``extra_repr``, which comes next in the MRO)."""
 
     activation: str | None = None
     negative_slope: float = 0.01
@@ -23,3 +25,13 @@ class FusedActivation:
         if self.activation == "leaky_relu":
             s += f", negative_slope={self.negative_slope}"
         return s
+
+    def _fused(self, fn, input, *args, **kwargs):
+        """``fn(input, *args, activation=…, negative_slope=…, **kwargs)``: the layer's
+        functional form with its fused activation."""
+        return fn(
+            input, *args, activation=self.activation, negative_slope=self.negative_slope, **kwargs
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._activation_repr()

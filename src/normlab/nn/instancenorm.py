@@ -136,7 +136,7 @@ class _InstanceNorm(FusedActivation):
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
-        s = super().extra_repr() + self._activation_repr()
+        s = super().extra_repr()  # with the activation (FusedActivation)
         if self.nonfinite != "skip":
             s += f", nonfinite={self.nonfinite!r}"
         return s
