@@ -5,6 +5,17 @@ from __future__ import annotations
 from normlab.functional.activations import get_activation
 
 
+def activation_repr(activation: str | None, negative_slope: float) -> str:
+    """The ``extra_repr`` part of a fused activation: none for None, the slope only for
+    'leaky_relu'."""
+    if activation is None:
+        return ""
+    s = f", activation={activation!r}"
+    if activation == "leaky_relu":
+        s += f", negative_slope={negative_slope}"
+    return s
+
+
 class FusedActivation:
     """Mixin: stores ``activation``/``negative_slope``, passes them to the layer's
     functional form (:meth:`_fused`) and describes them in ``repr`` (after the torch
@@ -19,12 +30,7 @@ class FusedActivation:
         self.negative_slope = float(negative_slope)
 
     def _activation_repr(self) -> str:
-        if self.activation is None:
-            return ""
-        s = f", activation={self.activation!r}"
-        if self.activation == "leaky_relu":
-            s += f", negative_slope={self.negative_slope}"
-        return s
+        return activation_repr(self.activation, self.negative_slope)
 
     def _fused(self, fn, input, *args, **kwargs):
         """``fn(input, *args, activation=…, negative_slope=…, **kwargs)``: the layer's

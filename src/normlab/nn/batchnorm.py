@@ -28,9 +28,19 @@ from normlab.functional.ema import ema_debias
 from normlab.functional.engine import BatchConfig, _normalize_batch
 from normlab.functional.options import BNOptions, check_options
 from normlab.kernels import traced
+from normlab.nn._fused import activation_repr
 from normlab.nn._fx import Proxy, call_as_leaf
 
 _TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
+# keyword-only extras (after channel_dim and the activation) and their defaults, in the
+# order extra_repr lists those that differ
+_REPR_DEFAULTS = (
+    ("nonfinite", "skip"),
+    ("ema_debias", False),
+    ("degenerate", "error"),
+    ("save", "input"),
+)
 
 
 class _NormlabBatchNorm(_BatchNorm):
@@ -458,18 +468,11 @@ class _NormlabBatchNorm(_BatchNorm):
         s = super().extra_repr()
         if self._channel_dim != 1:
             s += f", channel_dim={self._channel_dim}"
-        if self.activation is not None:
-            s += f", activation={self.activation!r}"
-            if self.activation == "leaky_relu":
-                s += f", negative_slope={self.negative_slope}"
-        if self.nonfinite != "skip":
-            s += f", nonfinite={self.nonfinite!r}"
-        if self.ema_debias:
-            s += ", ema_debias=True"
-        if self.degenerate != "error":
-            s += f", degenerate={self.degenerate!r}"
-        if self.save != "input":
-            s += f", save={self.save!r}"
+        s += activation_repr(self.activation, self.negative_slope)
+        for name, default in _REPR_DEFAULTS:  # the extras that differ from the default
+            value = getattr(self, name)
+            if value != default:
+                s += f", {name}={value!r}"
         return s
 
 
