@@ -267,9 +267,9 @@ def test_bad_cases_name_the_argument():
 
 def test_save_output_variant_keeps_about_half_the_activations(tiny_runs):
     # In-Place ABN on the LeakyReLU ResNet-18: each fused layer keeps only its output,
-    # which the next convolution saves anyway. Issue 12's target, <= 0.6x torch's bytes, is
-    # for batch 32 at 112x112 (measured 0.52-0.55x, benchmarks/README.md); at this tiny
-    # 32x32 size the pooling indices and the head weigh more (0.61x).
+    # which the next convolution saves anyway, and each downsample BN keeps the residual
+    # its fused add keeps. Issue 12's target, <= 0.6x torch's bytes, is for batch 32 at
+    # 112x112 (0.58x, benchmarks/README.md); it holds at this tiny size too.
     variants = tiny_runs["resnet18_leaky"]["variants"]
     assert (
         models.SAVE_OUTPUT in variants
@@ -277,6 +277,6 @@ def test_save_output_variant_keeps_about_half_the_activations(tiny_runs):
     )
     torch_bytes = variants["torch"]["saved"]["activation_bytes"]
     ratio = variants[models.SAVE_OUTPUT]["saved"]["activation_bytes"] / torch_bytes
-    assert ratio <= 0.65, ratio
+    assert ratio <= 0.6, ratio  # 0.57 at this size
     assert variants["normlab+fuse"]["saved"]["activation_bytes"] / torch_bytes > 0.9
     assert variants[models.SAVE_OUTPUT]["loss_rel_diff"] <= models.LOSS_RTOL

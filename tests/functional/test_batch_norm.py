@@ -227,3 +227,16 @@ def test_per_channel_parameters_reach_the_engine_unviewed_on_both_paths(
     assert gw.shape == gb.shape == (c,)
     assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
     assert torch.autograd.gradgradcheck(f, (x, w, b), fast_mode=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("arg", ["running_mean", "running_var", "weight", "bias"])
+def test_each_per_channel_tensor_of_wrong_length_is_named(arg, training):
+    # reliability case 2: each of the four, alone, of the wrong length, in either mode
+    args = {"running_mean": torch.zeros(3), "running_var": torch.ones(3),
+            "weight": torch.ones(3), "bias": torch.zeros(3)}  # fmt: skip
+    args[arg] = torch.ones(4)
+    rm0, rv0 = args["running_mean"].clone(), args["running_var"].clone()
+    with pytest.raises(ValueError, match=rf"{arg} must have shape \(3,\) to match the input's 3"):
+        NF.batch_norm(torch.randn(4, 3), training=training, **args)
+    assert torch.equal(args["running_mean"], rm0) and torch.equal(args["running_var"], rv0)

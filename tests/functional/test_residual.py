@@ -355,3 +355,54 @@ def test_half_input_matches_float64(act, dtype, cl, path, monkeypatch):
     mean, _, unbiased, _ = ref.batch_stats(x)
     torch.testing.assert_close(fused.running_mean.double(), 0.1 * mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(fused.running_var.double(), 0.9 + 0.1 * unbiased, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "act, kw, ref",
+    [
+        ("leaky_relu", {"negative_slope": 0.3}, lambda z: F.leaky_relu(z, 0.3)),
+        ("elu", {"alpha": 0.5}, lambda z: F.elu(z, 0.5)),
+        ("hardtanh", {"min_val": -0.5, "max_val": 2.0}, lambda z: F.hardtanh(z, -0.5, 2.0)),
+        ("hardswish", {}, F.hardswish),
+        ("silu", {}, F.silu),
+    ],
+    ids=["leaky", "elu", "hardtanh", "hardswish", "silu"],
+)
+@pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
+def test_eval_adds_and_activates_in_place_without_touching_the_operands(act, kw, ref, cl, path):
+    # Inference writes the add and the activation into the layer's own output (as
+    # torchvision's block does): x and r are left as they were, and with grad enabled the
+    # out-of-place form runs so autograd differentiates it.
+    fused = nl.nn.BatchNorm2d(5, activation=act, **kw).eval()
+    plain = torch.nn.BatchNorm2d(5).eval()
+    with torch.no_grad():
+        for m in (fused, plain):
+            m.running_mean.copy_(torch.linspace(-0.5, 0.5, 5))
+            m.running_var.copy_(torch.linspace(0.5, 2.0, 5))
+    x, r = _inputs(torch.float32, cl, seed=5)
+    x0, r0 = x.clone(), r.clone()
+    with torch.no_grad():
+        y = fused(x, r)
+    torch.testing.assert_close(y, ref(plain(x) + r), **TOL[torch.float32])
+    assert torch.equal(x, x0) and torch.equal(r, r0)
+    assert y.data_ptr() not in (x.data_ptr(), r.data_ptr())
+    x1, r1 = x.clone().requires_grad_(), r.clone().requires_grad_()
+    x2, r2 = x.clone().requires_grad_(), r.clone().requires_grad_()
+    y1, y2 = fused(x1, r1), ref(plain(x2) + r2)
+    dy = torch.randn(y1.shape, generator=torch.Generator().manual_seed(6))
+    got = torch.autograd.grad(y1, (x1, r1, fused.weight, fused.bias), dy)
+    want = torch.autograd.grad(y2, (x2, r2, plain.weight, plain.bias), dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_eval_vmap_over_the_residual_only():
+    # Under torch.func the output may be unbatched while r is batched: no in-place add.
+    fused = nl.nn.BatchNorm2d(5, activation="relu").eval()
+    plain = torch.nn.BatchNorm2d(5).eval()
+    x = torch.randn(4, 5, 6, 7)
+    rs = torch.randn(3, 4, 5, 6, 7)
+    with torch.no_grad():
+        got = torch.func.vmap(lambda r: fused(x, r))(rs)
+        want = torch.stack([F.relu(plain(x) + r) for r in rs])
+    torch.testing.assert_close(got, want, **TOL[torch.float32])

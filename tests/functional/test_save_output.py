@@ -246,6 +246,79 @@ def test_fuse_applies_save_output_where_allowed():
         nl.fuse(model, save="x")
 
 
+class _DownsampleBlock(nn.Module):
+    """A ResNet downsample block with LeakyReLU: b2 → add(downsample BN) → leaky."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.b1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(4)
+        self.down = nn.Sequential(nn.Conv2d(3, 4, 1, stride=2), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        h = F.leaky_relu(self.b1(self.c1(x)), 0.1)
+        return F.leaky_relu(self.b2(self.c2(h)) + self.down(x), 0.1)
+
+
+def _saved_bytes(model, x):
+    from normlab.bench.memory import saved_for_backward
+
+    params = list(model.parameters())
+    saved = saved_for_backward(lambda: model(x).sum(), exclude=params)
+    return saved["bytes"] - saved["excluded_bytes"]
+
+
+def test_fuse_save_output_turns_the_residual_operand_bn_into_a_save_output_layer():
+    # The fused add → leaky layer keeps its residual r (the other BN's output) to rebuild
+    # x̂; that BN then keeps its output (r itself) instead of its input: one tensor less.
+    torch.manual_seed(0)
+    model = _DownsampleBlock().train()
+    fused, report = nl.fuse(model, save="output", report=True)
+    layers = dict(fused.named_modules())
+    identity = [n for n, what in report.fused.items() if what.startswith("identity")]
+    assert len(identity) == 1 and not report.unfused
+    assert layers[identity[0]].save == "output" and layers[identity[0]].activation is None
+    plain, plain_report = nl.fuse(model, report=True)
+    assert list(plain_report.unfused) == identity  # save='input' leaves it as it was
+    x = torch.randn(4, 3, 8, 8)
+    assert _saved_bytes(fused, x) < _saved_bytes(plain, x)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = fused(x1), model(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    for (n1, p1), (n2, p2) in zip(fused.named_parameters(), model.named_parameters()):
+        assert n1 == n2
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4)
+    assert fused.state_dict().keys() == model.state_dict().keys()
+
+
+def test_fuse_save_output_keeps_the_input_where_gamma_has_a_zero():
+    # torchvision's zero_init_residual sets the last BN's γ of each block to 0: x̂ cannot
+    # be rebuilt from y there, so fuse keeps x for those layers instead of failing later.
+    torch.manual_seed(0)
+    model = _DownsampleBlock().train()
+    nn.init.zeros_(model.b2.weight)
+    nn.init.zeros_(model.down[1].weight)
+    fused, report = nl.fuse(model, save="output", report=True)
+    layers = dict(fused.named_modules())
+    assert layers["b1"].save == "output"
+    assert report.fused == {"b1": "leaky_relu", "b2": "add+leaky_relu"}
+    assert layers["b2"].save == "input"
+    assert list(report.unfused) == ["down.1"] and "residual operand" in report.unfused["down.1"]
+    x1 = torch.randn(4, 3, 8, 8, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = fused(x1), model(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-5)
+    y1.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("act, kw", ACTS, ids=[a for a, _ in ACTS])

@@ -36,6 +36,12 @@ class Activation:
     derivative: Callable[[torch.Tensor, float], torch.Tensor]  # d act / d z, at z
     # hardtanh/relu6: (min_val, max_val); elu: (alpha,); others ()
     params: tuple[float, ...] = ()
+    # the same, writing into z (for a z nothing else holds and autograd does not track)
+    forward_: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+
+    def apply_(self, z: torch.Tensor, negative_slope: float) -> torch.Tensor:
+        """act(z), in place where this activation has an in-place form."""
+        return (self.forward if self.forward_ is None else self.forward_)(z, negative_slope)
 
 
 def derivative_from_output(act: Activation, negative_slope: float):
@@ -132,7 +138,10 @@ def _hardtanh(lo: float, hi: float, name: str) -> Activation:
     def derivative(z: torch.Tensor, _: float) -> torch.Tensor:
         return ((z > lo) & (z < hi)).to(z.dtype)  # 0 at the bounds, as hardtanh_backward
 
-    return Activation(name, forward, derivative, (lo, hi))
+    def forward_(z: torch.Tensor, _: float) -> torch.Tensor:
+        return F.hardtanh_(z, lo, hi)
+
+    return Activation(name, forward, derivative, (lo, hi), forward_)
 
 
 def _elu(alpha: float) -> Activation:
@@ -142,23 +151,52 @@ def _elu(alpha: float) -> Activation:
     def derivative(z: torch.Tensor, _: float) -> torch.Tensor:
         return torch.where(z > 0, torch.ones_like(z), alpha * torch.exp(z))
 
-    return Activation("elu", forward, derivative, (alpha,))
+    def forward_(z: torch.Tensor, _: float) -> torch.Tensor:
+        return F.elu_(z, alpha)
+
+    return Activation("elu", forward, derivative, (alpha,), forward_)
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "identity": Activation("identity", lambda z, _: z, lambda z, _: torch.ones_like(z)),
-    "relu": Activation("relu", lambda z, _: F.relu(z), lambda z, _: (z > 0).to(z.dtype)),
+    "identity": Activation(
+        "identity", lambda z, _: z, lambda z, _: torch.ones_like(z), (), lambda z, _: z
+    ),
+    "relu": Activation(
+        "relu",
+        lambda z, _: F.relu(z),
+        lambda z, _: (z > 0).to(z.dtype),
+        (),
+        lambda z, _: torch.relu_(z),
+    ),
     "leaky_relu": Activation(
         "leaky_relu",
         lambda z, a: F.leaky_relu(z, a),
         lambda z, a: torch.where(z > 0, torch.ones_like(z), torch.full_like(z, a)),
+        (),
+        lambda z, a: F.leaky_relu_(z, a),
     ),
-    "sigmoid": Activation("sigmoid", lambda z, _: torch.sigmoid(z), _sigmoid_derivative),
-    "tanh": Activation("tanh", lambda z, _: torch.tanh(z), _tanh_derivative),
-    "silu": Activation("silu", lambda z, _: F.silu(z), _silu_derivative),
+    "sigmoid": Activation(
+        "sigmoid",
+        lambda z, _: torch.sigmoid(z),
+        _sigmoid_derivative,
+        (),
+        lambda z, _: torch.sigmoid_(z),
+    ),
+    "tanh": Activation(
+        "tanh", lambda z, _: torch.tanh(z), _tanh_derivative, (), lambda z, _: torch.tanh_(z)
+    ),
+    "silu": Activation(
+        "silu", lambda z, _: F.silu(z), _silu_derivative, (), lambda z, _: F.silu(z, True)
+    ),
     "relu6": _hardtanh(0.0, 6.0, "relu6"),
     "hardtanh": _hardtanh(-1.0, 1.0, "hardtanh"),
-    "hardswish": Activation("hardswish", lambda z, _: F.hardswish(z), _hardswish_derivative),
+    "hardswish": Activation(
+        "hardswish",
+        lambda z, _: F.hardswish(z),
+        _hardswish_derivative,
+        (),
+        lambda z, _: F.hardswish(z, True),
+    ),
     "elu": _elu(1.0),
 }
 

@@ -19,7 +19,8 @@ The fused layer keeps the BN's qualified name, parameters and buffers (the same 
 objects), so ``state_dict()`` has the same keys and values and checkpoints load both
 ways; the activation modules it replaces hold no state. A BN that feeds an add as the
 *other* operand of an already fused add (a ResNet downsample BN) stays as it is: the
-add belongs to the first BN. Without ``example_inputs`` an add operand is assumed to be
+add belongs to the first BN (with ``save='output'`` it becomes an identity layer that
+keeps its output, which the fused add keeps anyway as its residual). Without ``example_inputs`` an add operand is assumed to be
 shaped like the BN's output (a broadcasting add would fail at run time with the
 layer's shape error); with them, shapes are propagated and broadcasting adds are left.
 
@@ -184,6 +185,14 @@ def _invertible(extra: dict) -> bool:
     return inverse_of(get_activation(name), extra.get("negative_slope", 0.01)) is not None
 
 
+def _has_zero_weight(bn: nn.Module) -> bool:
+    """Whether ``bn``'s γ has a zero entry now (torchvision's ``zero_init_residual``):
+    save='output' cannot rebuild x̂ = (y − β)/γ there, so such a layer keeps its input.
+    A meta-device γ has no values to look at and is taken as nonzero."""
+    w = getattr(bn, "weight", None)
+    return w is not None and not w.is_meta and bool((w == 0).any())
+
+
 def _new_layer(bn: nn.Module, extra: dict, save) -> nn.Module:
     """The normlab layer for ``bn`` with the activation keywords ``extra``, holding
     ``bn``'s own parameter and buffer tensors (so the state_dict is unchanged)."""
@@ -196,7 +205,7 @@ def _new_layer(bn: nn.Module, extra: dict, save) -> nn.Module:
             kwargs[k] = getattr(bn, k)
     if not hasattr(bn, "nonfinite"):
         kwargs["nonfinite"] = "propagate"  # torch's layer: keep torch's behaviour
-    if save == "output" and _invertible(extra):
+    if save == "output" and _invertible(extra) and not _has_zero_weight(bn):
         kwargs["save"] = "output"
     new = cls(bn.num_features, bn.eps, bn.momentum, device="meta", **kwargs, **extra)
     new._parameters = dict(bn._parameters)
@@ -240,6 +249,8 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, report: FuseReport, save) -> No
             continue
         r = _residual_of(user, node)
         if r is None and user.op == "call_module" and len(user.args) == 2 and user.args[1] is node:
+            if save == "output" and _save_output_layer(gm, node, bn, name, report):
+                continue  # the fused add keeps r (this output) for its backward anyway
             report.unfused[name] = (
                 f"it is the residual operand of the add fused into {prefix}{user.target}"
             )
@@ -266,6 +277,18 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, report: FuseReport, save) -> No
         report.fused[name] = "add" + ("" if act is None else "+" + act["activation"])
     graph.lint()
     gm.recompile()
+
+
+def _save_output_layer(gm: fx.GraphModule, node: fx.Node, bn, name: str, report) -> bool:
+    """With save='output', a BN left alone whose output is the residual of a fused
+    add → act layer: that layer keeps r for its backward, so this BN becomes an identity
+    layer that keeps its output (the same storage) instead of its input, saving one
+    activation-sized tensor per downsample block. False (nothing done) if γ has a zero."""
+    if _has_zero_weight(bn):
+        return False
+    gm.add_submodule(node.target, _new_layer(bn, {}, "output"))
+    report.fused[name] = "identity (save='output', the residual of a fused add)"
+    return True
 
 
 def _describe(target) -> str:
@@ -330,7 +353,10 @@ def fuse(
             activation layers whose activation is invertible (identity, leaky_relu with
             slope > 0, elu with α > 0) keep only their output (In-Place ABN; see
             ``normlab.nn.BatchNorm2d``'s ``save``; a BN → add → act layer keeps y and
-            the residual, which its block's first conv keeps anyway); the others keep x.
+            the residual, which its block's first conv keeps anyway, and a BN that is
+            that residual becomes an identity layer keeping its output); the others, and
+            any layer whose γ has a zero entry at fuse time (``zero_init_residual``),
+            keep x.
 
     Returns:
         The fused model (a ``torch.fx.GraphModule``, or the copied model with fused
