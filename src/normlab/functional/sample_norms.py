@@ -419,8 +419,9 @@ def instance_norm(
     Ingredient for Fast Stylization", 2016, eq. (2).
     """
     options = BNOptions(
-        momentum, eps, 1, activation, negative_slope, nonfinite, where="instance_norm"
-    )
+        momentum, eps, activation=activation, negative_slope=negative_slope, nonfinite=nonfinite,
+        where="instance_norm",
+    )  # fmt: skip
     return warn_if_skipped(
         _instance_norm(
             input, running_mean, running_var, weight, bias, use_input_stats, options, mask=mask

@@ -367,7 +367,7 @@ class _NormlabBatchNorm(_BatchNorm):
             params = self._parameters
             layout = _check_batch_norm(
                 input, mean, var, params.get("weight"), params.get("bias"), use_batch_stats,
-                self._options(), buffers.get("num_batches_tracked") if tracking else None, True,
+                self._options(), self._num_batches_tracked(tracking), True,
             )  # fmt: skip
             self.__dict__["_checked"] = (signature, layout)
         if not use_batch_stats and self.ema_debias:

@@ -136,8 +136,11 @@ class _FrozenBatchNorm(FusedActivation, torch.nn.Module):
                 f"{input.shape[1]} channels (shape {tuple(input.shape)}); construct it with "
                 f"num_features={input.shape[1]}."
             )
-        options = BNOptions(
-            0.0, self.eps, 1, self.activation, self.negative_slope, where=type(self).__name__
+        options = BNOptions(  # eval only: no momentum, nonfinite or degenerate policy
+            eps=self.eps,
+            activation=self.activation,
+            negative_slope=self.negative_slope,
+            where=type(self).__name__,
         )
         y, _ = _batch_norm(
             input, self.running_mean, self.running_var, self.weight, self.bias, False, options

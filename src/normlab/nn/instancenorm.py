@@ -119,8 +119,9 @@ class _InstanceNorm(FusedActivation):
         # torch passes momentum 0 for None: the running statistics never move
         momentum = self.momentum if self.momentum is not None else 0.0
         options = BNOptions(
-            momentum, self.eps, 1, self.activation, self.negative_slope, self.nonfinite, where=name
-        )
+            momentum, self.eps, activation=self.activation, negative_slope=self.negative_slope,
+            nonfinite=self.nonfinite, where=name,
+        )  # fmt: skip
         y, skipped = _instance_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias,
             self.training or not self.track_running_stats, options, mask=mask,
