@@ -232,7 +232,7 @@ def test_per_channel_parameters_reach_the_engine_unviewed_on_both_paths(
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("arg", ["running_mean", "running_var", "weight", "bias"])
 def test_each_per_channel_tensor_of_wrong_length_is_named(arg, training):
-    # reliability case 2: each of the four, alone, of the wrong length, in either mode
+    # docs/reliability.md case 2: each of the four, alone, of the wrong length, in either mode
     args = {"running_mean": torch.zeros(3), "running_var": torch.ones(3),
             "weight": torch.ones(3), "bias": torch.zeros(3)}  # fmt: skip
     args[arg] = torch.ones(4)

@@ -4,12 +4,14 @@ running update to fold in and what a skipped (non-finite) batch does."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from normlab.functional import _checks
 from normlab.functional.engine import RunningUpdate
+from normlab.functional.options import BNOptions, check_options
 from normlab.functional.stats import reduce_count
 
 
@@ -101,27 +103,20 @@ def _check_batch_norm(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     training: bool,
-    momentum: float | None,
-    eps: float,
-    channel_dim: int,
-    nonfinite: str,
+    options: BNOptions,
     num_batches_tracked: torch.Tensor | None,
-    where: str,
     local_stats: bool,
-    degenerate: str = "error",
 ) -> BatchNormLayout:
     """Every check of a :func:`batch_norm` call, raising the documented errors; the
     result depends only on the arguments' types, shapes and flags. ``local_stats``: the
     training statistics are this input's (no ``source_fn``), so one value per channel is
-    an error here rather than after the collective. ``degenerate``: see :func:`batch_norm`;
-    only 'error' raises for one value per channel here."""
-    _checks.check_eps(eps, where)
-    _checks.check_degenerate(degenerate, where)
-    _checks.check_momentum(momentum, where)
-    _checks.check_nonfinite(nonfinite, where)
+    an error here rather than after the collective. ``options.degenerate``: see
+    :func:`batch_norm`; only 'error' raises for one value per channel here."""
+    check_options(options)
+    where, degenerate, momentum = options.where, options.degenerate, options.momentum
     c, dims, shape = channel_layout(
         input,
-        channel_dim,
+        options.channel_dim,
         {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
         where,
     )
@@ -173,8 +168,23 @@ def skipped_outcome(
     return y, False
 
 
+def warn_if_skipped(
+    result: tuple[torch.Tensor, bool], where: str, what: str = "batch statistics"
+) -> torch.Tensor:
+    """The output of a functional call's private ``(y, skipped)`` result, warning (at the
+    caller of the public function) when a non-finite batch left the running statistics."""
+    y, skipped = result
+    if skipped:
+        warnings.warn(
+            f"{where}: non-finite {what}; running statistics not updated",
+            NonFiniteStatisticsWarning,
+            stacklevel=3,
+        )
+    return y
+
+
 def traced_running_update(
-    running_mean, running_var, num_batches_tracked, mean, var, n, momentum, nonfinite, where
+    running_mean, running_var, num_batches_tracked, mean, var, n, options: BNOptions
 ) -> None:
     """Fold traced batch statistics (biased ``var`` over ``n`` values) into the running
     buffers without branching on the data (:func:`normlab.functional.traced.update_running`);
@@ -185,12 +195,6 @@ def traced_running_update(
 
     unbiased = var * (n / (n - 1)) if n > 1 else var * float("nan")
     traced.update_running(
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        mean,
-        unbiased,
-        momentum,
-        nonfinite,
-        where,
-    )
+        running_mean, running_var, num_batches_tracked, mean, unbiased, options.momentum,
+        options.nonfinite, options.where,
+    )  # fmt: skip

@@ -65,14 +65,18 @@ def check_momentum(momentum: float | None, where: str, allow_none: bool = True) 
     return float(momentum)
 
 
+def _check_choice(value: str, name: str, choices: tuple[str, ...], where: str, why: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{where}: {name} must be one of {choices}, got {value!r}. {why}")
+    return value
+
+
 def check_nonfinite(policy: str, where: str) -> str:
-    if policy not in NONFINITE_POLICIES:
-        raise ValueError(
-            f"{where}: nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}. 'skip' keeps "
-            f"the last good running statistics when a batch has NaN/Inf, 'raise' raises before any "
-            f"state changes, 'propagate' updates them anyway (torch's behaviour)."
-        )
-    return policy
+    return _check_choice(
+        policy, "nonfinite", NONFINITE_POLICIES, where,
+        "'skip' keeps the last good running statistics when a batch has NaN/Inf, 'raise' "
+        "raises before any state changes, 'propagate' updates them anyway (torch's behaviour).",
+    )  # fmt: skip
 
 
 def check_num_features(num_features: int, where: str) -> int:
@@ -118,11 +122,9 @@ DEGENERATE_POLICIES = ("error", "eval", "skip")
 
 
 def check_degenerate(policy: str, where: str) -> str:
-    if policy not in DEGENERATE_POLICIES:
-        raise ValueError(
-            f"{where}: degenerate must be one of {DEGENERATE_POLICIES}, got {policy!r}. It says "
-            f"what training does with <= 1 value per channel: 'error' raises, 'eval' normalises "
-            f"with the running statistics and leaves them untouched, 'skip' returns the input "
-            f"unchanged."
-        )
-    return policy
+    return _check_choice(
+        policy, "degenerate", DEGENERATE_POLICIES, where,
+        "It says what training does with <= 1 value per channel: 'error' raises, 'eval' "
+        "normalises with the running statistics and leaves them untouched, 'skip' returns "
+        "the input unchanged.",
+    )  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -19,6 +18,7 @@ from normlab.functional._bn_checks import (  # noqa: F401  (re-exported: BN's va
     running_update,
     skipped_outcome,
     traced_running_update,
+    warn_if_skipped,
 )
 from normlab.functional.ema import fold_running_
 from normlab.functional.engine import (
@@ -29,6 +29,7 @@ from normlab.functional.engine import (
     normalize_with_stats,
     view_params,
 )
+from normlab.functional.options import BNOptions
 from normlab.functional.residual import batch_norm_residual
 from normlab.functional.save_output import batch_norm_save_output
 from normlab.functional.stats import work_dtype
@@ -84,24 +85,17 @@ def _batch_norm(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     training: bool,
-    momentum: float | None,
-    eps: float,
+    options: BNOptions,
     *,
-    channel_dim: int = 1,
-    activation: str | None = None,
-    negative_slope: float = 0.01,
-    nonfinite: str = "propagate",
     num_batches_tracked: torch.Tensor | None = None,
-    where: str = "batch_norm",
     source_fn: Callable[[torch.Tensor, tuple[int, ...]], tuple[StatsSource, int]] | None = None,
     layout: BatchNormLayout | None = None,
     residual: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    degenerate: str = "error",
-    save: str = "input",
     eager: bool = False,
 ) -> tuple[torch.Tensor, bool]:
-    """:func:`batch_norm`, also returning whether a non-finite batch was skipped.
+    """:func:`batch_norm`, also returning whether a non-finite batch was skipped; its
+    non-tensor arguments (momentum, eps, channel_dim, activation, …) as one ``options``.
 
     ``eager``: the caller has established that ``input`` is not traced
     (:func:`normlab.kernels.traced`), so the check is not repeated on the hot path.
@@ -114,46 +108,33 @@ def _batch_norm(
     shapes and flags, which skips the checks (a layer validates once per input
     signature, see ``normlab.nn.batchnorm``); None checks everything.
 
-    ``mask``, ``degenerate``: see :func:`batch_norm`. With a mask, ``source_fn`` is instead
-    ``source_fn(x, m, dims) -> (count, mean, var)``, the masked global moments
+    ``mask``, ``options.degenerate``: see :func:`batch_norm`. With a mask, ``source_fn`` is
+    instead ``source_fn(x, m, dims) -> (count, mean, var)``, the masked global moments
     (:func:`normlab.distributed.global_masked_moments`).
     """
     if layout is None:
         layout = _check_batch_norm(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training,
-            momentum,
-            eps,
-            channel_dim,
-            nonfinite,
-            num_batches_tracked,
-            where,
-            source_fn is None,
-            degenerate,
-        )
+            input, running_mean, running_var, weight, bias, training, options,
+            num_batches_tracked, source_fn is None,
+        )  # fmt: skip
     if mask is not None:
         return _masked_batch_norm(
-            input, mask, running_mean, running_var, weight, bias, training, momentum, eps,
-            activation, negative_slope, nonfinite, num_batches_tracked, where, source_fn,
-            layout, degenerate,
+            input, mask, running_mean, running_var, weight, bias, training, options,
+            num_batches_tracked, source_fn, layout,
         )  # fmt: skip
     # (C,) tensors broadcast against x only when C is the last dim (layout.view False);
     # the engine's main entry takes them as they are (param_shape), the others viewed.
     shape = layout.shape if layout.view else None
     if residual is not None:
         return batch_norm_residual(
-            input, residual, running_mean, running_var, weight, bias, training, momentum,
-            eps, activation, negative_slope, nonfinite, num_batches_tracked, where, layout,
-            source_fn, shape, save,
+            input, residual, running_mean, running_var, weight, bias, training, options,
+            num_batches_tracked, layout, source_fn, shape,
         )  # fmt: skip
-    if save != "input" and training and source_fn is None and not kernels.traced(input):
+    eps, activation, negative_slope = options.eps, options.activation, options.negative_slope
+    if options.save != "input" and training and source_fn is None and not kernels.traced(input):
         return batch_norm_save_output(
-            input, running_mean, running_var, weight, bias, momentum, eps, activation,
-            negative_slope, nonfinite, num_batches_tracked, where, layout, shape, save,
+            input, running_mean, running_var, weight, bias, options, num_batches_tracked,
+            layout, shape,
         )  # fmt: skip
 
     if not training:
@@ -177,31 +158,28 @@ def _batch_norm(
 
     source = None
     n = layout.n
+    degenerate, where = options.degenerate, options.where
     if source_fn is not None:
         source, n = source_fn(input, layout.dims)  # every rank gets the same n: all raise or none
-        if n == 1 and degenerate != "error":  # the GLOBAL count: every rank decides alike
-            return _degenerate_output(
-                input, running_mean, running_var, weight, bias, eps, activation,
-                negative_slope, where, layout, degenerate,
-            ), False  # fmt: skip
-        if n == 1:
+        if n == 1 and degenerate == "error":  # the GLOBAL count: every rank decides alike
             raise ValueError(
                 f"{where}: expected more than 1 value per channel when training, but the "
                 f"global batch across all ranks has only one (this rank's input: "
                 f"{list(input.shape)}). Use larger per-rank batches, or eval mode to use the "
                 f"running statistics, or degenerate='eval'/'skip'."
             )
-    elif n == 1 and degenerate != "error":  # a static shape: a Python branch traces too
-        return _degenerate_output(
-            input, running_mean, running_var, weight, bias, eps, activation, negative_slope,
-            where, layout, degenerate,
-        ), False  # fmt: skip
+    # a static shape (or the global count, the same on every rank): a Python branch traces
+    if n == 1 and degenerate != "error":
+        y = _degenerate_output(input, running_mean, running_var, weight, bias, options, layout)
+        return y, False
     if not eager and kernels.traced(input):  # compile, export, jit.trace, torch.func, meta
         return _traced_batch_norm(
-            input, running_mean, running_var, weight, bias, momentum, eps, activation,
-            negative_slope, nonfinite, num_batches_tracked, where, layout, source, n,
+            input, running_mean, running_var, weight, bias, options, num_batches_tracked,
+            layout, source, n,
         ), False  # fmt: skip
     # An empty batch has no statistics: the running ones stay untouched.
+    nonfinite = options.nonfinite
+    momentum = options.momentum
     running = running_update(running_mean, running_var, momentum, num_batches_tracked, nonfinite, n)
     if input.numel() == 0 and source is None:
         y, mean, var = normalize_batch(
@@ -219,8 +197,8 @@ def _batch_norm(
 
 
 def _traced_batch_norm(
-    input, running_mean, running_var, weight, bias, momentum, eps, activation,
-    negative_slope, nonfinite, num_batches_tracked, where, layout, source, n,
+    input, running_mean, running_var, weight, bias, options: BNOptions, num_batches_tracked,
+    layout, source, n,
 ) -> torch.Tensor:  # fmt: skip
     """The training branch of :func:`_batch_norm` as traceable code
     (:mod:`normlab.functional.traced`): the kernels as custom ops where they apply, the
@@ -230,36 +208,32 @@ def _traced_batch_norm(
     from normlab.functional.engine import _TRACED_SOURCE_ERROR
 
     if source is not None and source.reduce_sums is not None:
-        raise RuntimeError(f"{where}: {_TRACED_SOURCE_ERROR}")
+        raise RuntimeError(f"{options.where}: {_TRACED_SOURCE_ERROR}")
     shape = layout.shape if layout.view else None
     y, mean, var = traced.normalize_batch(
-        input, layout.dims, weight, bias, eps=eps, center=True, activation=activation,
-        negative_slope=negative_slope, param_shape=shape,
+        input, layout.dims, weight, bias, eps=options.eps, center=True,
+        activation=options.activation, negative_slope=options.negative_slope,
+        param_shape=shape,
     )  # fmt: skip
-    traced_running_update(
-        running_mean, running_var, num_batches_tracked, mean, var, n, momentum, nonfinite, where
-    )
+    traced_running_update(running_mean, running_var, num_batches_tracked, mean, var, n, options)
     return y
 
 
 def _degenerate_output(
-    input, running_mean, running_var, weight, bias, eps, activation, negative_slope, where,
-    layout, degenerate,
-) -> torch.Tensor:  # fmt: skip
-    """The training output for <= 1 value per channel under ``degenerate`` 'eval' or
-    'skip' (see :func:`batch_norm`); the running statistics are not touched.
+    input, running_mean, running_var, weight, bias, options: BNOptions, layout
+) -> torch.Tensor:
+    """The training output for <= 1 value per channel under ``options.degenerate`` 'eval'
+    or 'skip' (see :func:`batch_norm`); the running statistics are not touched.
 
     'eval': eval mode's computation with the running statistics (so its gradients are
     torch's eval-mode BatchNorm gradients). 'skip': the raw input itself (no statistics,
     affine or activation), connected to the learnable parameters by an exact ``0·p`` so
     that they get zero gradients rather than none (DDP expects every parameter to get one).
     """
-    if degenerate == "eval":
+    if options.degenerate == "eval":
         y, _ = _batch_norm(
-            input, running_mean, running_var, weight, bias, False, 0.0, eps,
-            channel_dim=layout.channel, activation=activation, negative_slope=negative_slope,
-            where=where, layout=layout,
-        )  # fmt: skip
+            input, running_mean, running_var, weight, bias, False, options, layout=layout
+        )
         return y
     zero = None
     for p in (weight, bias):
@@ -280,36 +254,35 @@ def _one_counted_value_error(input: torch.Tensor, count: int, where: str) -> Val
 
 
 def _masked_batch_norm(
-    input, mask, running_mean, running_var, weight, bias, training, momentum, eps,
-    activation, negative_slope, nonfinite, num_batches_tracked, where, source_fn, layout,
-    degenerate,
+    input, mask, running_mean, running_var, weight, bias, training, options: BNOptions,
+    num_batches_tracked, source_fn, layout,
 ) -> tuple[torch.Tensor, bool]:  # fmt: skip
     """:func:`_batch_norm` with a ``mask`` (semantics: :mod:`normlab.functional.masked`).
     Torch ops, not the kernels. Eager code branches on the counted number (a host sync,
     which the unmasked path never pays); traced code cannot, so there the degenerate
     policy is branch-free: 'eval' and 'skip' select with ``torch.where`` between the batch
     result and the running statistics / the input, the running update is masked by
-    ``count > 1``, and 'error' becomes ``torch._assert_async``."""
+    ``count > 1``, and 'error' becomes ``torch._assert_async``. ``options.save`` does not
+    apply (the masked statistics are torch ops that keep their own tensors)."""
     from normlab.functional import masked
 
+    where, degenerate = options.where, options.degenerate
     m = masked.check_mask(mask, input, layout.channel, where)
     if not training:  # running statistics: the mask only stops gradients at padding
         y, _ = _batch_norm(
-            input, running_mean, running_var, weight, bias, False, momentum, eps,
-            channel_dim=layout.channel, activation=activation, negative_slope=negative_slope,
-            where=where, layout=layout,
-        )  # fmt: skip
+            input, running_mean, running_var, weight, bias, False, options, layout=layout
+        )
         return masked.stop_padded_grad(y, m), False
     if source_fn is None and not kernels.traced(input) and bool(mask.all()):
         # nothing is padded: the unmasked path, bit for bit (kernels included)
         return _batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps,
-            channel_dim=layout.channel, activation=activation, negative_slope=negative_slope,
-            nonfinite=nonfinite, num_batches_tracked=num_batches_tracked, where=where,
-            layout=layout, degenerate=degenerate,
+            input, running_mean, running_var, weight, bias, training,
+            options._replace(save="input"), num_batches_tracked=num_batches_tracked,
+            layout=layout,
         )  # fmt: skip
     shape = layout.shape
     w, b = view_params(weight, shape), view_params(bias, shape)
+    affine = (options.eps, options.activation, options.negative_slope)
     wd = work_dtype(input.dtype)
     x = input.to(wd)
     if source_fn is None:
@@ -322,20 +295,18 @@ def _masked_batch_norm(
         if n <= 1:
             if degenerate == "error":
                 raise _one_counted_value_error(input, n, where)
-            y = _degenerate_output(
-                input, running_mean, running_var, weight, bias, eps, activation,
-                negative_slope, where, layout, degenerate,
-            )  # fmt: skip
+            y = _degenerate_output(input, running_mean, running_var, weight, bias, options, layout)
             return masked.stop_padded_grad(y, m), False
-        y = masked.normalize_masked(input, m, mean, var, w, b, eps, activation, negative_slope)
+        y = masked.normalize_masked(input, m, mean, var, w, b, *affine)
         skipped = False
         if running_mean is not None:
             skipped = update_running_stats_(
                 running_mean, running_var, mean.detach().reshape(-1),
-                (var.detach() * (n / (n - 1))).reshape(-1), momentum,
-                num_batches_tracked=num_batches_tracked, nonfinite=nonfinite, where=where,
+                (var.detach() * (n / (n - 1))).reshape(-1), options.momentum,
+                num_batches_tracked=num_batches_tracked, nonfinite=options.nonfinite,
+                where=where,
             )  # fmt: skip
-            if skipped and nonfinite == "raise":  # pragma: no cover - raised inside
+            if skipped and options.nonfinite == "raise":  # pragma: no cover - raised inside
                 raise _nonfinite_error(where)
         return y, skipped
     from normlab.functional import traced
@@ -357,17 +328,16 @@ def _masked_batch_norm(
         var_n = torch.where(ok, var, view_params(running_var, shape).to(wd))
     else:
         mean_n, var_n = torch.where(ok, mean, 0.0), torch.where(ok, var, 1.0)
-    y = masked.normalize_masked(input, m, mean_n, var_n, w, b, eps, activation, negative_slope)
+    y = masked.normalize_masked(input, m, mean_n, var_n, w, b, *affine)
     if degenerate == "skip":
         y = torch.where(ok, y, _degenerate_output(
-            masked.stop_padded_grad(input, m), None, None, weight, bias, eps, activation,
-            negative_slope, where, layout, "skip",
+            masked.stop_padded_grad(input, m), None, None, weight, bias, options, layout
         ))  # fmt: skip
     if running_mean is not None:
         unbiased = var * (count / (count - 1))  # NaN/Inf for count <= 1: masked out by ok
         traced.update_running(
             running_mean, running_var, num_batches_tracked, mean.detach(), unbiased.detach(),
-            momentum, nonfinite, where, gate=ok,
+            options.momentum, options.nonfinite, where, gate=ok,
         )  # fmt: skip
     return y, False
 
@@ -459,29 +429,11 @@ def batch_norm(
 
     Reference: Ioffe & Szegedy, "Batch Normalization", ICML 2015, Algorithm 1.
     """
-    y, skipped = _batch_norm(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        channel_dim=channel_dim,
-        activation=activation,
-        negative_slope=negative_slope,
-        nonfinite=nonfinite,
-        num_batches_tracked=num_batches_tracked,
-        residual=residual,
-        mask=mask,
-        degenerate=degenerate,
-        save=save,
+    options = BNOptions(
+        momentum, eps, channel_dim, activation, negative_slope, nonfinite, degenerate, save
     )
-    if skipped:
-        warnings.warn(
-            "batch_norm: non-finite batch statistics; running statistics not updated",
-            NonFiniteStatisticsWarning,
-            stacklevel=2,
-        )
-    return y
+    result = _batch_norm(
+        input, running_mean, running_var, weight, bias, training, options,
+        num_batches_tracked=num_batches_tracked, residual=residual, mask=mask,
+    )  # fmt: skip
+    return warn_if_skipped(result, "batch_norm")

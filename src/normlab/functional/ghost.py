@@ -29,17 +29,12 @@ Choices (the paper leaves them open or differs):
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from normlab.functional.batch_norm import (
-    NonFiniteStatisticsWarning,
-    _batch_norm,
-    _check_batch_norm,
-    update_running_stats_,
-)
+from normlab.functional._bn_checks import warn_if_skipped
+from normlab.functional.batch_norm import _batch_norm, _check_batch_norm, update_running_stats_
 from normlab.functional.engine import normalize_batch, view_params
+from normlab.functional.options import BNOptions
 
 
 def check_virtual_batch_size(virtual_batch_size: int, where: str) -> int:
@@ -73,37 +68,36 @@ def _ghost_batch_norm(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     training: bool,
-    momentum: float | None,
-    eps: float,
+    options: BNOptions,
     *,
     virtual_batch_size: int,
-    channel_dim: int = 1,
-    activation: str | None = None,
-    negative_slope: float = 0.01,
-    nonfinite: str = "propagate",
     num_batches_tracked: torch.Tensor | None = None,
-    where: str = "ghost_batch_norm",
 ) -> tuple[torch.Tensor, bool]:
-    """:func:`ghost_batch_norm`, also returning whether a non-finite batch was skipped."""
+    """:func:`ghost_batch_norm`, also returning whether a non-finite batch was skipped;
+    ``options``: as :func:`normlab.functional.batch_norm._batch_norm` (``degenerate`` and
+    ``save`` do not apply: one value per channel raises)."""
+    where = options.where
     vbs = check_virtual_batch_size(virtual_batch_size, where)
     layout = _check_batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps,
-        channel_dim, nonfinite, num_batches_tracked, where, True,
+        input, running_mean, running_var, weight, bias, training, options, num_batches_tracked,
+        True,
     )  # fmt: skip
     dims, shape = layout.dims, layout.shape
     if layout.channel == 0:
         raise ValueError(
-            f"{where}: channel_dim={channel_dim} is the batch dim; ghost batches split dim 0, "
-            f"so the channels must be elsewhere (usually channel_dim=1)."
+            f"{where}: channel_dim={options.channel_dim} is the batch dim; ghost batches split "
+            f"dim 0, so the channels must be elsewhere (usually channel_dim=1)."
         )
     if not training:  # BatchNorm's eval: ghost batches only change training statistics
         return _batch_norm(
-            input, running_mean, running_var, weight, bias, False, momentum, eps,
-            channel_dim=channel_dim, activation=activation, negative_slope=negative_slope,
-            where=where, layout=layout,
-        )  # fmt: skip
+            input, running_mean, running_var, weight, bias, False, options, layout=layout
+        )
     w, b = view_params(weight, shape), view_params(bias, shape)
-    kw = {"eps": eps, "activation": activation, "negative_slope": negative_slope}
+    kw = {
+        "eps": options.eps,
+        "activation": options.activation,
+        "negative_slope": options.negative_slope,
+    }
 
     rows = input.shape[0]
     per_row = layout.n // rows if rows else 0  # values per row and channel
@@ -143,15 +137,9 @@ def _ghost_batch_norm(
     mean = sum(means) / total
     within = sum(sq_sums) / (total - ghosts)  # pooled within-ghost variance (unbiased)
     skipped = update_running_stats_(
-        running_mean,
-        running_var,
-        mean,
-        within,
-        momentum,
-        num_batches_tracked=num_batches_tracked,
-        nonfinite=nonfinite,
-        where=where,
-    )
+        running_mean, running_var, mean, within, options.momentum,
+        num_batches_tracked=num_batches_tracked, nonfinite=options.nonfinite, where=where,
+    )  # fmt: skip
     return y, skipped
 
 
@@ -190,26 +178,12 @@ def ghost_batch_norm(
     generalization gap in large batch training of neural networks", NeurIPS 2017,
     §4 and Algorithm 1.
     """
-    y, skipped = _ghost_batch_norm(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        virtual_batch_size=virtual_batch_size,
-        channel_dim=channel_dim,
-        activation=activation,
-        negative_slope=negative_slope,
-        nonfinite=nonfinite,
-        num_batches_tracked=num_batches_tracked,
-    )
-    if skipped:
-        warnings.warn(
-            "ghost_batch_norm: non-finite batch statistics; running statistics not updated",
-            NonFiniteStatisticsWarning,
-            stacklevel=2,
-        )
-    return y
+    options = BNOptions(
+        momentum, eps, channel_dim, activation, negative_slope, nonfinite,
+        where="ghost_batch_norm",
+    )  # fmt: skip
+    result = _ghost_batch_norm(
+        input, running_mean, running_var, weight, bias, training, options,
+        virtual_batch_size=virtual_batch_size, num_batches_tracked=num_batches_tracked,
+    )  # fmt: skip
+    return warn_if_skipped(result, "ghost_batch_norm")

@@ -110,25 +110,6 @@ def masked_moments(
     return count, mean, var
 
 
-def affine_act(
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    activation: str | None,
-    negative_slope: float,
-) -> torch.Tensor:
-    """``act(γ·(x − mean)/sqrt(var + ε) + β)`` with plain ops (everything broadcast)."""
-    from normlab.functional.engine import _affine_act
-
-    x_hat = (x - mean) * torch.rsqrt(var + eps)
-    w = None if weight is None else weight.to(x.dtype)
-    b = None if bias is None else bias.to(x.dtype)
-    return _affine_act(x_hat, w, b, activation, negative_slope, False)
-
-
 def normalize_masked(
     input: torch.Tensor,
     m: torch.Tensor,
@@ -140,17 +121,24 @@ def normalize_masked(
     activation: str | None,
     negative_slope: float,
 ) -> torch.Tensor:
-    """y of a masked normalization: counted positions differentiable (computed from the
-    input with padding replaced by 0, so a NaN in the padding cannot reach a gradient),
-    padded positions the same map of the raw input, held constant for autograd."""
+    """y of a masked normalization, ``act(γ·(x − mean)/sqrt(var + ε) + β)`` with plain ops
+    (everything broadcast): counted positions differentiable (computed from the input with
+    padding replaced by 0, so a NaN in the padding cannot reach a gradient), padded
+    positions the same map of the raw input, held constant for autograd."""
+    from normlab.functional.engine import _affine_act
+
     wd = work_dtype(input.dtype)
     x = input.to(wd)
-    y = affine_act(
-        torch.where(m, x, x.new_zeros(())), mean, var, weight, bias, eps, activation,
-        negative_slope,
-    )  # fmt: skip
+    w = None if weight is None else weight.to(wd)
+    b = None if bias is None else bias.to(wd)
+
+    def affine_act(v: torch.Tensor) -> torch.Tensor:
+        x_hat = (v - mean) * torch.rsqrt(var + eps)
+        return _affine_act(x_hat, w, b, activation, negative_slope, False)
+
+    y = affine_act(torch.where(m, x, x.new_zeros(())))
     with torch.no_grad():
-        y_pad = affine_act(x, mean, var, weight, bias, eps, activation, negative_slope)
+        y_pad = affine_act(x)
     return torch.where(m, y, y_pad).to(input.dtype)
 
 

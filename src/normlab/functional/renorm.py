@@ -27,17 +27,13 @@ Where this differs from the paper (Algorithm 1):
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
-from normlab.functional.batch_norm import (
-    NonFiniteStatisticsWarning,
-    _batch_norm,
-    _check_batch_norm,
-    update_running_stats_,
-)
+from normlab.functional._bn_checks import warn_if_skipped
+from normlab.functional.batch_norm import _batch_norm, _check_batch_norm, update_running_stats_
 from normlab.functional.engine import StatsSource, normalize_batch, view_params
+from normlab.functional.options import BNOptions
 from normlab.functional.stats import centered_moments
 
 
@@ -102,19 +98,16 @@ def _batch_renorm(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     training: bool,
-    momentum: float | None,
-    eps: float,
+    options: BNOptions,
     *,
     r_max: float = 3.0,
     d_max: float = 5.0,
-    channel_dim: int = 1,
-    activation: str | None = None,
-    negative_slope: float = 0.01,
-    nonfinite: str = "propagate",
     num_batches_tracked: torch.Tensor | None = None,
-    where: str = "batch_renorm",
 ) -> tuple[torch.Tensor, bool]:
-    """:func:`batch_renorm`, also returning whether a non-finite batch was skipped."""
+    """:func:`batch_renorm`, also returning whether a non-finite batch was skipped;
+    ``options``: as :func:`normlab.functional.batch_norm._batch_norm` (``degenerate`` and
+    ``save`` do not apply)."""
+    where = options.where
     if not isinstance(r_max, torch.Tensor):  # tensors: the schedule of a traced layer
         check_clip_limits(r_max, d_max, where)
     if running_mean is None and running_var is None:
@@ -124,15 +117,14 @@ def _batch_renorm(
             f"track_running_stats=False cannot renormalise: use BatchNorm instead."
         )
     layout = _check_batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps,
-        channel_dim, nonfinite, num_batches_tracked, where, True,
+        input, running_mean, running_var, weight, bias, training, options, num_batches_tracked,
+        True,
     )  # fmt: skip
     if not training:  # BatchNorm's eval: r and d only exist in training
         return _batch_norm(
-            input, running_mean, running_var, weight, bias, False, momentum, eps,
-            channel_dim=channel_dim, activation=activation, negative_slope=negative_slope,
-            where=where, layout=layout,
-        )  # fmt: skip
+            input, running_mean, running_var, weight, bias, False, options, layout=layout
+        )
+    eps, activation, negative_slope = options.eps, options.activation, options.negative_slope
     dims, shape, n = layout.dims, layout.shape, layout.n
     w, b = view_params(weight, shape), view_params(bias, shape)
     mu, var = running_mean.view(shape), running_var.view(shape)
@@ -163,15 +155,9 @@ def _batch_renorm(
         source=StatsSource(stats, n),
     )
     skipped = update_running_stats_(
-        running_mean,
-        running_var,
-        mean,
-        bvar * (n / (n - 1)),
-        momentum,
-        num_batches_tracked=num_batches_tracked,
-        nonfinite=nonfinite,
-        where=where,
-    )
+        running_mean, running_var, mean, bvar * (n / (n - 1)), options.momentum,
+        num_batches_tracked=num_batches_tracked, nonfinite=options.nonfinite, where=where,
+    )  # fmt: skip
     return y, skipped
 
 
@@ -214,27 +200,11 @@ def batch_renorm(
     Reference: Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
     Batch-Normalized Models", NeurIPS 2017, Algorithm 1.
     """
-    y, skipped = _batch_renorm(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        r_max=r_max,
-        d_max=d_max,
-        channel_dim=channel_dim,
-        activation=activation,
-        negative_slope=negative_slope,
-        nonfinite=nonfinite,
-        num_batches_tracked=num_batches_tracked,
+    options = BNOptions(
+        momentum, eps, channel_dim, activation, negative_slope, nonfinite, where="batch_renorm"
     )
-    if skipped:
-        warnings.warn(
-            "batch_renorm: non-finite batch statistics; running statistics not updated",
-            NonFiniteStatisticsWarning,
-            stacklevel=2,
-        )
-    return y
+    result = _batch_renorm(
+        input, running_mean, running_var, weight, bias, training, options, r_max=r_max,
+        d_max=d_max, num_batches_tracked=num_batches_tracked,
+    )  # fmt: skip
+    return warn_if_skipped(result, "batch_renorm")

@@ -22,6 +22,7 @@ from normlab.functional.engine import (
     _unwrap,
     view_params,
 )
+from normlab.functional.options import BNOptions
 from normlab.functional.save_output import centred_from_output, check_save_output, zero_shift
 from normlab.functional.stats import reduce_count, work_dtype
 
@@ -196,9 +197,8 @@ def check_residual(input: torch.Tensor, residual: torch.Tensor, where: str) -> N
 
 
 def batch_norm_residual(
-    input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
-    activation, negative_slope, nonfinite, num_batches_tracked, where, layout, source_fn,
-    shape, save="input",
+    input, residual, running_mean, running_var, weight, bias, training, options: BNOptions,
+    num_batches_tracked, layout, source_fn, shape,
 ) -> tuple[torch.Tensor, bool]:  # fmt: skip
     """:func:`~normlab.functional.batch_norm._batch_norm` with a residual:
     ``y = act(γ·x̂ + β + r)``. Training, eager: one fused autograd function
@@ -207,6 +207,7 @@ def batch_norm_residual(
     differentiates them)."""
     from normlab.functional.batch_norm import _batch_norm
 
+    where, activation, negative_slope = options.where, options.activation, options.negative_slope
     check_residual(input, residual, where)
     if source_fn is not None:
         raise NotImplementedError(
@@ -217,33 +218,36 @@ def batch_norm_residual(
     act = get_activation(activation, where)
     if training and not kernels.traced(input) and input.numel() > 0:
         running = running_update(
-            running_mean, running_var, momentum, num_batches_tracked, nonfinite, layout.n
-        )
-        save_output = save != "input" and check_save_output(
-            save, activation, negative_slope, weight, where
+            running_mean, running_var, options.momentum, num_batches_tracked, options.nonfinite,
+            layout.n,
+        )  # fmt: skip
+        save_output = options.save != "input" and check_save_output(
+            options.save, activation, negative_slope, weight, where
         )
         config = BatchConfig(
-            layout.dims, eps, activation, negative_slope, running, shape, save_output=save_output
-        )
+            layout.dims, options.eps, activation, negative_slope, running, shape,
+            save_output=save_output,
+        )  # fmt: skip
         y = normalize_batch_residual(input, residual, weight, bias, config)
-        return skipped_outcome(y, running, nonfinite, where)
+        return skipped_outcome(y, running, options.nonfinite, where)
     if training and kernels.traced(input) and _residual_op_applies(input, layout, weight, bias):
         from normlab.functional import traced
 
         # torch.compile / export: one custom op for BN + add + act (the fused kernels)
         y, mean, var = traced.normalize_batch_residual(
-            input, residual, layout.channel, weight, bias, eps=eps, activation=activation,
-            negative_slope=negative_slope,
+            input, residual, layout.channel, weight, bias, eps=options.eps,
+            activation=activation, negative_slope=negative_slope,
         )  # fmt: skip
         traced_running_update(
-            running_mean, running_var, num_batches_tracked, mean, var, layout.n, momentum,
-            nonfinite, where,
-        )  # fmt: skip
+            running_mean, running_var, num_batches_tracked, mean, var, layout.n, options
+        )
         return y, False
+    # BN without activation (nor a degenerate policy or save='output' of its own), then
+    # the add and the activation
+    plain = options._replace(activation=None, degenerate="error", save="input")
     z, skipped = _batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps,
-        channel_dim=layout.channel, activation=None, nonfinite=nonfinite,
-        num_batches_tracked=num_batches_tracked, where=where, layout=layout,
+        input, running_mean, running_var, weight, bias, training, plain,
+        num_batches_tracked=num_batches_tracked, layout=layout,
     )  # fmt: skip
     if _eager_inference(z, input, residual, weight, bias):
         # z is this call's own new tensor and autograd records nothing, so add and

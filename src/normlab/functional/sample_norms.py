@@ -8,19 +8,16 @@ computation, except for InstanceNorm's optional running statistics (torch's sema
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 
 from normlab import kernels
 from normlab.functional import _checks
-from normlab.functional.batch_norm import (
-    NonFiniteStatisticsWarning,
-    _param_shape,
-    update_running_stats_,
-)
+from normlab.functional._bn_checks import _param_shape, warn_if_skipped
+from normlab.functional.batch_norm import update_running_stats_
 from normlab.functional.engine import normalize_batch, normalize_with_stats, view_params
+from normlab.functional.options import BNOptions, check_options
 from normlab.functional.stats import reduce_count, work_dtype
 
 
@@ -238,30 +235,26 @@ def group_norm(
 
 def _instance_norm(
     input: torch.Tensor,
-    running_mean: torch.Tensor | None = None,
-    running_var: torch.Tensor | None = None,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    use_input_stats: bool = True,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    use_input_stats: bool,
+    options: BNOptions,
     *,
-    activation: str | None = None,
-    negative_slope: float = 0.01,
-    nonfinite: str = "propagate",
-    where: str = "instance_norm",
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, bool]:
-    """:func:`instance_norm`, also returning whether a non-finite update was skipped."""
+    """:func:`instance_norm`, also returning whether a non-finite update was skipped;
+    ``options``: momentum, eps, activation, negative_slope, nonfinite and where (the
+    channel dim is 1; ``degenerate`` and ``save`` do not apply)."""
+    where = options.where
     _checks.check_floating(input, "input", where)
-    _checks.check_eps(eps, where)
-    if momentum is None:
+    if options.momentum is None:
         raise ValueError(
             f"{where}: momentum must be a number in [0, 1], got None; the InstanceNorm layers "
             f"map momentum=None to 0 (running statistics never updated), as torch does."
         )
-    _checks.check_momentum(momentum, where)
-    _checks.check_nonfinite(nonfinite, where)
+    check_options(options)
     if input.dim() < 3:
         raise ValueError(
             f"{where}: expected an input of shape (N, C, *S) with at least one spatial dim, got "
@@ -288,9 +281,8 @@ def _instance_norm(
         m = masked.check_mask(mask, input, 1, where)
         if kernels.traced(input) or not bool(mask.all()) or not use_input_stats:
             return _masked_instance_norm(
-                input, m, running_mean, running_var, w, b, use_input_stats, momentum, eps,
-                activation, negative_slope, nonfinite, where,
-            )  # fmt: skip
+                input, m, running_mean, running_var, w, b, use_input_stats, options
+            )
     if not use_input_stats:
         if running_mean is None:
             raise ValueError(
@@ -298,16 +290,7 @@ def _instance_norm(
                 f"running_mean/running_var are None. Construct the layer with "
                 f"track_running_stats=True, or use the input's own statistics."
             )
-        y = normalize_with_stats(
-            input,
-            running_mean.view(shape),
-            running_var.view(shape),
-            w,
-            b,
-            eps=eps,
-            activation=activation,
-            negative_slope=negative_slope,
-        )
+        y = _with_running_stats(input, running_mean, running_var, w, b, options)
         return y, False
     dims = tuple(range(2, input.dim()))
     n = reduce_count(input.shape, dims)
@@ -319,8 +302,9 @@ def _instance_norm(
             f"the batch), or eval mode with track_running_stats=True."
         )
     y, mean, var = normalize_batch(
-        input, dims, w, b, eps=eps, activation=activation, negative_slope=negative_slope
-    )
+        input, dims, w, b, eps=options.eps, activation=options.activation,
+        negative_slope=options.negative_slope,
+    )  # fmt: skip
     if running_mean is None or input.numel() == 0:
         return y, False
     # torch's rule (ATen instance_norm): every (sample, channel) pair updates a copy of
@@ -329,31 +313,40 @@ def _instance_norm(
     # statistics. torch does not increment num_batches_tracked here; neither do we.
     mean = mean.reshape(input.shape[0], c).mean(0)
     unbiased = (var * (n / (n - 1))).reshape(input.shape[0], c).mean(0)
-    skipped = update_running_stats_(
-        running_mean, running_var, mean, unbiased, momentum, nonfinite=nonfinite, where=where
-    )
-    return y, skipped
+    return y, _update_running(running_mean, running_var, mean, unbiased, options)
+
+
+def _with_running_stats(input, running_mean, running_var, w, b, options: BNOptions):
+    """Instance norm's eval: normalise with the running statistics."""
+    shape = _param_shape(input.dim(), 1, input.shape[1])
+    return normalize_with_stats(
+        input, running_mean.view(shape), running_var.view(shape), w, b, eps=options.eps,
+        activation=options.activation, negative_slope=options.negative_slope,
+    )  # fmt: skip
+
+
+def _update_running(running_mean, running_var, mean, unbiased, options: BNOptions) -> bool:
+    """One EMA step of the running statistics (no counter), under the nonfinite policy."""
+    return update_running_stats_(
+        running_mean, running_var, mean, unbiased, options.momentum,
+        nonfinite=options.nonfinite, where=options.where,
+    )  # fmt: skip
 
 
 def _masked_instance_norm(
-    input, m, running_mean, running_var, w, b, use_input_stats, momentum, eps, activation,
-    negative_slope, nonfinite, where,
-) -> tuple[torch.Tensor, bool]:  # fmt: skip
+    input, m, running_mean, running_var, w, b, use_input_stats, options: BNOptions
+) -> tuple[torch.Tensor, bool]:
     """:func:`_instance_norm` with a validated mask ``m`` (N, 1, *S). Running statistics:
     torch's rule restricted to the instances with at least 2 counted positions (the batch
     average of their means and unbiased variances); none such: no update."""
     from normlab.functional import masked
 
-    shape = _param_shape(input.dim(), 1, input.shape[1])
     if not use_input_stats:
-        y = normalize_with_stats(
-            input, running_mean.view(shape), running_var.view(shape), w, b, eps=eps,
-            activation=activation, negative_slope=negative_slope,
-        )  # fmt: skip
+        y = _with_running_stats(input, running_mean, running_var, w, b, options)
         return masked.stop_padded_grad(y, m), False
     dims = tuple(range(2, input.dim()))
     y, count, mean, var = masked.normalize_sample_masked(
-        input, m, dims, w, b, eps, activation, negative_slope
+        input, m, dims, w, b, options.eps, options.activation, options.negative_slope
     )
     if running_mean is None or input.numel() == 0:
         return y, False
@@ -368,16 +361,13 @@ def _masked_instance_norm(
         from normlab.functional import traced
 
         traced.update_running(
-            running_mean, running_var, None, mean, unbiased, momentum, nonfinite, where,
-            gate=(k > 0).reshape(()),
+            running_mean, running_var, None, mean, unbiased, options.momentum,
+            options.nonfinite, options.where, gate=(k > 0).reshape(()),
         )  # fmt: skip
         return y, False
     if int(k) == 0:
         return y, False
-    skipped = update_running_stats_(
-        running_mean, running_var, mean, unbiased, momentum, nonfinite=nonfinite, where=where
-    )
-    return y, skipped
+    return y, _update_running(running_mean, running_var, mean, unbiased, options)
 
 
 def instance_norm(
@@ -428,24 +418,14 @@ def instance_norm(
     Reference: Ulyanov, Vedaldi & Lempitsky, "Instance Normalization: The Missing
     Ingredient for Fast Stylization", 2016, eq. (2).
     """
-    y, skipped = _instance_norm(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        use_input_stats,
-        momentum,
-        eps,
-        activation=activation,
-        negative_slope=negative_slope,
-        nonfinite=nonfinite,
-        mask=mask,
+    options = BNOptions(
+        momentum, eps, activation=activation, negative_slope=negative_slope, nonfinite=nonfinite,
+        where="instance_norm",
+    )  # fmt: skip
+    return warn_if_skipped(
+        _instance_norm(
+            input, running_mean, running_var, weight, bias, use_input_stats, options, mask=mask
+        ),
+        "instance_norm",
+        "statistics",
     )
-    if skipped:
-        warnings.warn(
-            "instance_norm: non-finite statistics; running statistics not updated",
-            NonFiniteStatisticsWarning,
-            stacklevel=2,
-        )
-    return y

@@ -21,6 +21,7 @@ from normlab.functional.engine import (
     _unwrap,
     view_params,
 )
+from normlab.functional.options import BNOptions
 from normlab.functional.stats import reduce_count, work_dtype
 
 _SAVE_OUTPUT_DOUBLE_BACKWARD = (
@@ -143,24 +144,25 @@ def check_save_output(save, activation, negative_slope, weight, where) -> bool:
 
 
 def batch_norm_save_output(
-    input, running_mean, running_var, weight, bias, momentum, eps, activation,
-    negative_slope, nonfinite, num_batches_tracked, where, layout, shape, save,
+    input, running_mean, running_var, weight, bias, options: BNOptions, num_batches_tracked,
+    layout, shape,
 ) -> tuple[torch.Tensor, bool]:  # fmt: skip
     """Training :func:`~normlab.functional.batch_norm._batch_norm` with ``save='output'``:
     keep y, not x, for backward (:class:`_NormalizeBatchSaveOutput`)."""
-    check_save_output(save, activation, negative_slope, weight, where)
+    activation, negative_slope = options.activation, options.negative_slope
+    check_save_output(options.save, activation, negative_slope, weight, options.where)
     if input.numel() == 0:  # nothing to save either way
         from normlab.functional.batch_norm import _batch_norm
 
         return _batch_norm(
-            input, running_mean, running_var, weight, bias, True, momentum, eps,
-            channel_dim=layout.channel, activation=activation, negative_slope=negative_slope,
-            nonfinite=nonfinite, num_batches_tracked=num_batches_tracked, where=where,
-            layout=layout,
+            input, running_mean, running_var, weight, bias, True,
+            options._replace(degenerate="error", save="input"),
+            num_batches_tracked=num_batches_tracked, layout=layout,
         )  # fmt: skip
     running = running_update(
-        running_mean, running_var, momentum, num_batches_tracked, nonfinite, layout.n
-    )
-    config = BatchConfig(layout.dims, eps, activation, negative_slope, running, shape)
+        running_mean, running_var, options.momentum, num_batches_tracked, options.nonfinite,
+        layout.n,
+    )  # fmt: skip
+    config = BatchConfig(layout.dims, options.eps, activation, negative_slope, running, shape)
     y = _apply_save_output(_unwrap(input), _unwrap(weight), _unwrap(bias), config, None)
-    return skipped_outcome(y, running, nonfinite, where)
+    return skipped_outcome(y, running, options.nonfinite, options.where)

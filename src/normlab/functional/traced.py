@@ -43,8 +43,7 @@ def _reference_forward(x, weight, bias, channel_dim, eps, activation, negative_s
     from normlab.functional.engine import _affine_act, view_params
 
     dims = tuple(d for d in range(x.dim()) if d != channel_dim)
-    keep = [1] * x.dim()
-    keep[channel_dim] = x.shape[channel_dim]
+    keep = _keep(x, channel_dim)
     wd = work_dtype(x.dtype)
     stats, e = centered_moments(x, dims)
     invstd = torch.rsqrt(stats.var + eps).to(wd)
@@ -98,6 +97,29 @@ def _like_empty(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t if t.stride() == want else torch.empty_like(x).copy_(t)
 
 
+def _keep(x: torch.Tensor, channel_dim: int) -> list[int]:
+    """The keepdim shape of a per-channel statistic of ``x``."""
+    keep = [1] * x.dim()
+    keep[channel_dim] = x.shape[channel_dim]
+    return keep
+
+
+def _centering(stats: torch.Tensor, x: torch.Tensor, channel_dim: int):
+    """The ops' packed ``stats`` (4, C) as the engine's keepdim ``Centering`` of ``x``, in
+    its working dtype (what the torch-op backward takes)."""
+    from normlab.functional.engine import Centering
+
+    keep, wd = _keep(x, channel_dim), work_dtype(x.dtype)
+    shift, delta, _, invstd = (stats[i].to(wd).reshape(keep) for i in range(4))
+    return Centering(shift, delta, invstd)
+
+
+def _mean_var(stats: torch.Tensor, x: torch.Tensor, channel_dim: int):
+    """Keepdim ``(mean, biased var)`` of ``x`` in its working dtype from the packed stats."""
+    keep, wd = _keep(x, channel_dim), work_dtype(x.dtype)
+    return (stats[0] + stats[1]).to(wd).reshape(keep), stats[2].to(wd).reshape(keep)
+
+
 @torch.library.custom_op(f"{_OP_NAMESPACE}::batch_norm_train_backward", mutates_args=())
 def batch_norm_train_backward(
     dy: torch.Tensor,
@@ -129,19 +151,15 @@ def batch_norm_train_backward(
         if dx is not None:
             dx = _like_empty(dx, x)
     else:
-        from normlab.functional.engine import Centering, _closed_form_backward, view_params
+        from normlab.functional.engine import _closed_form_backward, _flat_grads, view_params
 
-        keep = [1] * x.dim()
-        keep[channel_dim] = x.shape[channel_dim]
-        wd = work_dtype(x.dtype)
-        shift, delta, _, invstd = (stats[i].to(wd).reshape(keep) for i in range(4))
+        keep = _keep(x, channel_dim)
         dx, dw, db = _closed_form_backward(
             dy, x, view_params(weight, keep), view_params(bias, keep),
-            Centering(shift, delta, invstd), dims, True, activation, negative_slope,
-            needs, reduce_count(x.shape, dims),
+            _centering(stats, x, channel_dim), dims, True, activation, negative_slope, needs,
+            reduce_count(x.shape, dims),
         )  # fmt: skip
-        dw = None if dw is None else dw.reshape(-1)
-        db = None if db is None else db.reshape(-1)
+        dw, db = _flat_grads(dw, db, keep)
     return (
         dx if dx is not None else x.new_empty(0),
         dw if dw is not None else x.new_empty(0),
@@ -247,7 +265,7 @@ def batch_norm_residual_train_backward(
     not needed). ``src``: the output y where y determines act'(z) (see
     ``activations.derivative_from_output``), else the residual r."""
     from normlab.functional.activations import derivative_from_output
-    from normlab.functional.engine import Centering, _closed_form_backward, view_params
+    from normlab.functional.engine import _closed_form_backward, _flat_grads, view_params
 
     dims = tuple(d for d in range(x.dim()) if d != channel_dim)
     from_y = _from_y(activation, negative_slope)
@@ -266,26 +284,23 @@ def batch_norm_residual_train_backward(
         dx = None if dx is None else _like_empty(dx, x)
         dr = None if dr is None else _like_empty(dr, x)
     else:
-        keep = [1] * x.dim()
-        keep[channel_dim] = x.shape[channel_dim]
-        wd = work_dtype(x.dtype)
-        shift, delta, _, invstd = (stats[i].to(wd).reshape(keep) for i in range(4))
+        keep, wd = _keep(x, channel_dim), work_dtype(x.dtype)
+        norm = _centering(stats, x, channel_dim)
         w, b = view_params(weight, keep), view_params(bias, keep)
         act = get_activation(activation)
         if from_y:
             dz = dy.to(wd) * derivative_from_output(act, negative_slope)(src.to(wd))
         else:
-            z = ((x.to(wd) - shift) - delta) * invstd
+            z = ((x.to(wd) - norm.shift) - norm.delta) * norm.invstd
             z = z if w is None else z * w.to(wd)
             z = z if b is None else z + b.to(wd)
             dz = dy.to(wd) * act.derivative(z + src.to(wd), negative_slope)
         dr = dz.to(x.dtype) if needs[1] else None
         dx, dw, db = _closed_form_backward(
-            dz, x, w, b, Centering(shift, delta, invstd), dims, True, None, 0.0,
-            (needs[0], needs[2], needs[3]), reduce_count(x.shape, dims),
+            dz, x, w, b, norm, dims, True, None, 0.0, (needs[0], needs[2], needs[3]),
+            reduce_count(x.shape, dims),
         )  # fmt: skip
-        dw = None if dw is None else dw.reshape(-1)
-        db = None if db is None else db.reshape(-1)
+        dw, db = _flat_grads(dw, db, keep)
     empty = x.new_empty(0)
     return tuple(t if t is not None else empty for t in (dx, dr, dw, db))
 
@@ -351,10 +366,7 @@ def normalize_batch_residual(
     y, stats = batch_norm_residual_train(
         x, residual, weight, bias, channel_dim, float(eps), name, float(negative_slope)
     )
-    keep = [1] * x.dim()
-    keep[channel_dim] = x.shape[channel_dim]
-    wd = work_dtype(x.dtype)
-    return y, (stats[0] + stats[1]).to(wd).reshape(keep), stats[2].to(wd).reshape(keep)
+    return (y, *_mean_var(stats, x, channel_dim))
 
 
 # -- the composite path ------------------------------------------------------------------
@@ -430,11 +442,7 @@ def normalize_batch(
         get_activation(activation)  # validates; the parameters travel in the name
         name = "identity" if activation is None else str(activation)
         y, stats = batch_norm_train(x, w, b, c, float(eps), name, float(negative_slope))
-        keep = [1] * x.dim()
-        keep[c] = x.shape[c]
-        wd = work_dtype(x.dtype)
-        mean = (stats[0] + stats[1]).to(wd).reshape(keep)
-        return y, mean, stats[2].to(wd).reshape(keep)
+        return (y, *_mean_var(stats, x, c))
     w, b = view_params(weight, param_shape), view_params(bias, param_shape)
     return composite(x, dims, w, b, eps, center, activation, negative_slope)
 

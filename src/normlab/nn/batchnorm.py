@@ -26,10 +26,21 @@ from normlab.functional.batch_norm import (
 )
 from normlab.functional.ema import ema_debias
 from normlab.functional.engine import BatchConfig, _normalize_batch
+from normlab.functional.options import BNOptions, check_options
 from normlab.kernels import traced
+from normlab.nn._fused import activation_repr
 from normlab.nn._fx import Proxy, call_as_leaf
 
 _TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
+# keyword-only extras (after channel_dim and the activation) and their defaults, in the
+# order extra_repr lists those that differ
+_REPR_DEFAULTS = (
+    ("nonfinite", "skip"),
+    ("ema_debias", False),
+    ("degenerate", "error"),
+    ("save", "input"),
+)
 
 
 class _NormlabBatchNorm(_BatchNorm):
@@ -114,7 +125,6 @@ class _NormlabBatchNorm(_BatchNorm):
         save: str = "input",
     ) -> None:
         where = type(self).__name__
-        _checks.check_degenerate(degenerate, where)
         if degenerate == "eval" and not track_running_stats:
             raise ValueError(
                 f"{where}: degenerate='eval' normalises a batch of <= 1 value per channel with "
@@ -122,9 +132,9 @@ class _NormlabBatchNorm(_BatchNorm):
                 f"degenerate='skip' or 'error', or track_running_stats=True."
             )
         _checks.check_num_features(num_features, where)
-        _checks.check_eps(eps, where)
-        _checks.check_momentum(momentum, where)
-        _checks.check_nonfinite(nonfinite, where)
+        check_options(
+            BNOptions(momentum, eps, nonfinite=nonfinite, degenerate=degenerate, where=where)
+        )
         activation = activation_name(
             activation, min_val=min_val, max_val=max_val, alpha=alpha, where=where
         )
@@ -356,21 +366,9 @@ class _NormlabBatchNorm(_BatchNorm):
         if signature is not None:
             params = self._parameters
             layout = _check_batch_norm(
-                input,
-                mean,
-                var,
-                params.get("weight"),
-                params.get("bias"),
-                use_batch_stats,
-                self.momentum,
-                self.eps,
-                self._channel_dim,
-                self.nonfinite,
-                buffers.get("num_batches_tracked") if tracking else None,
-                type(self).__name__,
-                True,
-                self.degenerate,
-            )
+                input, mean, var, params.get("weight"), params.get("bias"), use_batch_stats,
+                self._options(), self._num_batches_tracked(tracking), True,
+            )  # fmt: skip
             self.__dict__["_checked"] = (signature, layout)
         if not use_batch_stats and self.ema_debias:
             mean, var = self.population_stats()
@@ -391,17 +389,27 @@ class _NormlabBatchNorm(_BatchNorm):
         self._skipped_batch(skipped)
         return y
 
+    def _options(self) -> BNOptions:
+        """The layer's batch-norm options, from its attributes (which may change between
+        calls: ``bn.momentum = None``): what every functional call of a layer takes."""
+        return BNOptions(
+            self.momentum, self.eps, self._channel_dim, self.activation, self.negative_slope,
+            self.nonfinite, self.degenerate, self.save, type(self).__name__,
+        )  # fmt: skip
+
+    def _num_batches_tracked(self, tracking: bool) -> torch.Tensor | None:
+        return self._buffers.get("num_batches_tracked") if tracking else None
+
     def _call_variant(self, fn, input, mean, var, use_batch_stats, tracking, **extras):
-        """``fn(input, mean, var, weight, bias, training, momentum, eps, ...)``: a functional
+        """``fn(input, mean, var, weight, bias, training, options, ...)``: a functional
         batch-norm variant (renorm, ghost) called with the layer's arguments, in one place;
-        ``extras``: the variant's own keywords."""
+        ``extras``: the variant's own keywords. Variants have no degenerate policy of
+        their own (:meth:`_variant_extras` applied the layer's before the call)."""
         params = self._parameters
         return fn(
             input, mean, var, params.get("weight"), params.get("bias"), use_batch_stats,
-            self.momentum, self.eps, channel_dim=self._channel_dim, activation=self.activation,
-            negative_slope=self.negative_slope, nonfinite=self.nonfinite,
-            num_batches_tracked=self._buffers.get("num_batches_tracked") if tracking else None,
-            where=type(self).__name__, **extras,
+            self._options()._replace(degenerate="error"),
+            num_batches_tracked=self._num_batches_tracked(tracking), **extras,
         )  # fmt: skip
 
     def _plain_normalize(self) -> bool:
@@ -430,9 +438,8 @@ class _NormlabBatchNorm(_BatchNorm):
         layout = BatchNormLayout(dims, shape, n, c != input.dim() - 1, c)
         params = self._parameters
         return _degenerate_output(
-            input, mean, var, params.get("weight"), params.get("bias"), self.eps,
-            self.activation, self.negative_slope, name, layout, self.degenerate,
-        )  # fmt: skip
+            input, mean, var, params.get("weight"), params.get("bias"), self._options(), layout
+        )
 
     def _normalize(
         self,
@@ -449,46 +456,23 @@ class _NormlabBatchNorm(_BatchNorm):
         ``layout``: the cached result of the checks, for a call with a validated signature."""
         params = self._parameters
         return _batch_norm(
-            input,
-            mean,
-            var,
-            params.get("weight"),
-            params.get("bias"),
-            use_batch_stats,
-            self.momentum,
-            self.eps,
-            channel_dim=self._channel_dim,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            nonfinite=self.nonfinite,
-            num_batches_tracked=self._buffers.get("num_batches_tracked") if tracking else None,
-            where=type(self).__name__,
-            source_fn=source_fn if use_batch_stats else None,
-            layout=layout,
-            residual=self._residual,
-            mask=mask,
-            degenerate=self.degenerate,
-            save=self.save,
+            input, mean, var, params.get("weight"), params.get("bias"), use_batch_stats,
+            self._options(), num_batches_tracked=self._num_batches_tracked(tracking),
+            source_fn=source_fn if use_batch_stats else None, layout=layout,
+            residual=self._residual, mask=mask,
             # a cached layout comes only from forward's path for untraced inputs
             eager=layout is not None,
-        )
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
         if self._channel_dim != 1:
             s += f", channel_dim={self._channel_dim}"
-        if self.activation is not None:
-            s += f", activation={self.activation!r}"
-            if self.activation == "leaky_relu":
-                s += f", negative_slope={self.negative_slope}"
-        if self.nonfinite != "skip":
-            s += f", nonfinite={self.nonfinite!r}"
-        if self.ema_debias:
-            s += ", ema_debias=True"
-        if self.degenerate != "error":
-            s += f", degenerate={self.degenerate!r}"
-        if self.save != "input":
-            s += f", save={self.save!r}"
+        s += activation_repr(self.activation, self.negative_slope)
+        for name, default in _REPR_DEFAULTS:  # the extras that differ from the default
+            value = getattr(self, name)
+            if value != default:
+                s += f", {name}={value!r}"
         return s
 
 

@@ -19,6 +19,7 @@ import torch
 
 from normlab.functional import _checks
 from normlab.functional.batch_norm import _batch_norm
+from normlab.functional.options import BNOptions
 from normlab.nn._fused import FusedActivation
 from normlab.nn._fx import Proxy, call_as_leaf
 from normlab.nn.batchnorm import _Rank1d, _Rank2d, _Rank3d
@@ -135,18 +136,14 @@ class _FrozenBatchNorm(FusedActivation, torch.nn.Module):
                 f"{input.shape[1]} channels (shape {tuple(input.shape)}); construct it with "
                 f"num_features={input.shape[1]}."
             )
-        y, _ = _batch_norm(
-            input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            False,
-            0.0,
-            self.eps,
+        options = BNOptions(  # eval only: no momentum, nonfinite or degenerate policy
+            eps=self.eps,
             activation=self.activation,
             negative_slope=self.negative_slope,
             where=type(self).__name__,
+        )
+        y, _ = _batch_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, False, options
         )
         return y
 

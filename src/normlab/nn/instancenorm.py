@@ -17,6 +17,7 @@ import torch
 
 from normlab.functional import _checks
 from normlab.functional.batch_norm import NonFiniteStatisticsWarning
+from normlab.functional.options import BNOptions, check_options
 from normlab.functional.sample_norms import _instance_norm
 from normlab.nn._fused import FusedActivation
 from normlab.nn._fx import Proxy, call_as_leaf
@@ -68,9 +69,7 @@ class _InstanceNorm(FusedActivation):
     ) -> None:
         where = type(self).__name__
         _checks.check_num_features(num_features, where)
-        _checks.check_eps(eps, where)
-        _checks.check_momentum(momentum, where)
-        _checks.check_nonfinite(nonfinite, where)
+        check_options(BNOptions(momentum, eps, nonfinite=nonfinite, where=where))
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
@@ -117,21 +116,16 @@ class _InstanceNorm(FusedActivation):
         x = input.unsqueeze(0) if unbatched else input
         if unbatched and isinstance(mask, torch.Tensor):
             mask = mask.unsqueeze(0)
+        # torch passes momentum 0 for None: the running statistics never move
+        momentum = self.momentum if self.momentum is not None else 0.0
+        options = BNOptions(
+            momentum, self.eps, activation=self.activation, negative_slope=self.negative_slope,
+            nonfinite=self.nonfinite, where=name,
+        )  # fmt: skip
         y, skipped = _instance_norm(
-            x,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            self.training or not self.track_running_stats,
-            self.momentum if self.momentum is not None else 0.0,
-            self.eps,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            nonfinite=self.nonfinite,
-            where=name,
-            mask=mask,
-        )
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training or not self.track_running_stats, options, mask=mask,
+        )  # fmt: skip
         if skipped and not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
@@ -143,7 +137,7 @@ class _InstanceNorm(FusedActivation):
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
-        s = super().extra_repr() + self._activation_repr()
+        s = super().extra_repr()  # with the activation (FusedActivation)
         if self.nonfinite != "skip":
             s += f", nonfinite={self.nonfinite!r}"
         return s

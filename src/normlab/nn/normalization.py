@@ -55,19 +55,9 @@ class LayerNorm(FusedActivation, torch.nn.LayerNorm):
         :func:`normlab.functional.layer_norm`)."""
         if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
             return call_as_leaf(self, input)
-        return layer_norm(
-            input,
-            self.normalized_shape,
-            self.weight,
-            self.bias,
-            self.eps,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            mask=mask,
+        return self._fused(
+            layer_norm, input, self.normalized_shape, self.weight, self.bias, self.eps, mask=mask
         )
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._activation_repr()
 
 
 class GroupNorm(FusedActivation, torch.nn.GroupNorm):
@@ -121,19 +111,9 @@ class GroupNorm(FusedActivation, torch.nn.GroupNorm):
                 f"(shape {tuple(input.shape)}); construct it with num_channels="
                 f"{input.shape[1]}, or check the layer before it."
             )
-        return group_norm(
-            input,
-            self.num_groups,
-            self.weight,
-            self.bias,
-            self.eps,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            mask=mask,
+        return self._fused(
+            group_norm, input, self.num_groups, self.weight, self.bias, self.eps, mask=mask
         )
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._activation_repr()
 
 
 class RMSNorm(FusedActivation, torch.nn.RMSNorm):
@@ -173,14 +153,4 @@ class RMSNorm(FusedActivation, torch.nn.RMSNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, Proxy):  # torch.fx tracing: one call_module node (see nn/_fx.py)
             return call_as_leaf(self, input)
-        return rms_norm(
-            input,
-            self.normalized_shape,
-            self.weight,
-            self.eps,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-        )
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._activation_repr()
+        return self._fused(rms_norm, input, self.normalized_shape, self.weight, self.eps)
