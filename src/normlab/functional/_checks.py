@@ -29,13 +29,18 @@ def check_floating(x: torch.Tensor, name: str = "input", where: str = "normaliza
         )
 
 
+def is_finite_nonnegative(value) -> bool:
+    """Whether ``value`` is a real Python/NumPy number (not a bool), finite and >= 0."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
 def check_eps(eps: float, where: str) -> float:
-    if (
-        isinstance(eps, bool)
-        or not isinstance(eps, (int, float))
-        or not math.isfinite(eps)
-        or eps < 0
-    ):
+    if not is_finite_nonnegative(eps):
         raise ValueError(
             f"{where}: eps must be a finite number >= 0, got {eps!r}; it is added to the "
             f"variance before the square root, so a negative value can take the root of a "

@@ -30,12 +30,11 @@ hook that runs even if the forward raises.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 import normlab.nn as nlnn
+from normlab.functional._checks import is_finite_nonnegative
 from normlab.functional.stats import moments
 from normlab.tools._common import batch_norm_layers, channel_dim, tracks_stats
 
@@ -181,12 +180,7 @@ def adapt(model: nn.Module, mode: str = "batch", prior: float = 16) -> Adaptatio
             f"adapt: mode must be one of {MODES}, got {mode!r}: 'batch' normalises with each "
             f"test batch's statistics (AdaBN), 'mix' blends them with the stored ones."
         )
-    if (
-        isinstance(prior, bool)
-        or not isinstance(prior, (int, float))
-        or not math.isfinite(prior)
-        or prior < 0
-    ):
+    if not is_finite_nonnegative(prior):
         raise ValueError(
             f"adapt: prior must be a finite number >= 0 (the source statistics' weight in "
             f"samples; 0 means batch statistics only), got {prior!r}"
