@@ -464,14 +464,44 @@ def _smooth_grad(z, a, g1, c3):
 
 
 @njit(**_HELPER)
+def _hardtanh(z, a, b):
+    return a if z < a else (b if z > b else z)  # NaN stays NaN, as F.hardtanh
+
+
+@njit(**_HELPER)
+def _hardtanh_grad(z, a, b):
+    return 0.0 if (z <= a or z >= b) else 1.0  # hardtanh_backward: 0 at the bounds
+
+
+@njit(**_HELPER)
+def _hardswish(z):
+    return 0.0 if z < -3.0 else (z if z > 3.0 else z * (z + 3.0) * (1.0 / 6.0))
+
+
+@njit(**_HELPER)
+def _hardswish_grad(z):
+    return 0.0 if z < -3.0 else (z * (1.0 / 3.0) + 0.5 if z <= 3.0 else 1.0)
+
+
+@njit(**_HELPER)
+def _elu(z, a):
+    return z if z > 0.0 else a * math.expm1(z)
+
+
+@njit(**_HELPER)
+def _elu_grad(z, a):
+    return a * math.exp(z) if z <= 0.0 else 1.0  # elu_backward: α·e^z for z ≤ 0
+
+
+@njit(**_HELPER)
 def _other(z, fam, a, b):
     """hardtanh (fam 2, bounds a, b), hardswish (3), elu (4, alpha a), as torch's
     ``F.hardtanh``, ``F.hardswish``, ``F.elu`` (NaN stays NaN)."""
     if fam == _HARDTANH:
-        return a if z < a else (b if z > b else z)
+        return _hardtanh(z, a, b)
     if fam == _HARDSWISH:
-        return 0.0 if z < -3.0 else (z if z > 3.0 else z * (z + 3.0) * (1.0 / 6.0))
-    return z if z > 0.0 else a * math.expm1(z)
+        return _hardswish(z)
+    return _elu(z, a)
 
 
 @njit(**_HELPER)
@@ -480,10 +510,10 @@ def _other_grad(z, fam, a, b):
     (``hardtanh_backward``: 0 at the bounds; ``hardswish_backward``: z/3 + 1/2 on
     [−3, 3]; ``elu_backward``: α·e^z for z ≤ 0)."""
     if fam == _HARDTANH:
-        return 0.0 if (z <= a or z >= b) else 1.0
+        return _hardtanh_grad(z, a, b)
     if fam == _HARDSWISH:
-        return 0.0 if z < -3.0 else (z * (1.0 / 3.0) + 0.5 if z <= 3.0 else 1.0)
-    return a * math.exp(z) if z <= 0.0 else 1.0
+        return _hardswish_grad(z)
+    return _elu_grad(z, a)
 
 
 @njit(**_HELPER)
@@ -711,140 +741,347 @@ def _sums_rows_cl(x, i0, i1, k, acc1, acc2):
         i += 1
 
 
+# Channels-last rows: x[i, :] holds all C channels of one position, so every loop runs
+# over the contiguous channels with per-channel constants from arrays, and the compiler
+# vectorises it only when its body is one activation: the family is tested once per call
+# and selects a loop nest specialised for it (the element functions below are passed as
+# compile-time arguments: ``_rows_*`` holds each loop once). A family tested per element,
+# in a body that also holds elu's libm call, kept these loops scalar: 7x the
+# channels-first time for a BN + ReLU6 training step (issue 12). The constants are
+# copied into fresh arrays first: LLVM cannot tell that the stores leave the caller's
+# arrays alone and would check or reload them.
 @njit(**_HELPER)
-def _act_value(z, fam, slope, a, c1, c2, c3):
-    if fam == _PWL:
-        return _pwl(z, slope)
-    if fam == _LOGISTIC:
-        return _smooth(z, a, c1, c2, c3)
-    return _other(z, fam, a, c1)
+def _act_tuple(act):
+    """act's slots after the family: (slope, a, c1, c2, c3, g1)."""
+    return (act[_SLOPE], act[_A], act[_C1], act[_C2], act[_C3], act[_G1])
+
+
+# z as the element functions take it: from z = (x − k)·scale + shift and the value ``sv``
+# of the second input (none, the residual r, or the output y).
+@njit(**_HELPER)
+def _z_plain(z, sv):
+    return z
 
 
 @njit(**_HELPER)
-def _out_rows_cl(x, y, i0, i1, k, scale, shift, act):
-    """y = act((x − k)·scale + shift) for rows i0..i1 (four rows per load of the
-    per-channel constants)."""
-    fam = act[_FAMILY]
-    if fam == _LOGISTIC:
-        _out_rows_cl_impl(
-            x, y, i0, i1, k, scale, shift, _LOGISTIC, 0.0, act[_A], act[_C1], act[_C2], act[_C3]
-        )
-    elif fam == _PWL:
-        _out_rows_cl_impl(x, y, i0, i1, k, scale, shift, _PWL, act[_SLOPE], 0.0, 0.0, 0.0, 0.0)
+def _z_res(z, sv):
+    return z + sv
+
+
+@njit(**_HELPER)
+def _z_y(z, sv):
+    return sv
+
+
+# act(z) per family, p = _act_tuple(act)
+@njit(**_HELPER)
+def _pwl_f(z, p):
+    return _pwl(z, p[0])
+
+
+@njit(**_HELPER)
+def _smooth_f(z, p):
+    return _smooth(z, p[1], p[2], p[3], p[4])
+
+
+@njit(**_HELPER)
+def _hardtanh_f(z, p):
+    return _hardtanh(z, p[1], p[2])
+
+
+@njit(**_HELPER)
+def _hardswish_f(z, p):
+    return _hardswish(z)
+
+
+@njit(**_HELPER)
+def _elu_f(z, p):
+    return _elu(z, p[1])
+
+
+# act'(z) per family
+@njit(**_HELPER)
+def _pwl_g(z, p):
+    return _pwl_grad(z, p[0])
+
+
+@njit(**_HELPER)
+def _smooth_g(z, p):
+    return _smooth_grad(z, p[1], p[5], p[4])
+
+
+@njit(**_HELPER)
+def _hardtanh_g(z, p):
+    return _hardtanh_grad(z, p[1], p[5])
+
+
+@njit(**_HELPER)
+def _hardswish_g(z, p):
+    return _hardswish_grad(z)
+
+
+@njit(**_HELPER)
+def _elu_g(z, p):
+    return _elu_grad(z, p[1])
+
+
+# act'(z) from y = act(z) per family (see _grad_from_output)
+@njit(**_HELPER)
+def _pwl_gy(y, p):
+    return 1.0 if y > 0.0 else p[0]
+
+
+@njit(**_HELPER)
+def _logistic_gy(y, p):
+    s = (y - p[3]) / p[2]
+    return p[5] * s * (1.0 - s)
+
+
+@njit(**_HELPER)
+def _hardtanh_gy(y, p):
+    return 0.0 if (y <= p[1] or y >= p[2]) else 1.0
+
+
+@njit(**_HELPER)
+def _elu_gy(y, p):
+    return 1.0 if y > 0.0 else y + p[1]
+
+
+@njit(**_HELPER)
+def _rows_out(x, src, y, i0, i1, k, scale, shift, zf, f, p):
+    """y = f(zf((x − k)·scale + shift, src)) for rows i0..i1."""
+    k, scale, shift = k.copy(), scale.copy(), shift.copy()
+    for i in range(i0, i1):
+        xr = x[i]
+        sr = src[i]
+        yr = y[i]
+        for c in range(xr.shape[0]):
+            z = zf((_wide(xr[c]) - k[c]) * scale[c] + shift[c], _wide(sr[c]))
+            yr[c] = _narrow(f(z, p), yr)
+
+
+@njit(**_HELPER)
+def _rows_sums(dy, x, src, i0, i1, k, delta, invstd, scale, shift, zf, g, p, acc_a, acc_b):
+    """A = Σdz and B = Σdz·x̂ over rows i0..i1 added into ``acc_a``, ``acc_b``, with
+    dz = dy·g(zf((x − k)·scale + shift, src))."""
+    k, delta, invstd = k.copy(), delta.copy(), invstd.copy()
+    scale, shift = scale.copy(), shift.copy()
+    for i in range(i0, i1):
+        xr = x[i]
+        dyr = dy[i]
+        sr = src[i]
+        for c in range(xr.shape[0]):
+            d = _wide(xr[c]) - k[c]
+            dz = _wide(dyr[c]) * g(zf(d * scale[c] + shift[c], _wide(sr[c])), p)
+            acc_a[c] += dz
+            acc_b[c] += dz * ((d - delta[c]) * invstd[c])
+
+
+@njit(**_HELPER)
+def _rows_grad(dy, x, src, dx, dr, i0, i1, k, delta, invstd, scale, shift, ma, mb, zf, g, p):
+    """dx = scale·(dz − A/n − x̂·B/n) where ``dx`` has rows, dr = dz where ``dr`` has
+    rows, for rows i0..i1 (dz: see :func:`_rows_sums`)."""
+    k, delta, invstd = k.copy(), delta.copy(), invstd.copy()
+    scale, shift, ma, mb = scale.copy(), shift.copy(), ma.copy(), mb.copy()
+    C = x.shape[1]
+    if dr.shape[0] == 0:
+        for i in range(i0, i1):
+            xr = x[i]
+            dyr = dy[i]
+            sr = src[i]
+            dxr = dx[i]
+            for c in range(C):
+                d = _wide(xr[c]) - k[c]
+                dz = _wide(dyr[c]) * g(zf(d * scale[c] + shift[c], _wide(sr[c])), p)
+                dxr[c] = _narrow(
+                    scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c]), dxr
+                )
+    elif dx.shape[0] == 0:
+        for i in range(i0, i1):
+            xr = x[i]
+            dyr = dy[i]
+            sr = src[i]
+            drr = dr[i]
+            for c in range(C):
+                d = _wide(xr[c]) - k[c]
+                dz = _wide(dyr[c]) * g(zf(d * scale[c] + shift[c], _wide(sr[c])), p)
+                drr[c] = _narrow(dz, drr)
     else:
-        _out_rows_cl_impl(x, y, i0, i1, k, scale, shift, fam, 0.0, act[_A], act[_C1], 0.0, 0.0)
+        for i in range(i0, i1):
+            xr = x[i]
+            dyr = dy[i]
+            sr = src[i]
+            dxr = dx[i]
+            drr = dr[i]
+            for c in range(C):
+                d = _wide(xr[c]) - k[c]
+                dz = _wide(dyr[c]) * g(zf(d * scale[c] + shift[c], _wide(sr[c])), p)
+                dxr[c] = _narrow(
+                    scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c]), dxr
+                )
+                drr[c] = _narrow(dz, drr)
 
 
 @njit(**_HELPER)
-def _out_rows_cl_impl(x, y, i0, i1, k, scale, shift, fam, slope, a, c1, c2, c3):
-    i = i0
-    while i + 4 <= i1:
-        for c in range(x.shape[1]):
-            kc, sc, sh = k[c], scale[c], shift[c]
-            for r in range(4):
-                z = (_wide(x[i + r, c]) - kc) * sc + sh
-                y[i + r, c] = _narrow(_act_value(z, fam, slope, a, c1, c2, c3), y)
-        i += 4
-    while i < i1:
-        for c in range(x.shape[1]):
-            z = (_wide(x[i, c]) - k[c]) * scale[c] + shift[c]
-            y[i, c] = _narrow(_act_value(z, fam, slope, a, c1, c2, c3), y)
-        i += 1
-
-
-@njit(**_HELPER)
-def _dz_cl(dy, x, i, c, k, scale, shift, fam, slope, a, g1, c3):
-    d = _wide(x[i, c]) - k
-    z = d * scale + shift
+def _out_rows_cl(x, src, y, i0, i1, k, scale, shift, act, zf):
+    """y = act(zf((x − k)·scale + shift, src)) for rows i0..i1: ``zf`` :func:`_z_plain`
+    (``src`` unread) or :func:`_z_res` (``src``: the residual)."""
+    fam, p = act[_FAMILY], _act_tuple(act)
     if fam == _PWL:
-        g = _pwl_grad(z, slope)
+        _rows_out(x, src, y, i0, i1, k, scale, shift, zf, _pwl_f, p)
     elif fam == _LOGISTIC:
-        g = _smooth_grad(z, a, g1, c3)
+        _rows_out(x, src, y, i0, i1, k, scale, shift, zf, _smooth_f, p)
+    elif fam == _HARDTANH:
+        _rows_out(x, src, y, i0, i1, k, scale, shift, zf, _hardtanh_f, p)
+    elif fam == _HARDSWISH:
+        _rows_out(x, src, y, i0, i1, k, scale, shift, zf, _hardswish_f, p)
     else:
-        g = _other_grad(z, fam, a, g1)
-    return _wide(dy[i, c]) * g, d
+        _rows_out(x, src, y, i0, i1, k, scale, shift, zf, _elu_f, p)
 
 
 @njit(**_HELPER)
-def _grad_sums_rows_cl(dy, x, i0, i1, k, delta, invstd, scale, shift, act, acc_a, acc_b):
-    """A = Σdz and B = Σdz·x̂ over rows i0..i1, per channel, four rows per pass."""
-    fam = act[_FAMILY]
-    if fam == _PWL:
-        _grad_sums_rows_cl_impl(
-            dy, x, i0, i1, k, delta, invstd, scale, shift, _PWL, act[_SLOPE], 0.0, 0.0, 0.0,
-            acc_a, acc_b,
-        )  # fmt: skip
-    else:
-        _grad_sums_rows_cl_impl(
-            dy, x, i0, i1, k, delta, invstd, scale, shift, fam, 0.0, act[_A], act[_G1],
-            act[_C3], acc_a, acc_b,
-        )  # fmt: skip
-
-
-@njit(**_HELPER)
-def _grad_sums_rows_cl_impl(
-    dy, x, i0, i1, k, delta, invstd, scale, shift, fam, slope, a, g1, c3, acc_a, acc_b
-):
-    i = i0
-    while i + 4 <= i1:
-        for c in range(x.shape[1]):
-            kc, sc, sh, de, iv = k[c], scale[c], shift[c], delta[c], invstd[c]
-            z0, d0 = _dz_cl(dy, x, i, c, kc, sc, sh, fam, slope, a, g1, c3)
-            z1, d1 = _dz_cl(dy, x, i + 1, c, kc, sc, sh, fam, slope, a, g1, c3)
-            z2, d2 = _dz_cl(dy, x, i + 2, c, kc, sc, sh, fam, slope, a, g1, c3)
-            z3, d3 = _dz_cl(dy, x, i + 3, c, kc, sc, sh, fam, slope, a, g1, c3)
-            acc_a[c] += (z0 + z1) + (z2 + z3)
-            acc_b[c] += ((z0 * (d0 - de) + z1 * (d1 - de)) + (z2 * (d2 - de) + z3 * (d3 - de))) * iv
-        i += 4
-    while i < i1:
-        for c in range(x.shape[1]):
-            z, d = _dz_cl(dy, x, i, c, k[c], scale[c], shift[c], fam, slope, a, g1, c3)
-            acc_a[c] += z
-            acc_b[c] += z * ((d - delta[c]) * invstd[c])
-        i += 1
-
-
-@njit(**_HELPER)
-def _grad_rows_cl(dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, act):
-    """dx = scale·(dz − A/n − x̂·B/n) for rows i0..i1, four rows per constants load."""
-    fam = act[_FAMILY]
-    if fam == _PWL:
-        _grad_rows_cl_impl(
-            dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, _PWL, act[_SLOPE],
-            0.0, 0.0, 0.0,
-        )  # fmt: skip
-    else:
-        _grad_rows_cl_impl(
-            dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, fam, 0.0, act[_A],
-            act[_G1], act[_C3],
-        )  # fmt: skip
-
-
-@njit(**_HELPER)
-def _grad_rows_cl_impl(
-    dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, fam, slope, a, g1, c3
-):
-    i = i0
-    while i + 4 <= i1:
-        for c in range(x.shape[1]):
-            kc, sc, sh, de, iv, mac, mbc = (
-                k[c],
-                scale[c],
-                shift[c],
-                delta[c],
-                invstd[c],
-                ma[c],
-                mb[c],
+def _grad_sums_rows_cl(dy, x, src, from_y, i0, i1, k, delta, invstd, scale, shift, act, zf,
+                       acc_a, acc_b):  # fmt: skip
+    """:func:`_rows_sums` for ``act``: dz from the outputs (``from_y``: ``src`` is y) or
+    from z (``zf``, ``src`` as in :func:`_out_rows_cl`)."""
+    fam, p = act[_FAMILY], _act_tuple(act)
+    if from_y:
+        if fam == _PWL:
+            _rows_sums(
+                dy, x, src, i0, i1, k, delta, invstd, scale, shift, _z_y, _pwl_gy, p, acc_a, acc_b
             )
-            for r in range(4):
-                dz, d = _dz_cl(dy, x, i + r, c, kc, sc, sh, fam, slope, a, g1, c3)
-                dx[i + r, c] = _narrow(sc * (dz - mac - ((d - de) * iv) * mbc), dx)
-        i += 4
-    while i < i1:
-        for c in range(x.shape[1]):
-            dz, d = _dz_cl(dy, x, i, c, k[c], scale[c], shift[c], fam, slope, a, g1, c3)
-            dx[i, c] = _narrow(scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c]), dx)
-        i += 1
+        elif fam == _LOGISTIC:
+            _rows_sums(
+                dy,
+                x,
+                src,
+                i0,
+                i1,
+                k,
+                delta,
+                invstd,
+                scale,
+                shift,
+                _z_y,
+                _logistic_gy,
+                p,
+                acc_a,
+                acc_b,
+            )
+        elif fam == _HARDTANH:
+            _rows_sums(
+                dy,
+                x,
+                src,
+                i0,
+                i1,
+                k,
+                delta,
+                invstd,
+                scale,
+                shift,
+                _z_y,
+                _hardtanh_gy,
+                p,
+                acc_a,
+                acc_b,
+            )
+        else:
+            _rows_sums(
+                dy, x, src, i0, i1, k, delta, invstd, scale, shift, _z_y, _elu_gy, p, acc_a, acc_b
+            )
+    elif fam == _PWL:
+        _rows_sums(dy, x, src, i0, i1, k, delta, invstd, scale, shift, zf, _pwl_g, p, acc_a, acc_b)
+    elif fam == _LOGISTIC:
+        _rows_sums(
+            dy, x, src, i0, i1, k, delta, invstd, scale, shift, zf, _smooth_g, p, acc_a, acc_b
+        )
+    elif fam == _HARDTANH:
+        _rows_sums(
+            dy, x, src, i0, i1, k, delta, invstd, scale, shift, zf, _hardtanh_g, p, acc_a, acc_b
+        )
+    elif fam == _HARDSWISH:
+        _rows_sums(
+            dy, x, src, i0, i1, k, delta, invstd, scale, shift, zf, _hardswish_g, p, acc_a, acc_b
+        )
+    else:
+        _rows_sums(dy, x, src, i0, i1, k, delta, invstd, scale, shift, zf, _elu_g, p, acc_a, acc_b)
+
+
+@njit(**_HELPER)
+def _grad_rows_cl(dy, x, src, from_y, dx, dr, i0, i1, k, delta, invstd, scale, shift, ma,
+                  mb, act, zf):  # fmt: skip
+    """:func:`_rows_grad` for ``act`` (see :func:`_grad_sums_rows_cl`)."""
+    fam, p = act[_FAMILY], _act_tuple(act)
+    if from_y:
+        if fam == _PWL:
+            _rows_grad(
+                dy, x, src, dx, dr, i0, i1, k, delta, invstd, scale, shift, ma, mb, _z_y, _pwl_gy, p
+            )
+        elif fam == _LOGISTIC:
+            _rows_grad(
+                dy,
+                x,
+                src,
+                dx,
+                dr,
+                i0,
+                i1,
+                k,
+                delta,
+                invstd,
+                scale,
+                shift,
+                ma,
+                mb,
+                _z_y,
+                _logistic_gy,
+                p,
+            )
+        elif fam == _HARDTANH:
+            _rows_grad(
+                dy,
+                x,
+                src,
+                dx,
+                dr,
+                i0,
+                i1,
+                k,
+                delta,
+                invstd,
+                scale,
+                shift,
+                ma,
+                mb,
+                _z_y,
+                _hardtanh_gy,
+                p,
+            )
+        else:
+            _rows_grad(
+                dy, x, src, dx, dr, i0, i1, k, delta, invstd, scale, shift, ma, mb, _z_y, _elu_gy, p
+            )
+    elif fam == _PWL:
+        _rows_grad(
+            dy, x, src, dx, dr, i0, i1, k, delta, invstd, scale, shift, ma, mb, zf, _pwl_g, p
+        )
+    elif fam == _LOGISTIC:
+        _rows_grad(
+            dy, x, src, dx, dr, i0, i1, k, delta, invstd, scale, shift, ma, mb, zf, _smooth_g, p
+        )
+    elif fam == _HARDTANH:
+        _rows_grad(
+            dy, x, src, dx, dr, i0, i1, k, delta, invstd, scale, shift, ma, mb, zf, _hardtanh_g, p
+        )
+    elif fam == _HARDSWISH:
+        _rows_grad(
+            dy, x, src, dx, dr, i0, i1, k, delta, invstd, scale, shift, ma, mb, zf, _hardswish_g, p
+        )
+    else:
+        _rows_grad(
+            dy, x, src, dx, dr, i0, i1, k, delta, invstd, scale, shift, ma, mb, zf, _elu_g, p
+        )
 
 
 @njit(**_HELPER)
@@ -973,7 +1210,7 @@ def forward_cl(x, weight, bias, eps, act, nblocks, y, stats, moments):
             _out_rows_cl_storage(x, y, blk * rows, min(M, (blk + 1) * rows), tk)
         return
     for blk in prange(nblocks):
-        _out_rows_cl(x, y, blk * rows, min(M, (blk + 1) * rows), k, scale, shift, act)
+        _out_rows_cl(x, x, y, blk * rows, min(M, (blk + 1) * rows), k, scale, shift, act, _z_plain)
 
 
 # -- training backward -------------------------------------------------------------------
@@ -1078,7 +1315,9 @@ def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
         acc_a = np.zeros(C)
         acc_b = np.zeros(C)
         i0, i1 = blk * rows, min(M, (blk + 1) * rows)
-        _grad_sums_rows_cl(dy, x, i0, i1, k, delta, invstd, scale, shift, act, acc_a, acc_b)
+        _grad_sums_rows_cl(
+            dy, x, x, False, i0, i1, k, delta, invstd, scale, shift, act, _z_plain, acc_a, acc_b
+        )
         part[blk, 0] = acc_a
         part[blk, 1] = acc_b
     for c in range(C):
@@ -1090,7 +1329,10 @@ def backward_cl(dy, x, weight, bias, stats, act, nblocks, need_dx, dx, sums):
         mb = sums[1] / M
         for blk in prange(nblocks):
             i0, i1 = blk * rows, min(M, (blk + 1) * rows)
-            _grad_rows_cl(dy, x, dx, i0, i1, k, delta, invstd, scale, shift, ma, mb, act)
+            _grad_rows_cl(
+                dy, x, x, False, dx, dx[:0], i0, i1, k, delta, invstd, scale, shift, ma, mb,
+                act, _z_plain,
+            )  # fmt: skip
 
 
 # -- eval forward ------------------------------------------------------------------------
@@ -1126,7 +1368,7 @@ def affine_cl(x, mean, var, weight, bias, eps, act, nblocks, y):
             _out_rows_cl_storage(x, y, blk * rows, min(M, (blk + 1) * rows), tk)
         return
     for blk in prange(nblocks):
-        _out_rows_cl(x, y, blk * rows, min(M, (blk + 1) * rows), m, scale, b, act)
+        _out_rows_cl(x, x, y, blk * rows, min(M, (blk + 1) * rows), m, scale, b, act, _z_plain)
 
 
 # -- residual: y = act(γ·x̂ + β + r) -----------------------------------------------------
@@ -1251,13 +1493,8 @@ def forward_res_cl(x, res, weight, bias, eps, act, nblocks, y, stats, moments):
         moments[0, c] = k[c] + stats[1, c]
         moments[1, c] = stats[2, c]
     scale, shift = _scale_shift(weight, bias, stats)
-    fam = act[_FAMILY]
-    slope, a, c1, c2, c3 = act[_SLOPE], act[_A], act[_C1], act[_C2], act[_C3]
     for blk in prange(nblocks):
-        for i in range(blk * rows, min(M, (blk + 1) * rows)):
-            for c in range(C):
-                z = (_wide(x[i, c]) - k[c]) * scale[c] + shift[c] + _wide(res[i, c])
-                y[i, c] = _narrow(_act_value(z, fam, slope, a, c1, c2, c3), y)
+        _out_rows_cl(x, res, y, blk * rows, min(M, (blk + 1) * rows), k, scale, shift, act, _z_res)
 
 
 @njit(parallel=True, **_JIT)
@@ -1359,13 +1596,9 @@ def backward_res_cl(dy, x, src, weight, bias, stats, act, from_y, nblocks, need_
     for blk in prange(nblocks):
         acc_a = np.zeros(C)
         acc_b = np.zeros(C)
-        for i in range(blk * rows, min(M, (blk + 1) * rows)):
-            for c in range(C):
-                d = _wide(x[i, c]) - k[c]
-                dz = _dz_res(_wide(dy[i, c]), d, _wide(src[i, c]), scale[c],
-                             shift[c], from_y, act)  # fmt: skip
-                acc_a[c] += dz
-                acc_b[c] += dz * ((d - delta[c]) * invstd[c])
+        i0, i1 = blk * rows, min(M, (blk + 1) * rows)
+        _grad_sums_rows_cl(dy, x, src, from_y, i0, i1, k, delta, invstd, scale, shift, act,
+                           _z_res, acc_a, acc_b)  # fmt: skip
         part[blk, 0] = acc_a
         part[blk, 1] = acc_b
     for c in range(C):
@@ -1376,18 +1609,12 @@ def backward_res_cl(dy, x, src, weight, bias, stats, act, from_y, nblocks, need_
         return
     ma = sums[0] / M
     mb = sums[1] / M
+    n_dx = M if need_dx else 0
+    n_dr = M if need_dr else 0
     for blk in prange(nblocks):
-        for i in range(blk * rows, min(M, (blk + 1) * rows)):
-            for c in range(C):
-                d = _wide(x[i, c]) - k[c]
-                dz = _dz_res(_wide(dy[i, c]), d, _wide(src[i, c]), scale[c],
-                             shift[c], from_y, act)  # fmt: skip
-                if need_dx:
-                    dx[i, c] = _narrow(
-                        scale[c] * (dz - ma[c] - ((d - delta[c]) * invstd[c]) * mb[c]), dx
-                    )
-                if need_dr:
-                    dr[i, c] = _narrow(dz, dr)
+        i0, i1 = blk * rows, min(M, (blk + 1) * rows)
+        _grad_rows_cl(dy, x, src, from_y, dx[:n_dx], dr[:n_dr], i0, i1, k, delta, invstd,
+                      scale, shift, ma, mb, act, _z_res)  # fmt: skip
 
 
 # -- serial twins for small tensors -------------------------------------------------------
