@@ -1,10 +1,13 @@
 """Fused BN layers by memory format: why ``fuse`` slows a channels_last MobileNetV2.
 
 One training step (forward + backward) of torch's BN + ReLU6 and of normlab's BN alone,
-BN + hardtanh (ReLU6), BN + ReLU and BN + add (``residual=``) at (32, 96, 56, 56), in
-channels-first and channels-last layout; median of 5, ms.
+BN + hardtanh (ReLU6), BN + ReLU, BN + hardswish / elu / silu and BN + add
+(``residual=``) at (32, 96, 56, 56), in
+channels-first and channels-last layout: every row timed in turn within each of the
+``--repeats`` rounds (so that a busy machine slows all rows alike), median ms and the
+ratio to torch's BN + ReLU6 step in the same layout.
 
-    PYTHONPATH=src python benchmarks/channels_last_fused.py [--threads 2]
+    PYTHONPATH=src python benchmarks/channels_last_fused.py [--threads 2] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -18,19 +21,10 @@ import torch.nn as tnn
 import normlab.nn as nln
 
 
-def _median_ms(f, n: int = 5) -> float:
-    f()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[n // 2] * 1e3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = {
@@ -41,8 +35,12 @@ def main() -> None:
             False,
         ),
         "normlab BN + relu": (nln.BatchNorm2d(96, activation="relu"), False),
+        "normlab BN + hardswish": (nln.BatchNorm2d(96, activation="hardswish"), False),
+        "normlab BN + elu": (nln.BatchNorm2d(96, activation="elu"), False),
+        "normlab BN + silu": (nln.BatchNorm2d(96, activation="silu"), False),
         "normlab BN + add": (nln.BatchNorm2d(96), True),
     }
+    steps = {}
     for fmt_name, fmt in (
         ("channels-first", torch.contiguous_format),
         ("channels-last", torch.channels_last),
@@ -56,7 +54,19 @@ def main() -> None:
                 y = module(x, residual=r) if residual else module(x)
                 torch.autograd.grad(y, (x, r) if residual else (x,), dy)
 
-            print(f"{fmt_name:15} {name:28} {_median_ms(step):7.1f} ms")
+            steps[fmt_name, name] = step
+    times = {key: [] for key in steps}
+    for step in steps.values():  # first calls: compile or load the kernels
+        step()
+    for _ in range(args.repeats):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    for (fmt_name, name), ts in times.items():
+        ms = sorted(ts)[len(ts) // 2] * 1e3
+        torch_ms = sorted(times[fmt_name, "torch BN + ReLU6"])[len(ts) // 2] * 1e3
+        print(f"{fmt_name:15} {name:28} {ms:7.1f} ms  {ms / torch_ms:5.2f}x torch")
 
 
 if __name__ == "__main__":

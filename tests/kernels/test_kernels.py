@@ -20,7 +20,7 @@ ACTS = [
 LAYOUTS = ["cf", "cl", "strided"]
 DTYPES = [torch.float32, torch.float64]
 # float32: statistics in float64; relu/leaky_relu/identity elementwise in float32 with
-# float32 row sums added in float64 (kernels/_numba.py), the rest in float64.
+# float32 row sums added in float64 (kernels/_rows.py, kernels/_train.py), the rest in float64.
 TOL = {torch.float32: {"rtol": 2e-5, "atol": 2e-5}, torch.float64: {"rtol": 1e-9, "atol": 1e-9}}
 
 

@@ -27,7 +27,7 @@ _package = sys.modules["normlab.kernels"]
 
 # The kernels' dtypes: per input dtype, the dtype of the (2, C) moments they return and of
 # the per-channel parameters they read. Half-precision inputs (read and written as 16-bit
-# patterns, computed in float32/float64: kernels._numba, "half-precision storage") take
+# patterns, computed in float32/float64: kernels._elementwise, "half-precision storage") take
 # float32 parameters and return float32 moments, as the torch-op path's working dtype.
 _NUMPY_DTYPES = {
     torch.float32: np.dtype(np.float32),
@@ -121,7 +121,7 @@ def _activation(activation: str | None, negative_slope: float) -> np.ndarray:
 
 # A value of the storage dtype: tells the by-address entries what the memory holds.
 # Half storage: its bits as 16-bit integers, whose type picks the format (uint16 bfloat16,
-# int16 float16; see kernels._numba).
+# int16 float16; see kernels._elementwise).
 _WITNESS = {
     torch.float32: np.float32(0),
     torch.float64: np.float64(0),
