@@ -17,6 +17,7 @@ against ``torch.jit.is_tracing``, which ``normlab.kernels.traced`` now calls).
 | :data:`unwrap_if_dead` | ``torch._C._functorch.unwrap_if_dead`` | ``Function.apply`` | see below |
 | :data:`DisableFuncTorch` | ``torch._C._DisableFuncTorch`` | none | only way |
 | :func:`functorch_value` | ``torch._C._functorch`` unwrapping | none | only way |
+| :func:`stamp_numba_cache` | ``numba.core.caching.CacheImpl._locator_classes`` | none | only way (correctness, not speed) |
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "env_raw",
     "functorch_active",
     "functorch_value",
+    "stamp_numba_cache",
     "unwrap_if_dead",
 ]
 
@@ -82,3 +84,40 @@ def functorch_value(t: torch.Tensor) -> torch.Tensor | None:
         if not is_gradtrackingtensor(t):
             return t
         t = get_unwrapped(t)
+
+
+def stamp_numba_cache(directory: str, stamp: object) -> None:
+    """Make Numba's on-disk cache of every function defined in ``directory`` valid only
+    for ``stamp`` (e.g. a hash of all the sources there).
+
+    Numba keys a function's cache by its own source file alone, so a kernel in one module
+    that inlines helpers from another would load stale machine code after the helpers
+    change. Numba has no public hook for this (``NUMBA_CACHE_LOCATOR_CLASSES`` replaces
+    the locators process-wide, the user's choice): this puts, ahead of each standard
+    locator that keys by source file, a subclass that claims only ``directory``'s
+    functions, caches where the standard one would, and returns ``stamp`` as their
+    freshness. Installing it twice replaces the first."""
+    from numba.core import caching
+
+    directory = os.path.abspath(directory)
+    impl = caching.CacheImpl
+    standard = [c for c in impl._locator_classes if not getattr(c, "_normlab_stamped", False)]
+
+    def stamped(base):
+        class Stamped(base):
+            _normlab_stamped = True
+
+            @classmethod
+            def from_function(cls, py_func, py_file):
+                if os.path.dirname(os.path.abspath(py_file)) != directory:
+                    return None
+                return super().from_function(py_func, py_file)
+
+            def get_source_stamp(self):
+                return stamp
+
+        Stamped.__name__ = Stamped.__qualname__ = f"Stamped{base.__name__}"
+        return Stamped
+
+    by_file = [c for c in standard if issubclass(c, caching._SourceFileBackedLocatorMixin)]
+    impl._locator_classes = [stamped(c) for c in by_file] + standard

@@ -2,16 +2,33 @@
 kernel compiles or loads) and the ``njit`` options every kernel module uses (on-disk
 cache, fastmath flags, helpers inlined).
 
-The on-disk cache of a kernel is keyed by its own source file (Numba checks that file's
-time stamp and size, not those of the modules it calls): after editing
-``_elementwise.py`` or ``_rows.py`` (helpers inlined into the kernels), or a kernel the
-entries call, delete ``src/normlab/kernels/__pycache__/*.nb[ic]`` (or the
-``NUMBA_CACHE_DIR`` copy), or the kernels in the other modules load stale code.
+Numba keys a function's on-disk cache by a hash of its own source file, not of the
+modules it calls; the kernels inline helpers from ``_elementwise.py`` and ``_rows.py``
+and the entries call kernels in other modules, so each kernel's cache is stamped instead
+with a hash of *every* module in this directory (:data:`SOURCES_STAMP`): editing any of
+them (or installing another normlab version) recompiles all the kernels, never loads
+stale code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
+
+from normlab._private import stamp_numba_cache
+
+
+def _sources_stamp(directory: Path) -> str:
+    """sha256 over the names and contents of the ``.py`` files in ``directory``."""
+    h = hashlib.sha256()
+    for path in sorted(directory.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+SOURCES_STAMP = _sources_stamp(Path(__file__).resolve().parent)
+stamp_numba_cache(str(Path(__file__).resolve().parent), SOURCES_STAMP)
 
 # -- the threading layer --------------------------------------------------------------------
 THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
