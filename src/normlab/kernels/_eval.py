@@ -7,23 +7,59 @@ from __future__ import annotations
 from numba import njit, prange
 
 from normlab.kernels._elementwise import (
+    _FAMILY,
+    _HARDSWISH,
+    _HARDTANH,
+    _LOGISTIC,
+    _PWL,
     _narrow,
+    _wide,
     _work,
 )
 from normlab.kernels._jit import (
+    _HELPER,
     _JIT,
 )
 from normlab.kernels._rows import (
+    _act_tuple,
+    _elu_f,
     _eval_constants,
     _eval_stats,
+    _hardswish_f,
+    _hardtanh_f,
     _out_rows_cl,
     _out_rows_cl_storage,
+    _pwl_f,
+    _smooth_f,
     _storage_constants,
     _z_plain,
 )
-from normlab.kernels._train import (
-    _out_row,
-)
+
+
+# Channels-first eval rows x[i, c, :] with one loop per activation family, chosen once
+# per row (S values) from ``fam``: a loop whose body tests the family per element (and
+# held elu's libm call) stayed scalar, 2x relu's time for hardtanh/relu6/hardswish (issue
+# 12). The element functions are compile-time arguments, as in ``_rows``.
+@njit(**_HELPER)
+def _row_cf(x, y, i, c, k, scale, shift, f, p):
+    """y[i, c, :] = f((x[i, c, :] − k)·scale + shift, p)."""
+    for j in range(x.shape[2]):
+        y[i, c, j] = _narrow(f((_wide(x[i, c, j]) - k) * scale + shift, p), y)
+
+
+@njit(**_HELPER)
+def _out_row_cf(x, y, i, c, k, scale, shift, fam, p):
+    """:func:`_row_cf` with the loop of family ``fam`` (``p``: :func:`_act_tuple`)."""
+    if fam == _PWL:
+        _row_cf(x, y, i, c, k, scale, shift, _pwl_f, p)
+    elif fam == _LOGISTIC:
+        _row_cf(x, y, i, c, k, scale, shift, _smooth_f, p)
+    elif fam == _HARDTANH:
+        _row_cf(x, y, i, c, k, scale, shift, _hardtanh_f, p)
+    elif fam == _HARDSWISH:
+        _row_cf(x, y, i, c, k, scale, shift, _hardswish_f, p)
+    else:
+        _row_cf(x, y, i, c, k, scale, shift, _elu_f, p)
 
 
 # -- eval forward ------------------------------------------------------------------------
@@ -42,9 +78,10 @@ def affine_cf(x, mean, var, weight, bias, eps, act, y):
                 z = (_work(x[i, c, j]) - kt) * sc + sh
                 y[i, c, j] = _narrow(z if z > zero else z * slope, y)
         return
+    fam, p = act[_FAMILY], _act_tuple(act)
     for r in prange(N * C):
         i, c = r // C, r % C
-        _out_row(x, y, i, c, m[c], scale[c], b[c], act)
+        _out_row_cf(x, y, i, c, m[c], scale[c], b[c], fam, p)
 
 
 @njit(parallel=True, **_JIT)
