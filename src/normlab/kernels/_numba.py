@@ -33,9 +33,9 @@ activation table, ``exp``/``expm1``, half-precision storage, one value's activat
 this module re-exports them all.
 
 Statistics and every total are float64 whatever the storage dtype. The smooth
-activations compute elementwise in float64 too; the piecewise-linear ones compute in
-the storage dtype where that is safe (see "arithmetic in the storage dtype" in ``_rows``), in
-float32 for half storage.
+activations compute elementwise in float64 too; the piecewise-linear ones (and hardtanh
+in eval, a clamp: ``_eval``) compute in the storage dtype where that is safe (see
+"arithmetic in the storage dtype" in ``_rows``), in float32 for half storage.
 
 Half precision (bfloat16, float16; "half-precision storage" in ``_elementwise``): the same kernels
 read and write 16-bit storage, widening each value exactly on load and rounding to
