@@ -18,7 +18,8 @@ there), and the forward entry also folds the batch into BatchNorm's running stat
 (``running_update_at``). The activation is data, not code: ``act`` is a float64 array (see
 :func:`activation_params`), so the ten activations add no specialisations of the kernels.
 They come in five families, each with its own loop (tested once per call, never per
-element), which the compiler vectorises except for elu's libm ``expm1``/``exp``:
+element), which the compiler vectorises (elu too: ``expm1``/``exp`` are polynomials,
+not libm calls):
 
 * piecewise linear (identity, relu, leaky_relu): ``y = z if z > 0 else slope·z``;
 * logistic (sigmoid, tanh, silu): ``s = σ(a·z)``, ``y = c1·s + c2 + c3·z·s``
@@ -26,15 +27,15 @@ element), which the compiler vectorises except for elu's libm ``expm1``/``exp``:
 * hardtanh (relu6 = hardtanh(0, 6)), hardswish, elu.
 
 Where the code is: ``_jit`` (threading layer, ``njit`` options), ``_elementwise`` (the
-activation table, ``exp``, half-precision storage, one value's activation),
+activation table, ``exp``/``expm1``, half-precision storage, one value's activation),
 ``_rows`` (row loops and per-channel constants), ``_train``, ``_eval``, ``_residual``
 (the kernels), ``_entries`` (serial twins, running statistics, entries by address);
 this module re-exports them all.
 
 Statistics and every total are float64 whatever the storage dtype. The smooth
-activations compute elementwise in float64 too; the piecewise-linear ones compute in
-the storage dtype where that is safe (see "arithmetic in the storage dtype" in ``_rows``), in
-float32 for half storage.
+activations compute elementwise in float64 too; the piecewise-linear ones (and hardtanh
+in eval, a clamp: ``_eval``) compute in the storage dtype where that is safe (see
+"arithmetic in the storage dtype" in ``_rows``), in float32 for half storage.
 
 Half precision (bfloat16, float16; "half-precision storage" in ``_elementwise``): the same kernels
 read and write 16-bit storage, widening each value exactly on load and rounding to
@@ -91,6 +92,7 @@ from normlab.kernels._elementwise import (  # noqa: F401
     _elu,
     _elu_grad,
     _exp,
+    _expm1,
     _f32_to_bf16,
     _f32_to_fp16,
     _f32_to_fp16_bits,
