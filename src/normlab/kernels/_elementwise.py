@@ -67,16 +67,10 @@ _LN2_LO = 1.90821492927058770002e-10
 # Not inlined by Numba and without 'reassoc': LLVM still inlines and vectorises it, but
 # keeps the Cody-Waite reduction in order (reassociated, it loses ~100 ulp near ±700).
 @njit(cache=True, fastmath={"contract"}, error_model="numpy")
-def _exp(x):
-    """exp(x) within ~1 ulp for |x| ≤ 708; 0 below −708, inf above 709, NaN for NaN.
-
-    Cody & Waite range reduction x = k·ln2 + r, |r| ≤ ln2/2, then the degree-13 Taylor
-    polynomial of exp(r) (truncation < 1e-17) and 2^k from the exponent bits (Cody &
-    Waite, "Software Manual for the Elementary Functions", 1980, ch. 6). The logistic
-    activations and elu's derivative α·e^z use it, where the clipped tail (e^x < 1e-307
-    → 0 instead of a subnormal) does not matter. A libm ``math.exp`` call per element
-    would keep the loops scalar: LLVM vectorises this one.
-    """
+def _exp_reduced(x):
+    """The reduction shared by :func:`_exp` and :func:`_expm1`: (k, r, P(r)) with
+    x = k·ln2 + r, |r| ≤ ln2/2 (x clipped to [−708, 709]), and P the degree-12 Taylor
+    polynomial of (e^r − 1)/r, so e^r = r·P(r) + 1 (Cody & Waite 1980, ch. 6)."""
     xc = min(max(x, -708.0), 709.0)
     kf = math.floor(xc * _LOG2E + 0.5)
     r = (xc - kf * _LN2_HI) - kf * _LN2_LO
@@ -93,8 +87,23 @@ def _exp(x):
     p = p * r + 1.0 / 6.0
     p = p * r + 0.5
     p = p * r + 1.0
-    p = p * r + 1.0
-    res = p * _int64_bits_as_float64((np.int64(kf) + 1023) << 52)
+    return kf, r, p
+
+
+# Own njit, 'contract' only, as _exp_reduced.
+@njit(cache=True, fastmath={"contract"}, error_model="numpy")
+def _exp(x):
+    """exp(x) within ~1 ulp for |x| ≤ 708; 0 below −708, inf above 709, NaN for NaN.
+
+    Cody & Waite range reduction x = k·ln2 + r, |r| ≤ ln2/2, then the degree-13 Taylor
+    polynomial of exp(r) (truncation < 1e-17) and 2^k from the exponent bits (Cody &
+    Waite, "Software Manual for the Elementary Functions", 1980, ch. 6). The logistic
+    activations and elu's derivative α·e^z use it, where the clipped tail (e^x < 1e-307
+    → 0 instead of a subnormal) does not matter. A libm ``math.exp`` call per element
+    would keep the loops scalar: LLVM vectorises this one.
+    """
+    kf, r, p = _exp_reduced(x)
+    res = (p * r + 1.0) * _int64_bits_as_float64((np.int64(kf) + 1023) << 52)
     if x > 709.0:
         res = math.inf
     if x < -708.0:
@@ -120,22 +129,7 @@ def _expm1(x):
     more. Replaces ``math.expm1``, a libm call LLVM cannot vectorise (elu was 3-280x
     slower than torch; issue 12).
     """
-    xc = min(max(x, -708.0), 709.0)
-    kf = math.floor(xc * _LOG2E + 0.5)
-    r = (xc - kf * _LN2_HI) - kf * _LN2_LO
-    p = 1.0 / 6227020800.0
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
+    kf, r, p = _exp_reduced(x)
     em = r * p
     t = _int64_bits_as_float64((np.int64(kf) + 1023) << 52)
     res = t * em + (t - 1.0)
